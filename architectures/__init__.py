@@ -1,0 +1,1 @@
+"""Built-in architectures (found through the mllm_bench.architectures entry points)."""

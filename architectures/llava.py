@@ -1,0 +1,115 @@
+"""LLaVA-1.5 (Liu et al., "Improved Baselines with Visual Instruction Tuning", arXiv 2310.03744).
+
+CLIP ViT-L/14-336 features from the second-to-last layer, CLS dropped, go through a two-layer MLP
+(``mlp2x_gelu``) into the LLM's embedding space and are spliced into the input sequence where the
+image sits. From there on visual tokens are ordinary tokens: queries, keys, values, attention output
+and FFN in every layer, attending causally to everything before them.
+
+Training stages: ``pretrain`` trains the projector; ``finetune`` the projector and the LLM (the
+vision tower stays frozen in both).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
+from mllm_bench.config import LLMConfig, VisionConfig
+from mllm_bench.decoder import KVCache
+from mllm_bench.masks import AttentionMask
+from mllm_bench.model import MLLM, ModelOutput
+from mllm_bench.vision import encode_images
+
+
+class MultiModalProjector(nn.Module):
+    """``mlp2x_gelu``: Linear(vision → h), GELU, Linear(h → h), with bias (transformers' names)."""
+
+    def __init__(self, vision_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def scatter_rows(length: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A (B, length, h) tensor whose rows ``index`` (B, n) are ``values`` (B, n, h), for each part."""
+    values = parts[0][1]
+    out = values.new_zeros(values.shape[0], length, values.shape[-1])
+    for index, vals in parts:
+        out = out.scatter(1, index.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
+    return out
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, n) of x (B, T, h)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class LLaVA(MLLM):
+    name = "llava"
+    description = "LLaVA-1.5: MLP projector, visual tokens spliced into the input sequence"
+    # Visual tokens attend to each other (NAAViT turns this off).
+    visual_to_visual = True
+
+    def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
+        super().__init__(llm, vision, options)
+        self.multi_modal_projector = MultiModalProjector(vision.hidden_size, llm.hidden_size)
+
+    def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
+        if stage == "pretrain":
+            return ("multi_modal_projector.",)
+        return ("multi_modal_projector.", "language_model.", "lm_head.")
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens (B, K*V, h) of images (B, K, C, H, W)."""
+        b, k = pixel_values.shape[:2]
+        feats = encode_images(self.vision_tower, self.vision_config, pixel_values.flatten(0, 1))
+        return self.multi_modal_projector(feats).reshape(b, k * feats.shape[1], -1)
+
+    def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
+        """The spliced input sequence (B, T + K*V, h) and its layout."""
+        self.check_batch(batch)
+        layout = splice_layout(batch, self.tokens_per_image)
+        text = self.language_model.embed_tokens(batch.input_ids)
+        parts = [(layout.text_index, text)]
+        if batch.images_per_sample:
+            parts.append((layout.visual_index, self.image_features(batch.pixel_values).to(text.dtype)))
+        return scatter_rows(layout.length, parts), layout
+
+    def sequence_mask(self, layout: SplicedLayout) -> AttentionMask:
+        return AttentionMask(
+            layout.positions, layout.positions, layout.valid, layout.valid, layout.is_visual, layout.is_visual,
+            self.visual_to_visual, meta_plain_causal=self.visual_to_visual,
+        )
+
+    def forward(self, batch: MultimodalBatch) -> ModelOutput:
+        x, layout = self.embed(batch)
+        hidden = self.language_model(x, layout.positions, self.sequence_mask(layout))
+        logits = self.lm_head(gather_rows(hidden, layout.text_index))
+        loss = None
+        if batch.labels is not None:
+            loss = self.loss(logits, shifted_targets(batch, text_adjacency(batch)))
+        return ModelOutput(logits, loss)
+
+    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
+        x, layout = self.embed(batch)
+        cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
+        mask = self.sequence_mask(layout)
+        hidden = self.language_model(x, layout.positions, mask, cache)
+        cache.add_keys(layout.positions, layout.valid, layout.is_visual)
+        cache.next_pos = layout.positions[:, -1] + 1
+        return self.lm_head(hidden[:, -1]), cache
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        x = self.language_model.embed_tokens(tokens.view(-1, 1))
+        pos = cache.next_pos.view(-1, 1)
+        ones = torch.ones_like(pos, dtype=torch.bool)
+        cache.add_keys(pos, ones, ~ones)
+        mask = AttentionMask(pos, cache.k_pos, ones, cache.k_valid, ~ones, cache.k_visual, True)
+        hidden = self.language_model(x, pos, mask, cache)
+        cache.next_pos = cache.next_pos + 1
+        return self.lm_head(hidden[:, -1]), cache

@@ -1,0 +1,1 @@
+"""The mllm-bench command line."""

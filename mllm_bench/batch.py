@@ -1,0 +1,186 @@
+"""The model-neutral input batch, its validation and its layout once visual tokens are spliced in.
+
+A batch holds text tokens only; images are given separately with the text index they precede. An
+architecture that puts visual tokens into the sequence (LLaVA, NAAViT, SAISA) splices them in at
+those indices, one that does not (Flamingo) uses the indices for its media mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, require
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MultimodalBatch:
+    """``input_ids`` (B, T) text tokens; ``pixel_values`` (B, K, C, H, W); ``image_positions`` (B, K).
+
+    ``image_positions[b, k]`` is the text index that image k of sample b comes before (T means after
+    all text); positions are non-decreasing within a sample. ``attention_mask`` (B, T) is True for
+    real tokens, False for padding. ``labels`` (B, T) are the token ids to predict at each position
+    (``-100`` = ignored); the model shifts them itself, as transformers does.
+    """
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_positions: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_text(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def images_per_sample(self) -> int:
+        return self.image_positions.shape[1]
+
+    def text_mask(self) -> torch.Tensor:
+        if self.attention_mask is None:
+            return torch.ones_like(self.input_ids, dtype=torch.bool)
+        return self.attention_mask.bool()
+
+    def to(self, device: torch.device | str) -> MultimodalBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return MultimodalBatch(
+            move(self.input_ids), move(self.pixel_values), move(self.image_positions),
+            move(self.attention_mask), move(self.labels),
+        )
+
+    def validate(self, image_size: int, vocab_size: int | None = None) -> None:
+        """Check shapes and ranges; errors name the field and what is allowed."""
+        ids, pix, pos = self.input_ids, self.pixel_values, self.image_positions
+        require(ids.dim() == 2, f"input_ids must be (batch, text_tokens), got shape {tuple(ids.shape)}")
+        require(ids.dtype == torch.long, f"input_ids must be torch.long, got {ids.dtype}")
+        b, t = ids.shape
+        require(
+            pos.dim() == 2 and pos.shape[0] == b,
+            f"image_positions must be (batch={b}, images), got {tuple(pos.shape)}",
+        )
+        require(
+            pix.dim() == 5,
+            f"pixel_values must be (batch, images, channels, height, width), got shape {tuple(pix.shape)}",
+        )
+        require(
+            tuple(pix.shape[:2]) == tuple(pos.shape),
+            f"pixel_values holds {tuple(pix.shape[:2])} (batch, images) but image_positions gives "
+            f"{tuple(pos.shape)}: every image needs exactly one position and every position one image",
+        )
+        require(
+            tuple(pix.shape[-2:]) == (image_size, image_size),
+            f"pixel_values images must be {image_size}x{image_size} for this vision tower, got {tuple(pix.shape[-2:])}",
+        )
+        for name, other in (("attention_mask", self.attention_mask), ("labels", self.labels)):
+            require(
+                other is None or tuple(other.shape) == (b, t),
+                f"{name} must have the shape of input_ids {(b, t)}, "
+                f"got {None if other is None else tuple(other.shape)}",
+            )
+        if ids.device.type == "meta":
+            return
+        if pos.numel():
+            require(
+                bool((pos >= 0).all()) and bool((pos <= t).all()),
+                f"image_positions must lie in [0, {t}] (text indices; {t} = after all text), got {pos.tolist()}",
+            )
+            require(
+                bool((pos[:, 1:] >= pos[:, :-1]).all()),
+                f"image_positions must be non-decreasing within each sample, got {pos.tolist()}",
+            )
+        if vocab_size is not None and ids.numel():
+            require(
+                int(ids.min()) >= 0 and int(ids.max()) < vocab_size,
+                f"input_ids must lie in [0, {vocab_size}) for this vocabulary, "
+                f"got [{int(ids.min())}, {int(ids.max())}]",
+            )
+
+
+@dataclass
+class SplicedLayout:
+    """Where every token lands once each image's ``tokens_per_image`` visual tokens are spliced in.
+
+    ``text_index`` (B, T) and ``visual_index`` (B, K*V) index the full sequence of length
+    T + K*V; ``positions`` (B, T+K*V) are the RoPE positions (padding skipped); ``valid`` and
+    ``is_visual`` (B, T+K*V) mark real and visual tokens; ``image_of`` gives each visual token's image.
+    """
+
+    text_index: torch.Tensor
+    visual_index: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    is_visual: torch.Tensor
+    length: int
+
+
+def splice_layout(batch: MultimodalBatch, tokens_per_image: int) -> SplicedLayout:
+    """Compute the spliced layout (same length for every sample: T + K * tokens_per_image)."""
+    b, t = batch.input_ids.shape
+    k = batch.images_per_sample
+    v = tokens_per_image
+    device = batch.input_ids.device
+    length = t + k * v
+    text_range = torch.arange(t, device=device)
+    pos = batch.image_positions.to(device)
+    # images placed before text index i: those with position <= i
+    images_before = (pos.unsqueeze(1) <= text_range.view(1, t, 1)).sum(-1) if k else torch.zeros(b, t, device=device)
+    text_index = text_range.view(1, t) + v * images_before.long()
+    image_start = pos + v * torch.arange(k, device=device).view(1, k)
+    visual_index = (image_start.unsqueeze(-1) + torch.arange(v, device=device).view(1, 1, v)).reshape(b, k * v)
+    is_visual = torch.zeros(b, length, dtype=torch.bool, device=device)
+    valid = torch.ones(b, length, dtype=torch.bool, device=device)
+    if k:
+        is_visual.scatter_(1, visual_index, True)
+    valid.scatter_(1, text_index, batch.text_mask())
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return SplicedLayout(text_index, visual_index, positions, valid, is_visual, length)
+
+
+def check_left_padded(batch: MultimodalBatch) -> None:
+    """Generation appends tokens at the end, so padding must be on the left."""
+    mask = batch.text_mask()
+    if mask.device.type == "meta" or bool(mask.all()):
+        return
+    first_real = mask.float().argmax(-1, keepdim=True)
+    after_first = torch.arange(mask.shape[1], device=mask.device).view(1, -1) >= first_real
+    if not bool(mask[after_first].all()):
+        raise ConfigError(
+            "attention_mask has padding after real tokens; prefill/generate need left padding "
+            "(pad at the start of each sample)"
+        )
+
+
+def shifted_targets(batch: MultimodalBatch, adjacent: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for each text position: the next text label, or -100.
+
+    ``adjacent`` (B, T-1) says whether text i+1 directly follows text i in the model's sequence; a
+    target right after an image is not predicted from text (LLaVA predicts it from the last visual
+    token, which not every architecture has), so we ignore it in every architecture alike.
+    """
+    if batch.labels is None:
+        raise ConfigError("labels are required for a training forward; pass MultimodalBatch(labels=...)")
+    targets = torch.full_like(batch.labels, IGNORE_INDEX)
+    nxt = batch.labels[:, 1:]
+    if adjacent is not None:
+        nxt = torch.where(adjacent, nxt, torch.full_like(nxt, IGNORE_INDEX))
+    targets[:, :-1] = nxt
+    return targets
+
+
+def text_adjacency(batch: MultimodalBatch) -> torch.Tensor:
+    """(B, T-1): True where no image sits between text i and text i+1."""
+    t = batch.num_text
+    idx = torch.arange(1, t, device=batch.input_ids.device).view(1, t - 1, 1)
+    if batch.images_per_sample == 0:
+        return torch.ones(batch.batch_size, t - 1, dtype=torch.bool, device=idx.device)
+    return ~(batch.image_positions.unsqueeze(1) == idx).any(-1)

@@ -1,0 +1,206 @@
+"""Validated configurations of the language model and the vision tower.
+
+Both are frozen dataclasses: they are checked once, on construction, and every error names the field
+and what is allowed. Presets live in :mod:`mllm_bench.presets`; real configs load from a local
+Hugging Face ``config.json`` with :func:`llm_config_from_hf` and :func:`vision_config_from_hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration, preset, workload or batch that cannot be used, with the reason."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}",
+        )
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """A copy of a config dataclass with some fields changed (validated again)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - fields)
+    require(not unknown, f"{type(config).__name__} has no field(s) {unknown}; fields are {sorted(fields)}")
+    return dataclasses.replace(config, **changes)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """A Llama-style decoder (Vicuna, Llama-2/3): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(
+            self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+            "vocab_size", "max_position_embeddings",
+        )
+        require(
+            self.hidden_size % self.num_heads == 0,
+            f"LLMConfig.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})",
+        )
+        require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"LLMConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})",
+        )
+        require(self.head_dim % 2 == 0, f"LLMConfig head_dim ({self.head_dim}) must be even for RoPE")
+        require(self.rms_norm_eps > 0, f"LLMConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        require(self.rope_theta > 0, f"LLMConfig.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+VisionKind = Literal["clip", "siglip"]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT vision tower (transformers' CLIP or SigLIP vision model), run up to ``feature_layer``.
+
+    ``feature_layer`` counts like Python indices over the encoder layers: -2 (LLaVA-1.5's choice)
+    means the output of the second-to-last layer, so the last layer is never built or run.
+    """
+
+    name: str
+    kind: VisionKind
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    image_size: int
+    patch_size: int
+    feature_layer: int = -2
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # SigLIP-so400m-384 really uses 384 px with 14 px patches: the stride-14 convolution drops the
+    # last 6 pixel rows and columns. Only a preset that is built that way sets this.
+    allow_partial_patches: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.kind in ("clip", "siglip"), f"VisionConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
+        _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size")
+        require(
+            self.hidden_size % self.num_heads == 0,
+            f"VisionConfig.num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})",
+        )
+        require(
+            self.image_size % self.patch_size == 0
+            or (self.allow_partial_patches and self.image_size >= self.patch_size),
+            f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})",
+        )
+        require(
+            -self.num_layers <= self.feature_layer < self.num_layers and self.feature_layer != 0,
+            f"VisionConfig.feature_layer must be in [-{self.num_layers}, -1] or [1, {self.num_layers - 1}] "
+            f"(a layer of the {self.num_layers}-layer encoder), got {self.feature_layer}",
+        )
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.kind == "clip"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image gives the connector (patches; CLIP's CLS token is dropped)."""
+        return self.num_patches
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers actually built and run to reach ``feature_layer``."""
+        return self.feature_layer if self.feature_layer > 0 else self.num_layers + 1 + self.feature_layer
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    require(p.is_file(), f"config path {str(path)!r} is not a config.json file or a folder holding one")
+    with p.open() as f:
+        return json.load(f)
+
+
+def llm_config_from_hf(path: str | Path, name: str | None = None) -> LLMConfig:
+    """An :class:`LLMConfig` from a local Llama/Vicuna/LLaVA ``config.json`` (never downloads)."""
+    raw = _read_json(path)
+    if "text_config" in raw:  # a LLaVA config: take its language model
+        raw = raw["text_config"]
+    scaling = raw.get("rope_scaling")
+    require(
+        not scaling,
+        f"rope_scaling {scaling!r} in {path} is not supported: only plain RoPE (rope_scaling null) is implemented",
+    )
+    heads = raw["num_attention_heads"]
+    return LLMConfig(
+        name=name or raw.get("_name_or_path") or Path(path).stem,
+        hidden_size=raw["hidden_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        intermediate_size=raw["intermediate_size"],
+        vocab_size=raw["vocab_size"],
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=raw.get("rope_theta", 10000.0),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+    )
+
+
+def vision_config_from_hf(path: str | Path, name: str | None = None, feature_layer: int = -2) -> VisionConfig:
+    """A :class:`VisionConfig` from a local CLIP/SigLIP (vision or full) or LLaVA ``config.json``."""
+    raw = _read_json(path)
+    if "vision_feature_layer" in raw:
+        feature_layer = raw["vision_feature_layer"]
+    if "vision_config" in raw:
+        raw = raw["vision_config"]
+    model_type = raw.get("model_type", "")
+    kind: VisionKind = "siglip" if "siglip" in model_type else "clip"
+    return VisionConfig(
+        name=name or raw.get("_name_or_path") or Path(path).stem,
+        kind=kind,
+        hidden_size=raw["hidden_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=raw["num_attention_heads"],
+        intermediate_size=raw["intermediate_size"],
+        image_size=raw["image_size"],
+        patch_size=raw["patch_size"],
+        feature_layer=feature_layer,
+        allow_partial_patches=raw["image_size"] % raw["patch_size"] != 0,
+        layer_norm_eps=raw.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6),
+        hidden_act=raw.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh"),
+    )

@@ -1,0 +1,159 @@
+"""The one interface every architecture implements, and what they share around it.
+
+An :class:`MLLM` is an ``nn.Module`` with a vision tower, a Llama-style ``language_model`` and an
+``lm_head``; how visual features reach the decoder is the subclass's business. Subclasses set
+``name``, ``Options`` (a frozen dataclass of connector settings) and implement ``forward``,
+``prefill``, ``decode`` and ``trainable_prefixes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import IGNORE_INDEX, MultimodalBatch, check_left_padded
+from .config import ConfigError, LLMConfig, VisionConfig
+from .decoder import KVCache, LlamaDecoder
+from .vision import build_vision_tower
+from .workload import STAGES, Workload
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """An architecture without connector settings."""
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` (B, T, V) at every text position; ``loss`` when the batch has labels."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def parse_options(options_cls: type, arch: str, given: dict[str, Any] | Any | None) -> Any:
+    """Build an architecture's options dataclass, naming unknown fields and the allowed ones."""
+    if given is None:
+        return options_cls()
+    if isinstance(given, options_cls):
+        return given
+    allowed = sorted(f.name for f in dataclasses.fields(options_cls))
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(f"architecture {arch!r} has no option(s) {unknown}; allowed options: {allowed or 'none'}")
+    return options_cls(**given)
+
+
+class MLLM(nn.Module, ABC):
+    """A multimodal LLM: images + text in, next-token logits out."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, llm: LLMConfig, vision: VisionConfig, options: Any = None) -> None:
+        super().__init__()
+        self.llm_config = llm
+        self.vision_config = vision
+        self.options = parse_options(self.Options, self.name, options)
+        self.vision_tower = build_vision_tower(vision)
+        self.language_model = LlamaDecoder(llm)
+        self.lm_head = nn.Linear(llm.hidden_size, llm.vocab_size, bias=False)
+        if llm.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    # ----- what each architecture provides -------------------------------------------------------
+    @abstractmethod
+    def forward(self, batch: MultimodalBatch) -> ModelOutput:
+        """Logits at every text position, and the loss when ``batch.labels`` is given."""
+
+    @abstractmethod
+    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
+        """Process the prompt: logits (B, V) of its last token and the cache to decode from."""
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One step: tokens (B,) appended after the cache; returns logits (B, V) and the grown cache."""
+
+    @abstractmethod
+    def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
+        """Parameter-name prefixes trained in ``stage`` (``pretrain`` or ``finetune``)."""
+
+    # ----- shared behaviour ----------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision_config.tokens_per_image
+
+    def set_attention_backend(self, backend: str) -> None:
+        self.language_model.attention_backend = backend
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.language_model.gradient_checkpointing = enabled
+
+    def check_batch(self, batch: MultimodalBatch) -> None:
+        batch.validate(self.vision_config.image_size, self.llm_config.vocab_size)
+
+    def trainable_parameters(self, stage: str) -> dict[str, nn.Parameter]:
+        """The parameters trained in ``stage`` by name (empty for ``inference``)."""
+        if stage not in STAGES:
+            raise ConfigError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+        if stage == "inference":
+            return {}
+        prefixes = self.trainable_prefixes(stage)
+        return {n: p for n, p in self.named_parameters() if n.startswith(prefixes)}
+
+    def set_stage(self, stage: str) -> dict[str, nn.Parameter]:
+        """Set ``requires_grad`` for ``stage`` (and train/eval mode); returns the trainable parameters."""
+        trainable = self.trainable_parameters(stage)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+        self.train(stage != "inference")
+        return trainable
+
+    def num_parameters(self, prefix: str = "") -> int:
+        """Parameters (each shared tensor once) whose name starts with ``prefix``."""
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over positions whose target is not ignored."""
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def generate(self, batch: MultimodalBatch, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with the KV cache: new tokens (B, max_new_tokens). Needs left padding."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_left_padded(batch)
+        logits, cache = self.prefill(batch)
+        tokens = [logits.argmax(-1)]
+        for _ in range(max_new_tokens - 1):
+            logits, cache = self.decode(tokens[-1], cache)
+            tokens.append(logits.argmax(-1))
+        return torch.stack(tokens, dim=1)
+
+    def example_batch(self, workload: Workload, seed: int = 0) -> MultimodalBatch:
+        """A random batch of ``workload``'s shape on its device (meta allowed), labels when training."""
+        device = torch.device(workload.device)
+        gen = torch.Generator().manual_seed(seed)
+        b, t, k = workload.batch_size, workload.num_text_tokens, workload.images_per_sample
+        size = self.vision_config.image_size
+        if workload.image_size is not None and workload.image_size != size:
+            raise ConfigError(
+                f"Workload.image_size {workload.image_size} differs from the model's vision image_size {size}; "
+                "build the model with that vision image size"
+            )
+        if device.type == "meta":
+            ids = torch.zeros(b, t, dtype=torch.long, device=device)
+            pixels = torch.empty(b, k, 3, size, size, device=device, dtype=workload.torch_dtype)
+        else:
+            ids = torch.randint(0, self.llm_config.vocab_size, (b, t), generator=gen).to(device)
+            pixels = torch.randn(b, k, 3, size, size, generator=gen).to(device, workload.torch_dtype)
+        positions = torch.tensor([workload.image_positions()] * b, dtype=torch.long).reshape(b, k).to(device)
+        labels = ids.clone() if workload.is_training else None
+        return MultimodalBatch(ids, pixels, positions, None, labels)

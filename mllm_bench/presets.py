@@ -1,0 +1,69 @@
+"""Built-in presets: real model sizes (sources in ../shared/REFERENCE.md) and tiny ones for tests."""
+
+from __future__ import annotations
+
+from .config import ConfigError, LLMConfig, VisionConfig
+
+LLM_PRESETS: dict[str, LLMConfig] = {
+    # lmsys/vicuna-7b-v1.5 (the LLaVA-1.5-7B language model)
+    "vicuna-7b": LLMConfig(
+        name="vicuna-7b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+        intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    # lmsys/vicuna-13b-v1.5
+    "vicuna-13b": LLMConfig(
+        name="vicuna-13b", hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40,
+        intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    # meta-llama/Meta-Llama-3-8B (grouped-query attention, 8 KV heads)
+    "llama3-8b": LLMConfig(
+        name="llama3-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "tiny-llm": LLMConfig(
+        name="tiny-llm", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=128, vocab_size=256, max_position_embeddings=512,
+    ),
+    "tiny-llm-mha": LLMConfig(
+        name="tiny-llm-mha", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4,
+        intermediate_size=160, vocab_size=256, max_position_embeddings=512,
+    ),
+}
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    # openai/clip-vit-large-patch14-336 (LLaVA-1.5): 576 patches + CLS, features from layer -2
+    "clip-vit-l-336": VisionConfig(
+        name="clip-vit-l-336", kind="clip", hidden_size=1024, num_layers=24, num_heads=16,
+        intermediate_size=4096, image_size=336, patch_size=14, feature_layer=-2,
+        layer_norm_eps=1e-5, hidden_act="quick_gelu",
+    ),
+    # google/siglip-so400m-patch14-384: 729 patches, no CLS
+    "siglip-so400m-384": VisionConfig(
+        name="siglip-so400m-384", kind="siglip", hidden_size=1152, num_layers=27, num_heads=16,
+        intermediate_size=4304, image_size=384, patch_size=14, feature_layer=-2,
+        layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", allow_partial_patches=True,
+    ),
+    "tiny-clip": VisionConfig(
+        name="tiny-clip", kind="clip", hidden_size=32, num_layers=3, num_heads=4,
+        intermediate_size=64, image_size=32, patch_size=8, feature_layer=-2,
+    ),
+    "tiny-siglip": VisionConfig(
+        name="tiny-siglip", kind="siglip", hidden_size=32, num_layers=3, num_heads=4,
+        intermediate_size=64, image_size=24, patch_size=8, feature_layer=-2,
+        layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+    ),
+}
+
+
+def llm_preset(name: str) -> LLMConfig:
+    """The LLM preset called ``name``."""
+    if name not in LLM_PRESETS:
+        raise ConfigError(f"unknown LLM preset {name!r}; choose one of {sorted(LLM_PRESETS)}")
+    return LLM_PRESETS[name]
+
+
+def vision_preset(name: str) -> VisionConfig:
+    """The vision-tower preset called ``name``."""
+    if name not in VISION_PRESETS:
+        raise ConfigError(f"unknown vision preset {name!r}; choose one of {sorted(VISION_PRESETS)}")
+    return VISION_PRESETS[name]

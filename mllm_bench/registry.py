@@ -1,0 +1,66 @@
+"""Finds architectures by name through the ``mllm_bench.architectures`` entry-point group.
+
+Core never imports an architecture by name: built-in ones are declared in pyproject.toml like any
+third-party plugin, and :func:`register` adds one at run time (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+
+from .config import ConfigError, LLMConfig, VisionConfig
+from .model import MLLM
+from .presets import llm_preset, vision_preset
+from .workload import parse_dtype
+
+ENTRY_POINT_GROUP = "mllm_bench.architectures"
+_registered: dict[str, type[MLLM]] = {}
+
+
+def register(cls: type[MLLM]) -> type[MLLM]:
+    """Register an :class:`MLLM` subclass under ``cls.name`` (usable as a decorator)."""
+    if not cls.name:
+        raise ConfigError(f"{cls.__qualname__} has no `name`; set the class attribute before registering")
+    _registered[cls.name] = cls
+    return cls
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def architecture_names() -> list[str]:
+    return sorted(set(_registered) | set(_entry_points()))
+
+
+def get_architecture(name: str) -> type[MLLM]:
+    """The class registered as ``name``."""
+    if name in _registered:
+        return _registered[name]
+    eps = _entry_points()
+    if name not in eps:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {architecture_names()}")
+    cls = eps[name].load()
+    _registered[name] = cls
+    return cls
+
+
+def build_model(
+    arch: str,
+    llm: str | LLMConfig = "vicuna-7b",
+    vision: str | VisionConfig = "clip-vit-l-336",
+    options: dict[str, Any] | None = None,
+    device: str | torch.device = "meta",
+    dtype: str | torch.dtype = "bfloat16",
+) -> MLLM:
+    """Build architecture ``arch`` with the given presets/configs; on ``meta`` no memory is allocated."""
+    cls = get_architecture(arch)
+    llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
+    vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
+    torch_dtype = parse_dtype(dtype)
+    with torch.device(device):
+        model = cls(llm_cfg, vision_cfg, options)
+    return model.to(torch_dtype)

@@ -1,0 +1,108 @@
+"""What a measurement runs: batch shape, images, text lengths, generation length, dtype, device, stage.
+
+Sequence layout of one sample (``images_per_sample`` = k)::
+
+    [text_before] [image 1] [text_between] [image 2] ... [image k] [text_after]
+
+Text tokens in all = text_before + (k - 1) * text_between + text_after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .config import ConfigError, require
+
+Stage = Literal["inference", "pretrain", "finetune"]
+STAGES: tuple[str, ...] = ("inference", "pretrain", "finetune")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (``bf16``, ``bfloat16``, ``fp32``, ...)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One measured scenario. ``image_size`` None means the vision preset's own size."""
+
+    batch_size: int = 1
+    images_per_sample: int = 1
+    image_size: int | None = None
+    text_before: int = 32
+    text_after: int = 32
+    text_between: int = 0
+    generate_tokens: int = 0
+    dtype: str = "bfloat16"
+    device: str = "meta"
+    stage: Stage = "inference"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size",):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"Workload.{name} must be a positive integer, got {value!r}")
+        for name in ("images_per_sample", "text_before", "text_after", "text_between", "generate_tokens"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, f"Workload.{name} must be an integer >= 0, got {value!r}")
+        require(
+            self.image_size is None or (isinstance(self.image_size, int) and self.image_size > 0),
+            f"Workload.image_size must be a positive integer or None, got {self.image_size!r}",
+        )
+        require(self.num_text_tokens > 0, "Workload must have at least one text token (text_before + text_after > 0)")
+        require(self.stage in STAGES, f"Workload.stage must be one of {list(STAGES)}, got {self.stage!r}")
+        parse_dtype(self.dtype)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"Workload.device {self.device!r} is not a torch device (e.g. meta, cpu, cuda)") from err
+
+    @property
+    def num_text_tokens(self) -> int:
+        between = max(self.images_per_sample - 1, 0) * self.text_between
+        return self.text_before + between + self.text_after
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    @property
+    def is_training(self) -> bool:
+        return self.stage != "inference"
+
+    def image_positions(self) -> list[int]:
+        """Text index before which each image sits (see the module docstring's layout)."""
+        return [self.text_before + i * self.text_between for i in range(self.images_per_sample)]
+
+    def replace(self, **changes: object) -> Workload:
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise ConfigError(f"Workload has no field(s) {unknown}; fields are {sorted(fields)}")
+        return dataclasses.replace(self, **changes)
+
+
+# The SAISA paper's FLOPs convention (arXiv 2502.02458; ShortV arXiv 2504.00502): one 336 px image
+# (576 visual tokens) and 64 text tokens. The split of the 64 around the image is our assumption:
+# it does not change dense-attention FLOPs, only the mask-aware (effective) ones.
+PAPER_WORKLOAD = Workload(batch_size=1, images_per_sample=1, text_before=32, text_after=32)

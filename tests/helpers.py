@@ -1,0 +1,41 @@
+"""Small shared helpers for the tests: tiny models with their own random weights, tiny batches."""
+
+from __future__ import annotations
+
+import torch
+
+from mllm_bench import MultimodalBatch, build_model
+from mllm_bench.model import MLLM
+
+TINY_OPTIONS: dict[str, dict] = {
+    "flamingo": {"num_latents": 4, "resampler_depth": 2, "resampler_heads": 2, "resampler_dim_head": 8,
+                 "xattn_heads": 2, "xattn_dim_head": 8, "cross_attn_every": 1},
+}
+
+
+def tiny_model(arch: str, llm: str = "tiny-llm", vision: str = "tiny-clip", seed: int = 0, **options) -> MLLM:
+    """A tiny fp32 CPU model with deterministic random weights (biases and norms randomised too)."""
+    torch.manual_seed(seed)
+    opts = {**TINY_OPTIONS.get(arch, {}), **options}
+    model = build_model(arch, llm, vision, options=opts, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif "gate" in name and p.dim() == 1 or name.endswith("gate"):
+                p.fill_(0.0)
+    return model.eval()
+
+
+def random_batch(model: MLLM, batch: int = 2, text: int = 10, positions: list[list[int]] | None = None,
+                 seed: int = 1, labels: bool = False, vocab_limit: int | None = None) -> MultimodalBatch:
+    """A random batch; ``positions`` per sample gives each image's text index (default one image at 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    positions = positions if positions is not None else [[3]] * batch
+    k = len(positions[0])
+    size = model.vision_config.image_size
+    vocab = vocab_limit or model.llm_config.vocab_size
+    ids = torch.randint(0, vocab, (batch, text), generator=gen)
+    pixels = torch.randn(batch, k, 3, size, size, generator=gen)
+    pos = torch.tensor(positions, dtype=torch.long).reshape(batch, k)
+    return MultimodalBatch(ids, pixels, pos, None, ids.clone() if labels else None)
