@@ -61,6 +61,11 @@ def build_model(
     llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
     vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
     torch_dtype = parse_dtype(dtype)
-    with torch.device(device):
-        model = cls(llm_cfg, vision_cfg, options)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # parameters are created in the target dtype (no fp32 detour)
+    try:
+        with torch.device(device):
+            model = cls(llm_cfg, vision_cfg, options)
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(torch_dtype)
