@@ -1,0 +1,145 @@
+"""SAISA (Yuan et al., "SAISA: Towards Multimodal Large Language Models with Both Training and Inference
+Efficiency", arXiv 2502.02458; code github.com/icip-cas/SAISA).
+
+Visual tokens keep their LLaVA-1.5 slots in the sequence (and their RoPE positions) but are never
+processed as tokens: they give keys and values only. ViT features (LLaVA's tower and feature layer,
+CLS dropped) go through one MLP per decoder layer, ``Linear(vision → h) → GELU → Linear(h → h)``,
+whose output *is* layer l's visual hidden state, in that layer's input space: it is set (never
+accumulated) before the layer's input RMSNorm. Each layer then computes K and V for every token but
+Q, attention output and FFN for text only. Attention stays causal by LLaVA position, so text before
+an image sees only earlier text, and text after it sees all earlier text and the image's tokens.
+
+The text stream is the only residual stream: the visual rows of a layer come from its projector, so
+no visual row is computed that nothing reads. The KV cache holds the visual keys and values of every
+layer, so a decode step costs what LLaVA-1.5's does.
+
+Naming: the official code keeps each layer's projector inside the decoder layer as
+``model.layers.N.mm_projector`` (an ``nn.Sequential``: indices 0 and 2); here they live beside the
+decoder as ``mm_projectors.N.linear_1``/``linear_2`` so the decoder stays transformers' Llama. There is
+no LLaVA-style input projector (the official code builds one, but layer 0's projector overwrites
+its output before any layer reads it).
+
+Training stages: ``pretrain`` trains the per-layer projectors; ``finetune`` the projectors and the LLM
+(the vision tower stays frozen in both).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
+from mllm_bench.config import LLMConfig, VisionConfig
+from mllm_bench.decoder import KVCache
+from mllm_bench.masks import AttentionMask
+from mllm_bench.model import MLLM, ModelOutput
+from mllm_bench.vision import encode_images
+
+
+class LayerProjector(nn.Module):
+    """One decoder layer's visual projector: Linear(vision → h), GELU, Linear(h → h), with bias."""
+
+    def __init__(self, vision_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Entries ``index`` (B, n) of a per-token tensor (B, L)."""
+    return x.gather(1, index)
+
+
+def saisa_mask(layout: SplicedLayout, text_valid: torch.Tensor) -> AttentionMask:
+    """Text queries over [visual keys, text keys], causal by LLaVA position (SAISA's attention rule).
+
+    Queries are the text tokens only; keys are all visual tokens, then all text tokens (the order in
+    which :class:`~mllm_bench.decoder.SelfAttention` concatenates ``kv_only`` rows and ``x`` rows).
+    Text before an image therefore sees only earlier text; text after it sees earlier text and the
+    image. This is the one place SAISA's mask is described, so faster backends can read it here.
+    """
+    q_pos = _rows(layout.positions, layout.text_index)
+    v_pos = _rows(layout.positions, layout.visual_index)
+    v_flag = torch.ones_like(v_pos, dtype=torch.bool)
+    no = torch.zeros_like(q_pos, dtype=torch.bool)
+    return AttentionMask(
+        q_pos=q_pos,
+        k_pos=torch.cat([v_pos, q_pos], 1),
+        q_valid=text_valid,
+        k_valid=torch.cat([v_flag, text_valid], 1),
+        q_visual=no,
+        k_visual=torch.cat([v_flag, no], 1),
+        visual_to_visual=True,
+        meta_plain_causal=layout.visual_index.shape[1] == 0,
+    )
+
+
+class SAISA(MLLM):
+    name = "saisa"
+    description = "SAISA: per-layer visual projectors; visual tokens are keys/values only (no query, no FFN)"
+
+    def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
+        super().__init__(llm, vision, options)
+        self.mm_projectors = nn.ModuleList(
+            LayerProjector(vision.hidden_size, llm.hidden_size) for _ in range(llm.num_layers)
+        )
+
+    def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
+        if stage == "pretrain":
+            return ("mm_projectors.",)
+        return ("mm_projectors.", "language_model.", "lm_head.")
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features (B, K*V, vision_dim) of images (B, K, C, H, W), before any projector."""
+        b, k = pixel_values.shape[:2]
+        feats = encode_images(self.vision_tower, self.vision_config, pixel_values.flatten(0, 1))
+        return feats.reshape(b, k * feats.shape[1], feats.shape[-1])
+
+    def _run(self, batch: MultimodalBatch, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, h) of the text tokens; fills ``cache`` when given."""
+        self.check_batch(batch)
+        lm = self.language_model
+        layout = splice_layout(batch, self.tokens_per_image)
+        text_valid = batch.text_mask()
+        x = lm.embed_tokens(batch.input_ids)
+        rope_text = lm.rope(_rows(layout.positions, layout.text_index), x.dtype)
+        mask = saisa_mask(layout, text_valid)
+        feats, rope_visual = None, None
+        if batch.images_per_sample:
+            feats = self.image_features(batch.pixel_values).to(x.dtype)
+            rope_visual = lm.rope(_rows(layout.positions, layout.visual_index), x.dtype)
+        for i in range(len(lm.layers)):
+            # layer i's visual hidden states are set (not accumulated) from its own projector
+            kv_only = None if feats is None else (self.mm_projectors[i](feats), rope_visual)
+            x = lm.run_layer(i, x, rope_text, mask, cache, kv_only=kv_only)
+        if cache is not None:
+            cache.add_keys(mask.k_pos, mask.k_valid, mask.k_visual)
+            cache.next_pos = layout.positions[:, -1] + 1
+        return lm.norm(x)
+
+    def forward(self, batch: MultimodalBatch) -> ModelOutput:
+        logits = self.lm_head(self._run(batch))
+        loss = None
+        if batch.labels is not None:
+            loss = self.loss(logits, shifted_targets(batch, text_adjacency(batch)))
+        return ModelOutput(logits, loss)
+
+    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
+        """Logits of the last text token and a cache with every layer's visual and text keys/values."""
+        cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, batch.input_ids.device)
+        hidden = self._run(batch, cache)
+        return self.lm_head(hidden[:, -1]), cache
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        x = self.language_model.embed_tokens(tokens.view(-1, 1))
+        pos = cache.next_pos.view(-1, 1)
+        ones = torch.ones_like(pos, dtype=torch.bool)
+        cache.add_keys(pos, ones, ~ones)
+        mask = AttentionMask(pos, cache.k_pos, ones, cache.k_valid, ~ones, cache.k_visual, True)
+        hidden = self.language_model(x, pos, mask, cache)
+        cache.next_pos = cache.next_pos + 1
+        return self.lm_head(hidden[:, -1]), cache
