@@ -2,19 +2,36 @@
 
 ``sdpa`` works on every device: it uses ``is_causal`` when the mask is the plain causal one and a
 dense boolean mask otherwise. ``math`` is the textbook formula in plain matmuls (a reference, and
-what every FLOP counter sees). Faster CUDA paths register here too, each tested against ``sdpa``.
+what every FLOP counter sees). Faster CUDA paths register here too, each tested against ``sdpa``:
+
+- ``flash``: fused SDPA calls with no mask tensor, from the mask's static structure
+  (:meth:`~mllm_bench.masks.AttentionMask.static_structure`): ``is_causal`` for plain causal, lower-right
+  causal (``causal_lower_right``) for a chunk after earlier keys, and one such call per query block for
+  split masks (SAISA's text segments). Masks without static structure (padding, NAAViT) fall back to a
+  dense mask. A single query (decode) uses its one mask row, which costs nothing and needs no host sync.
+- ``flex``: ``torch.nn.attention.flex_attention`` with a block mask built once per mask from its
+  description, so blocks with no allowed pair (NAAViT's visual-visual blocks) are skipped. Compiled on
+  CUDA; on CPU it runs torch's unfused reference (forward only: CPU backward falls back to dense SDPA).
+
+Which path each call took is counted by :func:`record_paths`, so results can say what ran.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import ConfigError
-from .masks import AttentionMask
+from .masks import AttentionMask, mask_mod
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMask], torch.Tensor]
 _BACKENDS: dict[str, AttentionFn] = {}
@@ -47,11 +64,37 @@ def attend(
     return fn(q, k, v, mask)
 
 
+_RECORDERS: list[Counter[str]] = []
+
+
+@contextmanager
+def record_paths() -> Iterator[Counter[str]]:
+    """Count the attention paths taken inside the block (e.g. ``{"flash:split": 64}``)."""
+    counter: Counter[str] = Counter()
+    _RECORDERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _RECORDERS.remove(counter)
+
+
+def _note(path: str) -> None:
+    for counter in _RECORDERS:
+        counter[path] += 1
+
+
+def describe_paths(counter: Counter[str]) -> str:
+    """``"flash:causal+flash:decode_row"``: the paths taken, sorted, for a result row."""
+    return "+".join(sorted(counter))
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if mask.is_plain_causal():
+        _note("sdpa:causal")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    _note("sdpa:dense")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
 
 
@@ -61,8 +104,91 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask.dense(), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    _note("math:dense")
     return torch.matmul(probs, v)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """SDPA with grouped KV heads handled by the kernel (no repeated copies of K and V)."""
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+
+
+def _key_rows(x: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Rows ``ranges`` of x (B, H, T, D) along T: a view for one range, a concatenation otherwise."""
+    if len(ranges) == 1:
+        return x[:, :, ranges[0][0]:ranges[0][1]]
+    return torch.cat([x[:, :, s:e] for s, e in ranges], dim=2)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Fused SDPA without a mask tensor wherever the mask has static structure (see module docstring)."""
+    if q.shape[2] == 1:
+        _note("flash:decode_row")
+        return _sdpa(q, k, v, attn_mask=mask.dense())
+    structure = mask.static_structure()
+    if structure is None:
+        _note("flash:dense")
+        return _sdpa(q, k, v, attn_mask=mask.dense())
+    _note(f"flash:{structure.kind}")
+    outs = []
+    for blk in structure.blocks:
+        qb = q[:, :, blk.q_start:blk.q_end]
+        if not blk.k_ranges:
+            outs.append(torch.zeros_like(qb[..., :1]).expand(*qb.shape[:-1], v.shape[-1]))
+            continue
+        kb, vb = _key_rows(k, blk.k_ranges), _key_rows(v, blk.k_ranges)
+        if not blk.causal or blk.num_queries == 1:
+            outs.append(_sdpa(qb, kb, vb))
+        elif blk.num_queries == blk.num_keys:
+            outs.append(_sdpa(qb, kb, vb, is_causal=True))
+        else:
+            outs.append(_sdpa(qb, kb, vb, attn_mask=causal_lower_right(blk.num_queries, blk.num_keys)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+
+
+def _eager_flex(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """torch's unfused FlexAttention (CPU tests), without its "use torch.compile" warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def _flex_fn(device: torch.device) -> Callable[..., torch.Tensor]:
+    """FlexAttention compiled once on CUDA (a fused kernel); torch's unfused reference elsewhere."""
+    global _compiled_flex
+    if device.type != "cuda":
+        return _eager_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def block_mask(mask: AttentionMask, device: torch.device) -> Any:
+    """The FlexAttention block mask of ``mask`` (memoised on it: built once, used by every layer)."""
+    if "block_mask" not in mask.memo:
+        b, tq, tk = mask.q_pos.shape[0], mask.num_queries, mask.num_keys
+        mask.memo["block_mask"] = create_block_mask(mask_mod(mask), b, None, tq, tk, device=device)
+    return mask.memo["block_mask"]
+
+
+def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """FlexAttention with a block mask from the description (see module docstring)."""
+    if q.shape[2] == 1:
+        _note("flex:decode_row")  # one query: nothing to skip, and no recompilation per context length
+        return _sdpa(q, k, v, attn_mask=mask.dense())
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and needs_grad:
+        _note("flex:dense_cpu_backward")  # torch has no FlexAttention backward on CPU
+        return _sdpa(q, k, v, attn_mask=mask.dense())
+    _note("flex:block_mask")
+    out = _flex_fn(q.device)(q, k, v, block_mask=block_mask(mask, q.device), enable_gqa=q.shape[1] != k.shape[1])
+    return out
 
 
 register_backend("sdpa", sdpa_attention)
 register_backend("math", math_attention)
+register_backend("flash", flash_attention)
+register_backend("flex", flex_attention_backend)

@@ -10,7 +10,9 @@ block mask (FlexAttention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +35,11 @@ class AttentionMask:
     visual_to_visual: bool = True
     # On meta tensors values are unknown: the builder states whether the mask is plain causal.
     meta_plain_causal: bool = False
+    # Optional hint for fast paths: the same mask as static blocks (see :class:`MaskStructure`). A
+    # builder that knows it from shapes sets it; otherwise :meth:`static_structure` infers it once.
+    structure: MaskStructure | None = None
+    # Per-mask memo (inferred structure, FlexAttention block mask): built once, reused by every layer.
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_queries(self) -> int:
@@ -74,6 +81,14 @@ class AttentionMask:
             and bool((self.k_pos == expected).all())
         )
 
+    def static_structure(self) -> MaskStructure | None:
+        """The ``structure`` hint, else the inferred one (memoised on this mask; None when it has none)."""
+        if self.structure is not None:
+            return self.structure
+        if "structure" not in self.memo:
+            self.memo["structure"] = infer_structure(self)
+        return self.memo["structure"]
+
     def is_bottom_right_causal(self) -> bool:
         """True when queries are the last Tq of Tk keys in position order with no padding and no extra
         rule: a decode step over a full cache, or a prefix-free chunk (``causal`` aligned bottom-right)."""
@@ -105,3 +120,139 @@ def causal_mask(
         visual = torch.zeros_like(positions, dtype=torch.bool)
     plain = visual_to_visual or not bool(visual.any()) if visual.device.type != "meta" else visual_to_visual
     return AttentionMask(positions, positions, valid, valid, visual, visual, visual_to_visual, meta_plain_causal=plain)
+
+
+# ----- static structure: what fused kernels need, decided once per mask ---------------------------
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    """Queries ``[q_start, q_end)`` attend to the keys of ``k_ranges`` (concatenated in that order).
+
+    ``causal``: causal aligned to the bottom right over those keys (query r of n sees the first
+    ``num_keys - n + r + 1``), as ``torch.nn.attention.bias.causal_lower_right``; otherwise all of
+    them. No key ranges means the queries see nothing (output zero).
+    """
+
+    q_start: int
+    q_end: int
+    k_ranges: tuple[tuple[int, int], ...]
+    causal: bool = True
+
+    @property
+    def num_queries(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def num_keys(self) -> int:
+        return sum(end - start for start, end in self.k_ranges)
+
+
+@dataclass(frozen=True)
+class MaskStructure:
+    """An :class:`AttentionMask` as a few static query blocks, the same for every sample (no padding).
+
+    Plain causal is one block ``(0, T, ((0, T),))``; a decode step or a prefix-free chunk one block over
+    all keys; SAISA's text queries one block per text segment between images (the prefix over its own
+    keys, each later segment over the visual keys before it and the text up to itself).
+    """
+
+    num_queries: int
+    num_keys: int
+    blocks: tuple[QueryBlock, ...]
+
+    @property
+    def kind(self) -> str:
+        """``causal`` (upper-left = lower-right, square), ``lower_right`` (one block, all keys) or ``split``."""
+        if len(self.blocks) == 1 and self.blocks[0].k_ranges == ((0, self.num_keys),) and self.blocks[0].causal:
+            return "causal" if self.num_queries == self.num_keys else "lower_right"
+        return "split"
+
+    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Boolean (Tq, Tk), True where allowed (to check a structure against ``AttentionMask.dense``)."""
+        out = torch.zeros(self.num_queries, self.num_keys, dtype=torch.bool, device=device)
+        for blk in self.blocks:
+            keys = torch.cat([torch.arange(s, e, device=device) for s, e in blk.k_ranges]) if blk.k_ranges else None
+            if keys is None:
+                continue
+            n_q, n_k = blk.num_queries, blk.num_keys
+            rows = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+            if blk.causal:
+                rows = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+            out[blk.q_start:blk.q_end, keys] = rows
+        return out
+
+
+def causal_structure(num_queries: int, num_keys: int | None = None) -> MaskStructure:
+    """Queries are the last ``num_queries`` of ``num_keys`` keys in order: plain or bottom-right causal."""
+    num_keys = num_queries if num_keys is None else num_keys
+    return MaskStructure(num_queries, num_keys, (QueryBlock(0, num_queries, ((0, num_keys),)),))
+
+
+MAX_STATIC_BLOCKS = 16
+
+
+def _runs(flags: list[bool], offset: int = 0) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of the True runs in ``flags``."""
+    runs: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == offset + i:
+            runs[-1] = (runs[-1][0], offset + i + 1)
+        elif flag:
+            runs.append((offset + i, offset + i + 1))
+    return runs
+
+
+def infer_structure(mask: AttentionMask) -> MaskStructure | None:
+    """The static blocks of ``mask``, or None when it has none (padding, NAAViT's rule, per-sample layouts).
+
+    Needs the queries to be the last ``Tq`` keys (the order :class:`~mllm_bench.decoder.SelfAttention`
+    builds: [cache, key-only rows, the queries' own rows]) in increasing position. The rest of the keys
+    ("extra" keys) may be anywhere; consecutive queries that see the same extra keys form one block.
+    Reads the mask's values (one device-to-host copy of its small index tensors), so call it once per
+    mask, not per layer: :meth:`AttentionMask.static_structure` memoises it.
+    """
+    if mask.q_pos.device.type == "meta":
+        if mask.meta_plain_causal and mask.num_queries == mask.num_keys:
+            return causal_structure(mask.num_queries)
+        return None
+    tq, tk = mask.num_queries, mask.num_keys
+    if tq == 0 or tk < tq:
+        return None
+    cpu = {name: getattr(mask, name).cpu() for name in ("q_pos", "k_pos", "q_valid", "k_valid", "q_visual")}
+    if not (bool(cpu["q_valid"].all()) and bool(cpu["k_valid"].all())):
+        return None
+    if not mask.visual_to_visual and bool(cpu["q_visual"].any()):
+        return None
+    q_pos, k_pos = cpu["q_pos"], cpu["k_pos"]
+    if not (bool((q_pos == q_pos[:1]).all()) and bool((k_pos == k_pos[:1]).all())):
+        return None
+    q, k = q_pos[0], k_pos[0]
+    extra = tk - tq
+    if not bool((k[extra:] == q).all()) or (tq > 1 and not bool((q[1:] > q[:-1]).all())):
+        return None
+    sees = k[:extra].view(1, -1) <= q.view(-1, 1)  # (Tq, extra): extra keys each query sees
+    change = [0] + [i + 1 for i in torch.nonzero((sees[1:] != sees[:-1]).any(-1)).flatten().tolist()] + [tq]
+    if len(change) - 1 > MAX_STATIC_BLOCKS:
+        return None
+    blocks = []
+    for start, end in zip(change[:-1], change[1:], strict=True):
+        ranges = _runs(sees[start].tolist()) + [(extra, extra + end)]
+        if len(ranges) > 1 and ranges[-2][1] == extra:  # extra keys run into the queries' own: one slice
+            ranges[-2:] = [(ranges[-2][0], extra + end)]
+        blocks.append(QueryBlock(start, end, tuple(ranges)))
+    return MaskStructure(tq, tk, tuple(blocks))
+
+
+def mask_mod(mask: AttentionMask) -> Callable[..., torch.Tensor]:
+    """``mask`` as a FlexAttention ``mask_mod(b, h, q, k)``, exactly :meth:`AttentionMask.dense`."""
+    q_pos, k_pos, q_valid, k_valid = mask.q_pos, mask.k_pos, mask.q_valid, mask.k_valid
+    q_visual, k_visual, v2v = mask.q_visual, mask.k_visual, mask.visual_to_visual
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ok = (k_pos[b, k] <= q_pos[b, q]) & k_valid[b, k]
+        if not v2v:
+            ok = ok & ~(q_visual[b, q] & k_visual[b, k] & (k_pos[b, k] != q_pos[b, q]))
+        return ok | ~q_valid[b, q]
+
+    return allowed
