@@ -9,6 +9,12 @@ from rich.table import Table
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
 
+from .compare import compare
+from .paper import paper
+from .report import report
+from .sweep import sweep
+from .train_cost import train_cost
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Multimodal LLM architectures side by side.")
 console = Console()
 
@@ -45,6 +51,13 @@ def list_cmd() -> None:
         vis.add_row(v.name, v.kind, str(v.hidden_size), f"{v.layers_run}/{v.num_layers}", str(v.image_size),
                     str(v.patch_size), str(v.tokens_per_image))
     console.print(vis)
+
+
+app.command("compare")(compare)
+app.command("sweep")(sweep)
+app.command("train-cost")(train_cost)
+app.command("paper")(paper)
+app.command("report")(report)
 
 
 def main() -> None:

@@ -1,0 +1,147 @@
+"""``mllm-bench compare``: architectures side by side on one workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+from mllm_bench.reports import plots, tables
+from mllm_bench.reports.collect import collect, steps
+from mllm_bench.reports.store import append_sqlite, atomic_write_text, rows_to_json, write_rows
+from rich.console import Console
+
+from mllm_bench.config import ConfigError
+from mllm_bench.workload import PAPER_WORKLOAD, Workload
+
+from .common import (
+    Convention,
+    Format,
+    Measure,
+    Scope,
+    check_dtype,
+    check_presets,
+    default_device,
+    err_console,
+    get_profile,
+    handle_errors,
+    parse_arch_options,
+    parse_archs,
+    parse_stages,
+    progress_bar,
+)
+
+ARCH_HELP = "Architecture(s), repeatable or comma-separated (default: llava, flamingo, saisa)."
+OPTION_HELP = "Architecture option ARCH.KEY=VALUE, repeatable (e.g. flamingo.num_latents=4)."
+
+
+@handle_errors
+def compare(
+    arch: list[str] = typer.Option(None, "--arch", "-a", help=ARCH_HELP),
+    llm: str = typer.Option("vicuna-7b", help="LLM preset."),
+    vision: str = typer.Option("clip-vit-l-336", help="Vision-tower preset."),
+    option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    batch_size: int = typer.Option(PAPER_WORKLOAD.batch_size, min=1, help="Samples per batch."),
+    images_per_sample: int = typer.Option(PAPER_WORKLOAD.images_per_sample, min=0, help="Images per sample."),
+    image_size: int = typer.Option(None, min=1, help="Image size in px (default: the vision preset's)."),
+    text_before: int = typer.Option(PAPER_WORKLOAD.text_before, min=0, help="Text tokens before the first image."),
+    text_after: int = typer.Option(PAPER_WORKLOAD.text_after, min=0, help="Text tokens after the last image."),
+    text_between: int = typer.Option(0, min=0, help="Text tokens between consecutive images."),
+    generate_tokens: int = typer.Option(0, min=0, help="Tokens to generate when measuring decode."),
+    device: str = typer.Option(None, help="Device to measure on (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
+    stage: list[str] = typer.Option(None, "--stage", help="Training stage(s) to cost: pretrain, finetune."),
+    measure: Measure = typer.Option(Measure.auto, help="auto: measure on CUDA, on CPU only small models."),
+    baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
+    scope: Scope = typer.Option(Scope.language, help="FLOPs scope: language (paper) or total."),
+    convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs: dense (paper) or effective."),
+    out: Path = typer.Option(None, help="Folder for result files (rows JSON/CSV, tables, plots)."),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="What to print."),
+    make_plots: bool = typer.Option(False, "--plots", help="Write plots (PNG + PDF) under OUT/plots."),
+    db: Path = typer.Option(None, help="SQLite file to append the rows to."),
+) -> None:
+    """Compare architectures on one workload (default: LLaVA-1.5, Flamingo-style, SAISA at 7B, paper workload)."""
+    archs = parse_archs(arch)
+    if baseline not in archs:
+        raise ConfigError(f"--baseline {baseline!r} is not among --arch {archs}")
+    check_presets(llm, vision)
+    check_dtype(dtype)
+    stages = parse_stages(stage)
+    options = parse_arch_options(option, archs)
+    workload = Workload(batch_size=batch_size, images_per_sample=images_per_sample, image_size=image_size,
+                        text_before=text_before, text_after=text_after, text_between=text_between,
+                        generate_tokens=generate_tokens, dtype=dtype, device=device or default_device())
+    vision_cfg = vision_for(vision, image_size)
+    profile = get_profile()
+    with progress_bar(steps(archs, stages), "profiling") as advance:
+        rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance)
+    emit(rows, archs, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
+         title=f"{', '.join(archs)} — {llm} + {vision}")
+
+
+def vision_for(vision: str, image_size: int | None):
+    """The vision preset, at ``image_size`` when given (its patch grid must divide it)."""
+    from mllm_bench.config import replace
+    from mllm_bench.presets import vision_preset
+
+    cfg = vision_preset(vision)
+    return cfg if image_size in (None, cfg.image_size) else replace(cfg, image_size=image_size)
+
+
+def emit(rows: pd.DataFrame, archs: list[str], stages: list[str], baseline: str, scope: str, convention: str,
+         fmt: Format, out: Path | None, make_plots: bool, db: Path | None, title: str,
+         stdout: Console | None = None) -> None:
+    """Print the table in ``fmt`` and write the files (shared by ``compare`` and ``report``)."""
+    quantities = tables.compare_quantities(scope, convention, tuple(stages))
+    table = tables.comparison(rows, quantities, baseline)
+    notes = tables.notes_for(rows, scope, convention)
+    console = stdout or Console()
+    if fmt is Format.table:
+        console.print(tables.to_rich(table, title, notes))
+    elif fmt is Format.json:
+        typer.echo(rows_to_json(rows), nl=False)
+    else:
+        typer.echo(tables.render(table, fmt.value, title, notes), nl=False)
+    if make_plots and out is None:
+        out = Path("results/compare")
+    if out is not None:
+        written = [write_rows(rows, out / "results.json"), write_rows(rows, out / "results.csv")]
+        for kind, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+            written.append(atomic_write_text(out / f"comparison.{suffix}", tables.render(table, kind, title, notes)))
+        if make_plots:
+            written += write_plots(rows, out / "plots", scope, convention, stages)
+        err_console.print(f"wrote {len(written)} files under {out}")
+    if db is not None:
+        n = append_sqlite(rows, db)
+        err_console.print(f"appended {n} rows to {db}")
+
+
+def write_plots(rows: pd.DataFrame, folder: Path, scope: str, convention: str, stages: list[str]) -> list[Path]:
+    """Component FLOPs, memory and (with measurements) roofline plots of one comparison."""
+    panels = [("prefill_flops", "inference", "inference: prefill")]
+    panels += [("train_step_flops", s, f"training step: {s}") for s in stages]
+    written = plots.flops_by_component(rows, folder / "flops_by_component", scope, convention, panels)
+    written += plots.memory_by_component(rows, folder / "memory_by_component", stages[-1])
+    written += roofline_if_measured(rows, folder / "roofline")
+    return written
+
+
+def roofline_if_measured(rows: pd.DataFrame, stem: Path) -> list[Path]:
+    measured = rows[(rows["metric"] == "achieved_flops_per_s") & (rows["source"] == "measured")]
+    if measured.empty:
+        return []
+    device = str(measured["device_name"].iloc[0]) if "device_name" in measured else ""
+    peak, bandwidth = device_roofs(device)
+    return plots.roofline(rows, stem, peak, bandwidth, device)
+
+
+# Peak dense bf16 FLOP/s and HBM bandwidth (vendor data sheets) for the roofline.
+ROOFS = {"h200": (989e12, 4.8e12), "h100": (989e12, 3.35e12), "a100": (312e12, 2.04e12)}
+
+
+def device_roofs(device_name: str) -> tuple[float, float]:
+    name = device_name.lower()
+    for key, roof in ROOFS.items():
+        if key in name:
+            return roof
+    return 0.0, 0.0

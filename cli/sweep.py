@@ -1,0 +1,84 @@
+"""``mllm-bench sweep``: vary one or two fields across architectures; resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from mllm_bench.reports import plots
+from mllm_bench.reports.store import append_sqlite
+from mllm_bench.reports.sweep import VARY_FIELDS, expand, parse_vary, run_sweep, write_sweep
+
+from mllm_bench.workload import PAPER_WORKLOAD, Workload
+
+from .common import (
+    Convention,
+    Measure,
+    Scope,
+    check_dtype,
+    check_presets,
+    default_device,
+    err_console,
+    get_profile,
+    handle_errors,
+    parse_arch_options,
+    parse_archs,
+    progress_bar,
+)
+from .compare import ARCH_HELP, OPTION_HELP
+
+VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}). visual_tokens=N uses N/576 images "
+             "when N is a multiple of the per-image count, else one image whose patch grid gives N (N a square).")
+
+
+@handle_errors
+def sweep(
+    vary: list[str] = typer.Option(..., "--vary", "-v", help=VARY_HELP),
+    arch: list[str] = typer.Option(None, "--arch", "-a", help=ARCH_HELP),
+    llm: str = typer.Option("vicuna-7b", help="LLM preset (unless varied)."),
+    vision: str = typer.Option("clip-vit-l-336", help="Vision-tower preset."),
+    option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    batch_size: int = typer.Option(PAPER_WORKLOAD.batch_size, min=1),
+    images_per_sample: int = typer.Option(PAPER_WORKLOAD.images_per_sample, min=0),
+    text_before: int = typer.Option(PAPER_WORKLOAD.text_before, min=0),
+    text_after: int = typer.Option(PAPER_WORKLOAD.text_after, min=0),
+    generate_tokens: int = typer.Option(0, min=0),
+    device: str = typer.Option(None, help="Device to measure on (default: cuda if available, else cpu)."),
+    dtype: str = typer.Option("bfloat16"),
+    stage: str = typer.Option("inference", help="Workload stage of every point: inference, pretrain or finetune."),
+    measure: Measure = typer.Option(Measure.never, help="Measure time/memory at each point (auto|never|always)."),
+    scope: Scope = typer.Option(Scope.language, help="FLOPs scope of the plots."),
+    convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs convention of the plots."),
+    out: Path = typer.Option(Path("results/sweep"), help="Folder for points, results and plots (resumable)."),
+    make_plots: bool = typer.Option(True, "--plots/--no-plots", help="Write cost-vs-field plots."),
+    db: Path = typer.Option(None, help="SQLite file to append the newly profiled rows to."),
+) -> None:
+    """Sweep workload/config fields across architectures; re-running skips finished points."""
+    archs = parse_archs(arch)
+    check_presets(llm, vision)
+    check_dtype(dtype)
+    grid = parse_vary(vary)
+    options = parse_arch_options(option, archs)
+    base = Workload(batch_size=batch_size, images_per_sample=images_per_sample, text_before=text_before,
+                    text_after=text_after, generate_tokens=generate_tokens, dtype=dtype,
+                    device=device or default_device(), stage=stage)
+    points = expand(archs, grid, base, llm, vision, options, measure.value)
+    profile = get_profile()
+    with progress_bar(len(points), "sweeping") as advance:
+        result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"))
+    write_sweep(result, out, grid, archs, base)
+    err_console.print(f"{result.done} points profiled, {result.skipped} already done, {len(result.oom)} out of "
+                      f"memory, {len(result.errors)} failed; results in {out}")
+    for message in [m for _, m in result.errors]:
+        err_console.print(f"[red]failed:[/] {message}", highlight=False)
+    if make_plots and len(result.rows):
+        fields = list(grid)
+        written = plots.cost_curves(result.rows, fields[0], out / f"cost_vs_{fields[0]}",
+                                    scope=scope.value, convention=convention.value,
+                                    hue=fields[1] if len(fields) > 1 else None)
+        err_console.print(f"wrote {len(written)} plot files")
+    if db is not None and len(result.rows):
+        new = result.rows[result.rows["sweep_key"].isin(result.new_keys)]
+        append_sqlite(new, db)
+    if result.errors:
+        raise typer.Exit(1)

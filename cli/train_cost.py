@@ -1,0 +1,81 @@
+"""``mllm-bench train-cost``: the LLaVA-1.5 two-stage recipe's budget for each architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from mllm_bench.reports import train_cost as budget
+from mllm_bench.reports.store import atomic_write_text, write_rows
+
+from mllm_bench.config import ConfigError
+
+from .common import (
+    Convention,
+    Format,
+    Scope,
+    check_presets,
+    err_console,
+    get_profile,
+    handle_errors,
+    parse_arch_options,
+    parse_archs,
+    progress_bar,
+)
+from .compare import ARCH_HELP, OPTION_HELP
+
+
+def parse_pair(text: str, name: str) -> tuple[int, int]:
+    """``"40,216"`` → (40, 216): text tokens before and after the image."""
+    try:
+        before, after = (int(x) for x in text.split(","))
+    except ValueError as err:
+        raise ConfigError(f"--{name}: expected BEFORE,AFTER (two integers, e.g. 40,216), got {text!r}") from err
+    if before < 0 or after < 0 or before + after == 0:
+        raise ConfigError(f"--{name}: token counts must be >= 0 with at least one text token, got {text!r}")
+    return before, after
+
+
+@handle_errors
+def train_cost(
+    arch: list[str] = typer.Option(None, "--arch", "-a", help=ARCH_HELP),
+    llm: str = typer.Option("vicuna-7b", help="LLM preset."),
+    vision: str = typer.Option("clip-vit-l-336", help="Vision-tower preset."),
+    option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    device: str = typer.Option("a100", help=f"Device whose peak sets GPU-hours: {', '.join(budget.DEVICE_PEAKS)}."),
+    mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed for every stage (0-1]."),
+    pretrain_samples: int = typer.Option(558_000, min=1, help="Stage-1 samples (LCS-558K)."),
+    finetune_samples: int = typer.Option(665_000, min=1, help="Stage-2 samples (LLaVA-1.5 mix 665K)."),
+    pretrain_text: str = typer.Option("1,32", help="Stage-1 text tokens BEFORE,AFTER the image (BOS + caption)."),
+    finetune_text: str = typer.Option("40,216", help="Stage-2 text tokens BEFORE,AFTER the image."),
+    baseline: str = typer.Option("llava", help="Architecture the reduction is measured against."),
+    scope: Scope = typer.Option(Scope.total, help="FLOPs scope (total: all the GPU runs)."),
+    convention: Convention = typer.Option(Convention.effective, help="Attention FLOPs convention."),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table | markdown | csv | json | latex."),
+    out: Path = typer.Option(None, help="Folder for train_cost.{md,csv} and the profiler rows."),
+) -> None:
+    """Training budget (FLOPs, GPU-hours) of the LLaVA-1.5 recipe per architecture, vs the paper's −26%."""
+    archs = parse_archs(arch)
+    check_presets(llm, vision)
+    options = parse_arch_options(option, archs)
+    recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,
+                                   "finetune-text"), pretrain_samples, finetune_samples)
+    profile = get_profile()
+    with progress_bar(len(archs) * len(recipe), "counting training FLOPs") as advance:
+        table, rows = budget.train_cost(archs, profile, recipe, llm, vision, options, device, mfu, scope.value,
+                                        convention.value, baseline, advance)
+    notes = budget.budget_notes(table, recipe)
+    markdown = budget.to_markdown(table, notes)
+    if fmt is Format.csv:
+        typer.echo(table.to_csv(index=False), nl=False)
+    elif fmt is Format.json:
+        typer.echo(table.to_json(orient="records", indent=1))
+    elif fmt is Format.latex:
+        typer.echo(budget.to_latex(table, notes), nl=False)
+    else:
+        typer.echo(markdown, nl=False)
+    if out is not None:
+        atomic_write_text(out / "train_cost.md", markdown)
+        atomic_write_text(out / "train_cost.csv", table.to_csv(index=False))
+        write_rows(rows, out / "train_cost_rows.json")
+        err_console.print(f"wrote train_cost.md, train_cost.csv, train_cost_rows.json under {out}")

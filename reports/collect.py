@@ -1,0 +1,47 @@
+"""Running the profiler for a comparison: each architecture at inference and at each training stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from mllm_bench.workload import Workload
+
+from .store import concat_rows
+
+ProfileFn = Callable[..., pd.DataFrame]
+# Columns that differ between two profiler calls for the same number (not part of a row's identity).
+VOLATILE = ("timestamp",)
+
+
+def collect(
+    archs: Sequence[str], workload: Workload, profile_fn: ProfileFn, llm: Any = "vicuna-7b",
+    vision: Any = "clip-vit-l-336", options: dict[str, dict] | None = None,
+    stages: Sequence[str] = ("pretrain", "finetune"), measure: str = "never",
+    on_step: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Tidy rows of every architecture: one profiler call at ``inference`` and one per training stage."""
+    options = options or {}
+    frames = []
+    for arch in archs:
+        for stage in ("inference", *stages):
+            rows = profile_fn(arch, workload.replace(stage=stage), llm=llm, vision=vision,
+                              options=options.get(arch) or None, measure=measure)
+            frames.append(rows)
+            if on_step:
+                on_step(f"{arch} {stage}")
+    return dedupe(concat_rows(frames))
+
+
+def dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop rows repeated by several profiler calls (e.g. parameter counts reported at every stage)."""
+    if df.empty:
+        return df
+    key = [c for c in df.columns if c not in VOLATILE]
+    return df.loc[~df[key].astype(str).duplicated()].reset_index(drop=True)
+
+
+def steps(archs: Sequence[str], stages: Sequence[str]) -> int:
+    return len(archs) * (1 + len(stages))

@@ -1,0 +1,208 @@
+"""Picking values out of the profiler's tidy result rows, and formatting them for people.
+
+A result frame holds one metric per row (see README, "Result rows"). Reports ask for one number per
+model and quantity, e.g. "counted prefill FLOPs, language scope, dense attention"; :func:`pick` finds it,
+tolerating rows that leave a field blank ("" = not applicable) and preferring aggregate rows
+(component/role ``all``) and the more trustworthy source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from mllm_bench.config import ConfigError
+
+IDENTITY: tuple[str, ...] = ("arch", "llm", "vision", "options")
+SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
+# Columns of the row schema that may be blank; used to fill frames that lack some of them.
+TEXT_COLUMNS: tuple[str, ...] = (
+    "arch", "llm", "vision", "options", "metric", "unit", "source", "scope", "convention", "component", "role",
+    "stage", "phase", "dtype", "device", "device_name", "attention_backend", "torch_version",
+    "transformers_version", "mllm_bench_version", "git_commit", "timestamp",
+)
+
+
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy with every schema text column present, blanks as "" (CSV/SQLite round trips give NaN)."""
+    out = df.reset_index(drop=True)
+    for col in TEXT_COLUMNS:
+        if col not in out.columns:
+            out[col] = ""
+        out[col] = out[col].astype(object).where(out[col].notna(), "").astype(str)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce")
+    return out
+
+
+def _rank(values: pd.Series, preferred: Sequence[str]) -> pd.Series:
+    order = {v: i for i, v in enumerate(preferred)}
+    return values.map(lambda v: order.get(v, len(order)))
+
+
+def pick(
+    df: pd.DataFrame,
+    metric: str,
+    sources: Sequence[str] = SOURCE_ORDER,
+    by: Sequence[str] = IDENTITY,
+    **where: str | Sequence[str],
+) -> pd.DataFrame:
+    """One row per model (``by`` columns) for ``metric``, matching ``where``.
+
+    A ``where`` value matches rows equal to it, or blank ("" = the field does not apply to that row);
+    exact matches win. Among what is left, ``component``/``role`` ``all`` win over breakdown rows, then
+    the first source in ``sources``.
+    """
+    rows = df[(df["metric"] == metric) & df["source"].isin(sources)]
+    rank = pd.Series(0, index=rows.index, dtype=float)
+    for col, wanted in where.items():
+        allowed = [wanted] if isinstance(wanted, str) else list(wanted)
+        if col not in rows.columns:
+            continue
+        rows = rows[rows[col].isin([*allowed, ""])]
+        rank = rank.loc[rows.index] + (rows[col] == "").astype(float) * 100
+    for col in ("component", "role"):
+        if col not in where and col in rows.columns:
+            rank = rank + _rank(rows[col], ("all", "")) * 10
+    rank = rank + _rank(rows["source"], sources)
+    rows = rows.assign(_rank=rank).sort_values("_rank", kind="stable")
+    return rows.drop_duplicates(list(by)).drop(columns="_rank")
+
+
+def model_labels(df: pd.DataFrame) -> dict[tuple, str]:
+    """A short unique label per model: the arch, plus the LLM/vision/options only where they vary."""
+    keys = df[list(IDENTITY)].drop_duplicates().itertuples(index=False, name=None)
+    keys = list(keys)
+    varying = [i for i in range(1, len(IDENTITY)) if len({k[i] for k in keys}) > 1]
+    labels = {}
+    for key in keys:
+        extra = [key[i] for i in varying if key[i]]
+        labels[key] = key[0] + (f" ({', '.join(extra)})" if extra else "")
+    return labels
+
+
+# ----- formatting ------------------------------------------------------------------------------------
+_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
+_BINARY = ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+_SECONDS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"))
+
+
+def scale_for(unit: str, values: Iterable[float]) -> tuple[float, str]:
+    """The divisor and display unit that suit the largest of ``values`` (one scale per table row)."""
+    finite = [abs(v) for v in values if v is not None and not math.isnan(v)]
+    top = max(finite, default=0.0)
+    if unit == "bytes":
+        table = _BINARY
+    elif unit == "s":
+        table = _SECONDS
+    elif unit == "ratio":
+        return 0.01, "%"
+    else:
+        base = {"FLOP": "FLOP", "FLOP/s": "FLOP/s", "params": "", "tokens/s": "tok/s"}.get(unit, unit)
+        table = tuple((d, f"{p}{base}" if base else (p or "#")) for d, p in _PREFIXES)
+    for divisor, name in table:
+        if top >= divisor:
+            return divisor, name
+    return table[-1]
+
+
+def fmt_number(value: float, divisor: float = 1.0) -> str:
+    """Three significant figures or more, never scientific notation."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    x = value / divisor
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}"
+    if abs(x) >= 10:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def fmt_change(fraction: float) -> str:
+    """A relative change as a signed percentage (−66.2%), "—" when undefined."""
+    if fraction is None or math.isnan(fraction):
+        return "—"
+    return f"{fraction * 100:+.1f}%".replace("-", "−")
+
+
+# ----- conventions and environment -------------------------------------------------------------------
+SCOPE_TEXT = {
+    "language": "language (connector + decoder; vision tower and lm_head not counted, the SAISA paper's scope)",
+    "total": "total (vision tower + connector + decoder + lm_head)",
+}
+CONVENTION_TEXT = {
+    "dense": "dense (attention scores 4·n_q·n_k·d per layer, no mask discount; the SAISA paper's convention)",
+    "effective": "effective (only query–key pairs the mask allows: causal, NAAViT, SAISA text-only queries, "
+    "Flamingo media masking)",
+}
+
+
+@dataclass
+class Conventions:
+    """What a report's numbers mean; rendered under every table."""
+
+    scope: str = ""
+    convention: str = ""
+    extra: list[str] = field(default_factory=list)
+
+    def lines(self, df: pd.DataFrame | None = None) -> list[str]:
+        out = ["FLOPs: one multiply-add = 2 FLOPs."]
+        if self.scope:
+            out.append(f"Scope: {SCOPE_TEXT.get(self.scope, self.scope)}.")
+        if self.convention:
+            out.append(f"Attention FLOPs: {CONVENTION_TEXT.get(self.convention, self.convention)}.")
+        out += self.extra
+        if df is not None and len(df):
+            out += describe_sources(df)
+            out.append(environment_line(df))
+        return out
+
+
+def describe_sources(df: pd.DataFrame) -> list[str]:
+    sources = sorted(set(df["source"]) - {""})
+    text = {
+        "counted": "counted = torch.utils.flop_counter on meta tensors (no weights allocated)",
+        "analytic": "analytic = closed-form cost model",
+        "measured": "measured = timed runs (median of repeats)",
+    }
+    return [f"Sources: {'; '.join(text.get(s, s) for s in sources)}."] if sources else []
+
+
+def environment_line(df: pd.DataFrame) -> str:
+    """One line naming the software and hardware the rows came from."""
+    parts = []
+    for col, name in (
+        ("mllm_bench_version", "mllm-bench"), ("git_commit", "git"), ("torch_version", "torch"),
+        ("transformers_version", "transformers"), ("device_name", "device"), ("dtype", "dtype"),
+        ("attention_backend", "attention"),
+    ):
+        if col in df.columns:
+            values = sorted(set(df[col].astype(str)) - {"", "nan"})
+            if values:
+                parts.append(f"{name} {'/'.join(values[:3])}{'…' if len(values) > 3 else ''}")
+    return "Environment: " + (", ".join(parts) if parts else "not recorded") + "."
+
+
+def workload_line(df: pd.DataFrame) -> str:
+    """The workload shared by the rows (or the ranges when they differ)."""
+    parts = []
+    for col, name in (
+        ("batch_size", "batch"), ("images_per_sample", "images/sample"), ("image_size", "image px"),
+        ("visual_tokens", "visual tokens/sample"), ("text_tokens", "text tokens/sample"),
+        ("text_before", "before image"), ("text_after", "after image"), ("generate_tokens", "generated"),
+    ):
+        if col in df.columns:
+            values = sorted({str(v) for v in df[col] if str(v) not in ("", "nan")})
+            if values:
+                parts.append(f"{name} {'/'.join(values[:4])}{'…' if len(values) > 4 else ''}")
+    return "Workload: " + ", ".join(parts) + "." if parts else "Workload: not recorded."
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = sorted(set(columns) - set(df.columns))
+    if missing:
+        raise ConfigError(f"{what} lacks column(s) {missing}; result rows need {sorted(columns)}")

@@ -1,0 +1,118 @@
+"""Tables, result files and plots built from hand-made tidy rows."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from mllm_bench.reports import plots, store, tables
+from mllm_bench.reports.collect import collect
+from mllm_bench.reports.rows import fmt_change, normalise, pick, scale_for
+
+from mllm_bench.config import ConfigError
+from mllm_bench.workload import Workload
+from tests.reports_fakes import fake_profile, row
+
+
+def test_pick_prefers_exact_aggregate_and_counted_rows():
+    df = normalise(pd.DataFrame([
+        row("llava", "prefill_flops", 1.0, scope="total", convention="dense"),
+        row("llava", "prefill_flops", 2.0, scope="language", convention="dense", source="analytic"),
+        row("llava", "prefill_flops", 3.0, scope="language", convention="dense"),
+        row("llava", "prefill_flops", 4.0, scope="language", convention="dense", component="ffn"),
+        row("llava", "prefill_flops", 5.0, scope="language", convention="effective"),
+        row("llava", "params", 7.0, "params"),
+    ]))
+    assert pick(df, "prefill_flops", scope="language", convention="dense")["value"].tolist() == [3.0]
+    assert pick(df, "prefill_flops", ("analytic",), scope="language", convention="dense")["value"].tolist() == [2.0]
+    assert pick(df, "prefill_flops", scope="total", convention="dense")["value"].tolist() == [1.0]
+    # blank fields match any request: params has no scope
+    assert pick(df, "params", scope="language")["value"].tolist() == [7.0]
+
+
+def test_comparison_vs_baseline_and_renderers():
+    df = pd.DataFrame([
+        row("llava", "prefill_flops", 8.0e12, scope="language", convention="dense"),
+        row("saisa", "prefill_flops", 2.0e12, scope="language", convention="dense"),
+        row("flamingo", "prefill_flops", 1.0e12, scope="language", convention="dense"),
+        row("llava", "params", 7.0e9, "params"), row("saisa", "params", 7.7e9, "params"),
+        row("flamingo", "params", 8.4e9, "params"),
+        row("llava", "kv_cache_bytes", 2**30, "bytes", role="all"),
+        row("saisa", "kv_cache_bytes", 2**29, "bytes", role="all"),
+    ])
+    qs = tables.compare_quantities("language", "dense", ("finetune",))
+    table = tables.comparison(df, qs, "llava")
+    got = table.set_index(["quantity", "arch"])["vs_baseline"]
+    assert got["prefill FLOPs", "saisa"] == pytest.approx(-0.75)
+    assert got["prefill FLOPs", "flamingo"] == pytest.approx(-0.875)
+    assert got["parameters", "saisa"] == pytest.approx(0.1)
+    assert math.isnan(got["prefill FLOPs", "llava"])
+    assert ("KV cache / sample", "flamingo") not in got.index  # absent rows stay absent
+    header, body = tables.wide(table)
+    assert header[:3] == ["quantity", "unit", "llava"] and "saisa vs llava" in header
+    prefill = next(r for r in body if r[0] == "prefill FLOPs")
+    assert prefill[1] == "TFLOP" and prefill[2] == "8.000" and "−75.0%" in prefill
+    kv = next(r for r in body if r[0] == "KV cache / sample")
+    assert kv[1] == "GiB" and "−50.0%" in kv
+    notes = tables.notes_for(df, "language", "dense")
+    md = tables.to_markdown(table, "t", notes)
+    assert "| prefill FLOPs | TFLOP | 8.000 |" in md and "2 FLOPs" in md and "dense" in md and "abc1234" in md
+    tex = tables.to_latex(table, "t", notes)
+    assert r"\toprule" in tex and r"$-$75.0\%" in tex
+    csv = pd.read_csv(__import__("io").StringIO(tables.to_csv(table)))
+    assert csv.loc[(csv["quantity"] == "prefill FLOPs") & (csv["arch"] == "saisa"), "vs_baseline"].item() == -0.75
+    with pytest.raises(ConfigError, match="baseline 'naavit'.*llava"):
+        tables.comparison(df, qs, "naavit")
+
+
+def test_formatting():
+    assert scale_for("FLOP", [8.5e12, 2.9e12]) == (1e12, "TFLOP")
+    assert scale_for("bytes", [3 * 2**20]) == (2**20, "MiB")
+    assert scale_for("s", [0.004]) == (1e-3, "ms")
+    assert fmt_change(-0.6612) == "−66.1%" and fmt_change(float("nan")) == "—"
+
+
+def test_store_round_trips(tmp_path):
+    df = pd.DataFrame([row("llava", "params", 7.0, "params"), row("saisa", "params", 8.0, "params", scope="")])
+    for name in ("r.json", "r.csv"):
+        store.write_rows(df, tmp_path / name)
+        back = store.read_rows(tmp_path / name)
+        assert back["value"].tolist() == [7.0, 8.0] and back["scope"].tolist() == ["", ""]
+    assert store.append_sqlite(df, tmp_path / "r.db") == 2
+    store.append_sqlite(df.assign(extra_col=1), tmp_path / "r.db")  # new columns are added
+    assert len(store.read_rows(tmp_path / "r.db")) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.db", "r.json"]  # no temp files left
+    assert len(store.read_rows(tmp_path)) == 4  # a folder: every rows file in it
+    with pytest.raises(ConfigError, match="suffix"):
+        store.read_rows(tmp_path / "r.db").pipe(lambda d: store.write_rows(d, tmp_path / "x.txt"))
+
+
+def test_collect_dedupes_rows_repeated_across_stages():
+    calls = []
+    rows = collect(["llava", "saisa"], Workload(), fake_profile(calls), "tiny-llm", "tiny-clip",
+                   stages=("pretrain", "finetune"))
+    assert [(c[0], c[4]) for c in calls] == [("llava", "inference"), ("llava", "pretrain"), ("llava", "finetune"),
+                                            ("saisa", "inference"), ("saisa", "pretrain"), ("saisa", "finetune")]
+    params = rows[rows["metric"] == "params"]
+    # params rows differ only by stage across calls, so each stage keeps its own; identical rows collapse
+    assert len(params) == 6 and len(rows.drop(columns="timestamp").drop_duplicates()) == len(rows)
+
+
+def test_crossovers():
+    x = [1, 2, 3, 4]
+    assert plots.crossovers(x, [1, 2, 3, 4], [4, 3, 2, 1]) == [(2.5, 2.5)]
+    assert plots.crossovers(x, [1, 1, 1, 1], [2, 2, 2, 2]) == []
+
+
+def test_plots_write_png_and_pdf(tmp_path):
+    rows = collect(["llava", "saisa", "flamingo"], Workload(), fake_profile(), "tiny-llm", "tiny-clip",
+                   stages=("finetune",))
+    paths = plots.flops_by_component(rows, tmp_path / "comp", "language", "dense")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+    assert plots.memory_by_component(rows, tmp_path / "mem") == []  # no training memory rows: nothing to draw
+    pts = pd.DataFrame({"arch": ["llava", "saisa"], "x": [10.0, 7.0], "y": [8.5, 2.9]})
+    assert len(plots.tradeoff(pts, tmp_path / "trade")) == 2
+    sweep_rows = pd.concat([collect(["llava", "saisa"], Workload(images_per_sample=k), fake_profile(), "tiny-llm",
+                                    "tiny-clip", stages=()) for k in (1, 2, 4)])
+    assert len(plots.cost_curves(sweep_rows, "visual_tokens", tmp_path / "curve")) == 2
