@@ -58,6 +58,7 @@ def train_cost(
     archs = parse_archs(arch)
     check_presets(llm, vision)
     options = parse_arch_options(option, archs)
+    budget.peak_flops(device)  # an unknown device is bad usage, before any counting
     recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,
                                    "finetune-text"), pretrain_samples, finetune_samples)
     profile = get_profile()
