@@ -136,7 +136,8 @@ def roofline_if_measured(rows: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 # Peak dense bf16 FLOP/s and HBM bandwidth (vendor data sheets) for the roofline.
-ROOFS = {"h200": (989e12, 4.8e12), "h100": (989e12, 3.35e12), "a100": (312e12, 2.04e12)}
+ROOFS = {"h200": (989e12, 4.8e12), "h100 pcie": (756e12, 2.0e12), "h100": (989e12, 3.35e12),
+         "a100": (312e12, 2.04e12)}
 
 
 def device_roofs(device_name: str) -> tuple[float, float]:

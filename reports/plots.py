@@ -129,18 +129,24 @@ def flops_by_component(
 
 
 # ----- cost curves with crossovers ---------------------------------------------------------------------
-def crossovers(x: Sequence[float], a: Sequence[float], b: Sequence[float]) -> list[tuple[float, float]]:
-    """Where curve ``a`` crosses ``b`` (linear between samples): a list of (x, y)."""
+def crossovers(x: Sequence[float], a: Sequence[float], b: Sequence[float], rtol: float = 1e-9
+               ) -> list[tuple[float, float]]:
+    """Where curve ``a`` crosses ``b`` (linear between samples): a list of (x, y).
+
+    Samples where the curves touch are skipped, so curves that coincide have no crossover; one that
+    changes sign across a touching sample is placed at that sample.
+    """
+    scale = max([abs(v) for v in (*a, *b)] or [0.0])
+    signed = [(i, a[i] - b[i]) for i in range(len(x)) if abs(a[i] - b[i]) > rtol * scale]
     out = []
-    for i in range(len(x) - 1):
-        d0, d1 = a[i] - b[i], a[i + 1] - b[i + 1]
-        if d0 == 0:
-            out.append((float(x[i]), float(a[i])))
-        elif d0 * d1 < 0:
+    for (i, d0), (j, d1) in zip(signed, signed[1:], strict=False):
+        if d0 * d1 > 0:
+            continue
+        if j > i + 1:  # touching in between: the crossing is the first touching sample
+            out.append((float(x[i + 1]), float(a[i + 1])))
+        else:
             t = d0 / (d0 - d1)
-            out.append((x[i] + t * (x[i + 1] - x[i]), a[i] + t * (a[i + 1] - a[i])))
-    if len(x) and a[-1] == b[-1] and (not out or out[-1][0] != x[-1]):
-        out.append((float(x[-1]), float(a[-1])))
+            out.append((x[i] + t * (x[j] - x[i]), a[i] + t * (a[j] - a[i])))
     return out
 
 
@@ -183,8 +189,9 @@ def cost_curves(
                 xs = sel["_x"].to_numpy(dtype=float) if numeric_x else np.arange(len(sel))
                 ys = sel["value"].to_numpy(dtype=float) / divisor
                 name = _pretty(labels[key]) + (f", {hue}={h}" if hue else "")
-                ax.plot(xs, ys, styles[h_i % len(styles)], marker="o", ms=3.5, color=arch_color(key[0], m_i),
-                        label=name, lw=1.6)
+                # later models drawn thinner, so curves that coincide (e.g. equal KV caches) stay visible
+                ax.plot(xs, ys, styles[h_i % len(styles)], marker="o", ms=max(5.5 - 1.3 * m_i, 2.5),
+                        color=arch_color(key[0], m_i), label=name, lw=max(3.0 - 0.8 * m_i, 0.9))
                 curves[(h, key)] = (xs, ys)
         _mark_crossovers(ax, curves)
         ax.set_xlabel(X_NAMES.get(x, x))
@@ -263,7 +270,7 @@ def tradeoff(points: pd.DataFrame, stem: str | Path, x_label: str = "training bu
     xmax, ymax = points["x"].max(), points["y"].max()
     ax.set_xlim(0, xmax * 1.35)
     ax.set_ylim(0, ymax * 1.2)
-    ax.annotate("better", xy=(xmax * 0.08, ymax * 0.1), xytext=(xmax * 0.3, ymax * 0.35), fontsize=9, color="0.3",
+    ax.annotate("better", xy=(0.04, 0.70), xytext=(0.17, 0.88), xycoords="axes fraction", fontsize=9, color="0.3",
                 arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 1.5})
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)

@@ -28,25 +28,20 @@ LLAVA_REPORTED_HOURS = {"vicuna-7b": (3.5, 10.0), "vicuna-13b": (5.5, 20.0)}
 LLAVA_REPORTED_GPUS = 8
 LLAVA_REPORTED_DEVICE = "a100"
 
-# Dense bf16 peaks (REFERENCE.md; torchtitan's table). The profiler's table is used when it has the name.
-DEVICE_PEAKS = {"a100": 312e12, "h100": 989e12, "h100-sxm": 989e12, "h100-pcie": 756e12, "h200": 989e12}
+# Dense bf16 peaks (REFERENCE.md; torchtitan's table); the profiler's device table wins where it has one.
+DEVICE_PEAKS = {"a100": 312e12, "h100": 989e12, "h100-pcie": 756e12, "h200": 989e12}
 
 
 def peak_flops(device: str) -> float:
-    """Dense bf16 peak FLOP/s of ``device`` (a name like a100, h100, h200)."""
-    key = device.lower().replace("nvidia ", "").replace(" ", "-")
-    try:  # the profiler's own table, when it exists, is the reference
-        from mllm_bench import profile as _profile
-
-        table = getattr(_profile, "DEVICE_PEAK_FLOPS", None) or getattr(_profile, "PEAK_FLOPS", None) or {}
-        for name, value in table.items():
-            if name.lower().replace(" ", "-") == key:
-                return float(value)
-    except ImportError:
-        pass
+    """Dense bf16 peak FLOP/s of ``device`` (a100, h100, h100-pcie, h200)."""
+    key = device.lower()
     if key not in DEVICE_PEAKS:
         raise ConfigError(f"unknown device {device!r} for peak FLOP/s; choose one of {sorted(DEVICE_PEAKS)}")
-    return DEVICE_PEAKS[key]
+    try:
+        from mllm_bench.devices import peak_flops as device_table
+    except ImportError:
+        return DEVICE_PEAKS[key]
+    return device_table(key.replace("-", " "), "bfloat16") or DEVICE_PEAKS[key]
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,8 @@ def test_crossovers():
     x = [1, 2, 3, 4]
     assert plots.crossovers(x, [1, 2, 3, 4], [4, 3, 2, 1]) == [(2.5, 2.5)]
     assert plots.crossovers(x, [1, 1, 1, 1], [2, 2, 2, 2]) == []
+    assert plots.crossovers(x, [1, 2, 3, 4], [1, 2, 3, 4]) == []  # coinciding curves never cross
+    assert plots.crossovers(x, [1, 2, 3, 4], [2, 2, 2, 2]) == [(2.0, 2.0)]  # touch then cross
 
 
 def test_plots_write_png_and_pdf(tmp_path):
