@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import typer
-from mllm_bench.reports import plots, tables
+from mllm_bench.reports import tables
 from mllm_bench.reports.collect import collect, steps
 from mllm_bench.reports.store import append_sqlite, atomic_write_text, rows_to_json, write_rows
 from rich.console import Console
@@ -118,6 +118,8 @@ def emit(rows: pd.DataFrame, archs: list[str], stages: list[str], baseline: str,
 
 def write_plots(rows: pd.DataFrame, folder: Path, scope: str, convention: str, stages: list[str]) -> list[Path]:
     """Component FLOPs, memory and (with measurements) roofline plots of one comparison."""
+    from mllm_bench.reports import plots  # matplotlib loads only when plotting
+
     panels = [("prefill_flops", "inference", "inference: prefill")]
     panels += [("train_step_flops", s, f"training step: {s}") for s in stages]
     written = plots.flops_by_component(rows, folder / "flops_by_component", scope, convention, panels)
@@ -132,6 +134,8 @@ def roofline_if_measured(rows: pd.DataFrame, stem: Path) -> list[Path]:
         return []
     device = str(measured["device_name"].iloc[0]) if "device_name" in measured else ""
     peak, bandwidth = device_roofs(device)
+    from mllm_bench.reports import plots
+
     return plots.roofline(rows, stem, peak, bandwidth, device)
 
 

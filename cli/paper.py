@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports.paper import PAPER_ARCHS, PAPER_LLMS, inference_markdown, regenerate
 from mllm_bench.reports.train_cost import DEVICE_PEAKS
 
 from .common import err_console, get_profile, handle_errors, progress_bar
@@ -18,6 +17,8 @@ def paper(
     mfu: float = typer.Option(0.4, help="MFU assumed for the training budget (0-1]."),
 ) -> None:
     """Recompute the SAISA paper's efficiency claims (7B and 13B) into OUT."""
+    from mllm_bench.reports.paper import PAPER_ARCHS, PAPER_LLMS, inference_markdown, regenerate
+
     if device not in DEVICE_PEAKS:
         from mllm_bench.config import ConfigError
 

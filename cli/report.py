@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports import plots
 from mllm_bench.reports.store import concat_rows, read_rows
 
 from mllm_bench.config import ConfigError
@@ -41,6 +40,8 @@ def report(
             raise ConfigError(f"--llm {llm!r}: no rows; the inputs hold {sorted(set(rows['llm']))}")
     stages = parse_stages(stage)
     if vary:
+        from mllm_bench.reports import plots
+
         if vary not in rows.columns:
             raise ConfigError(f"--vary {vary!r} is not a column of the rows")
         folder = out or Path(".")

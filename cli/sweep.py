@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports import plots
 from mllm_bench.reports.store import append_sqlite
 from mllm_bench.reports.sweep import VARY_FIELDS, expand, parse_vary, run_sweep, write_sweep
 
@@ -72,6 +71,8 @@ def sweep(
     for message in [m for _, m in result.errors]:
         err_console.print(f"[red]failed:[/] {message}", highlight=False)
     if make_plots and len(result.rows):
+        from mllm_bench.reports import plots
+
         fields = list(grid)
         written = plots.cost_curves(result.rows, fields[0], out / f"cost_vs_{fields[0]}",
                                     scope=scope.value, convention=convention.value,
