@@ -67,10 +67,10 @@ class AttentionMask:
     def is_plain_causal(self) -> bool:
         """True when this is the ordinary lower-triangular mask: queries and keys are the same tokens,
         in position order 0..T-1, with no padding and no extra rule (so ``is_causal=True`` applies)."""
+        if self.q_pos.device.type == "meta":  # values unknown (and unreadable): trust the builder
+            return self.meta_plain_causal
         if not self.visual_to_visual and bool(self.q_visual.any()):
             return False
-        if self.q_pos.device.type == "meta":
-            return self.meta_plain_causal
         if self.num_queries != self.num_keys:
             return False
         expected = torch.arange(self.num_queries, device=self.q_pos.device)
@@ -92,9 +92,9 @@ class AttentionMask:
     def is_bottom_right_causal(self) -> bool:
         """True when queries are the last Tq of Tk keys in position order with no padding and no extra
         rule: a decode step over a full cache, or a prefix-free chunk (``causal`` aligned bottom-right)."""
-        if not self.visual_to_visual and bool(self.q_visual.any()):
-            return False
         if self.q_pos.device.type == "meta":
+            return False
+        if not self.visual_to_visual and bool(self.q_visual.any()):
             return False
         tq, tk = self.num_queries, self.num_keys
         expected_k = torch.arange(tk, device=self.k_pos.device)

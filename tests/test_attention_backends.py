@@ -202,3 +202,39 @@ def test_flash_backward_matches_sdpa(arch: str) -> None:
         model(batch).loss.backward()
         grads[backend] = model.language_model.layers[0].self_attn.q_proj.weight.grad.clone()
     torch.testing.assert_close(grads["flash"], grads["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
+    """benchmarks/gpu_bench.py --tiny: rows with the schema's columns, the speedup row, summary, plots."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = bench.main(["--tiny", "--archs", "llava,saisa", "--visual-tokens", "16", "--out", str(tmp_path)])
+    rows = pd.read_csv(out / "rows.csv", keep_default_na=False)
+    for column in ("arch", "llm", "metric", "value", "unit", "source", "scope", "convention", "stage", "phase",
+                   "visual_tokens", "attention_backend", "device_name", "torch_version", "git_commit"):
+        assert column in rows.columns
+    measured = rows[rows["source"] == "measured"]
+    for metric in ("prefill_latency_s", "decode_latency_s", "train_step_latency_s", "latency_iqr_s"):
+        assert (measured[measured["metric"] == metric]["value"].astype(float) > 0).all(), metric
+    saisa = rows[(rows["arch"] == "saisa") & (rows["metric"] == "prefill_latency_s")]
+    assert set(saisa["attention_backend"]) == {"flash[flash:split]"}
+    flops = rows[rows["metric"] == "prefill_flops"].set_index(["arch", "scope"])["value"].astype(float)
+    assert flops["saisa", "language"] < flops["llava", "language"]  # SAISA's FLOP saving is counted
+    speedup = rows[rows["metric"] == "prefill_speedup_vs_flops"]
+    assert set(speedup["scope"]) == {"total", "language"} and set(speedup["arch"]) == {"saisa"}
+    lat = rows[rows["metric"] == "prefill_latency_s"].set_index(["arch", "scope"])["value"].astype(float)
+    expected = (lat["llava", "language"] / lat["saisa", "language"]) / (
+        flops["llava", "language"] / flops["saisa", "language"])
+    got = float(speedup[speedup["scope"] == "language"]["value"].iloc[0])
+    assert abs(got - expected) < 1e-9 * expected
+    assert (out / "summary.md").read_text().count("| saisa |") >= 2
+    assert (out / "gpu_bench.png").stat().st_size > 10_000

@@ -1,0 +1,578 @@
+"""Measured GPU cost of llava, naavit, flamingo and saisa side by side: prefill, decode, training step.
+
+    python benchmarks/gpu_bench.py            # the full measurement (GPU): 7B width, 576 and 2304 visual tokens
+    python benchmarks/gpu_bench.py --quick    # a smoke run: 8 layers, few repeats
+    python benchmarks/gpu_bench.py --tiny     # end to end on CPU with tiny presets (what the tests run)
+
+Every point builds the model in bf16 with random weights (timing does not depend on their values) and
+measures, with the attention backend chosen per architecture (``--backend``; defaults: ``flash`` with
+its static-structure paths, ``flex`` for NAAViT's block-sparse mask):
+
+- ``prefill`` (time to first token, batch 1) in two scopes: ``total`` (vision tower + connector +
+  decoder + last-token lm_head) and ``language`` (vision features precomputed: connector + decoder);
+- ``decode`` (time per output token, KV-cached, context = prompt);
+- ``train_step`` (finetune stage: forward, backward, AdamW step; bf16 weights, gradients and AdamW
+  state, no fp32 master copy).
+
+Timing: CUDA events (perf_counter on CPU), warm-up, repeats until a minimum count and a minimum
+duration, median and IQR. FLOPs are counted with ``torch.utils.flop_counter`` on a meta copy of the
+same model and inputs (SDPA backend: dense attention convention), so MFU and the FLOP-predicted
+speedups cover exactly what is timed. ``prefill_speedup_vs_flops`` = (measured prefill speedup over
+llava) / (llava FLOPs / arch FLOPs), per scope. When the full depth does not fit (training with
+AdamW state), every point runs with ``--layers`` fewer layers at full width; per-layer cost is the
+same in every layer, so FLOP ratios and MFU carry over and latency extrapolates as
+``t_32 ~ t_rest + 32/L * (t_L - t_rest)``.
+
+Writes ``rows.csv``/``rows.json`` (tidy result rows), ``summary.md`` and plots (PNG, PDF) under
+``results/gpu/<device>/`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mllm_bench
+from mllm_bench import Workload, build_model
+from mllm_bench.attention import describe_paths, record_paths
+from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
+from mllm_bench.model import MLLM
+from mllm_bench.presets import llm_preset, vision_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("llava", "naavit", "flamingo", "saisa")
+DEFAULT_BACKENDS = {"llava": "flash", "naavit": "flex", "flamingo": "flash", "saisa": "flash"}
+TINY_OPTIONS = {"flamingo": {"num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dim_head": 8,
+                             "xattn_heads": 2, "xattn_dim_head": 8, "cross_attn_every": 1}}
+# Dense bf16 peak FLOP/s (REFERENCE.md); matched against torch.cuda.get_device_name in this order.
+PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("A10G", 70e12), ("L4", 121e12))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures and how hard it tries."""
+
+    llm: str = "vicuna-7b"
+    vision: str = "clip-vit-l-336"
+    layers: int | None = None  # None: the preset's depth
+    visual_tokens: tuple[int, ...] = (576, 2304)
+    archs: tuple[str, ...] = ARCHS
+    backends: tuple[tuple[str, str], ...] = tuple(DEFAULT_BACKENDS.items())
+    text_before: int = 32
+    text_after: int = 32
+    batch_size: int = 1
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    phases: tuple[str, ...] = ("prefill", "decode", "train_step")
+    warmup: int = 3
+    min_repeats: int = 10
+    min_seconds: float = 1.0
+    max_repeats: int = 200
+    compile: bool = False
+    tiny: bool = False
+
+    def backend(self, arch: str) -> str:
+        return dict(self.backends).get(arch, "flash")
+
+
+def preset_settings(args: argparse.Namespace) -> Settings:
+    s = Settings()
+    if args.tiny:
+        s = dataclasses.replace(s, llm="tiny-llm", vision="tiny-clip", visual_tokens=(16, 64), device="cpu",
+                                dtype="float32", warmup=1, min_repeats=2, min_seconds=0.0, max_repeats=3, tiny=True)
+    elif args.quick:
+        s = dataclasses.replace(s, layers=8, warmup=2, min_repeats=3, min_seconds=0.2, max_repeats=20)
+    changes: dict[str, Any] = {}
+    for name in ("llm", "vision", "layers", "device", "dtype", "warmup", "min_repeats", "min_seconds"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.visual_tokens:
+        changes["visual_tokens"] = tuple(int(x) for x in args.visual_tokens.split(","))
+    if args.archs:
+        changes["archs"] = tuple(args.archs.split(","))
+    if args.phases:
+        changes["phases"] = tuple(args.phases.split(","))
+    if args.backend:
+        given = dict(DEFAULT_BACKENDS)
+        for item in args.backend.split(","):
+            arch, _, name = item.rpartition("=")
+            given.update({a: name for a in ([arch] if arch else ARCHS)})
+        changes["backends"] = tuple(given.items())
+    changes["compile"] = args.compile
+    s = dataclasses.replace(s, **changes)
+    bad = sorted(set(s.phases) - {"prefill", "decode", "train_step"})
+    if bad:
+        raise ConfigError(f"--phases has unknown phase(s) {bad}; allowed: prefill, decode, train_step")
+    return s
+
+
+# ----- configs ------------------------------------------------------------------------------------
+
+
+def vision_for_tokens(base: VisionConfig, visual_tokens: int) -> VisionConfig:
+    """The vision preset at the image size that gives ``visual_tokens`` patches (a square grid)."""
+    side = math.isqrt(visual_tokens)
+    if side * side != visual_tokens:
+        raise ConfigError(f"--visual-tokens must be perfect squares (a square patch grid), got {visual_tokens}")
+    return replace(base, image_size=side * base.patch_size)
+
+
+def llm_for_run(s: Settings) -> LLMConfig:
+    cfg = llm_preset(s.llm)
+    return cfg if s.layers is None else replace(cfg, num_layers=s.layers)
+
+
+def options_for(s: Settings, arch: str) -> dict[str, Any]:
+    return dict(TINY_OPTIONS.get(arch, {})) if s.tiny else {}
+
+
+# ----- timing ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.times) < 4:
+            return max(self.times) - min(self.times)
+        q = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: int | None = None,
+            max_repeats: int | None = None) -> Timing:
+    """Warm up, then time ``fn`` until ``min_repeats`` and ``min_seconds`` (CUDA events on GPU)."""
+    for _ in range(s.warmup if warmup is None else warmup):
+        fn()
+    sync(device)
+    limit = s.max_repeats if max_repeats is None else max_repeats
+    times: list[float] = []
+    while len(times) < min(s.min_repeats, limit) or (sum(times) < s.min_seconds and len(times) < limit):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return Timing(times)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """Peak allocated/reserved CUDA bytes inside the block (empty on CPU)."""
+    out: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield out
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["reserved_memory_bytes"] = torch.cuda.max_memory_reserved(device)
+
+
+# ----- the language scope: vision features computed once, outside the timed region ---------------
+
+
+@contextlib.contextmanager
+def vision_precomputed(model: MLLM) -> Iterator[None]:
+    """Within the block the vision tower's output is reused (computed on first use), so a prefill
+    times the connector and the decoder only. Patches ``encode_images`` where the architecture's
+    module imported it; nothing else changes."""
+    modules = {sys.modules[c.__module__] for c in type(model).__mro__ if c.__module__ in sys.modules}
+    modules = {m for m in modules if hasattr(m, "encode_images")}
+    store: dict[tuple, torch.Tensor] = {}
+    originals = {m: m.encode_images for m in modules}
+
+    def cached(tower: Any, cfg: Any, pixels: torch.Tensor) -> torch.Tensor:
+        key = (id(tower), pixels.data_ptr() if pixels.device.type != "meta" else 0, tuple(pixels.shape))
+        if key not in store:
+            with torch.no_grad():
+                store[key] = next(iter(originals.values()))(tower, cfg, pixels)
+        return store[key]
+
+    for m in modules:
+        m.encode_images = cached
+    try:
+        yield
+    finally:
+        for m, fn in originals.items():
+            m.encode_images = fn
+
+
+# ----- FLOPs counted on a meta copy ---------------------------------------------------------------
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, workload: Workload) -> dict[str, int]:
+    """Prefill FLOPs (total and language scope) and finetune train-step FLOPs, counted on meta tensors."""
+    model = build_model(arch, llm, vision, options_for(s, arch), device="meta", dtype=s.dtype)
+    model.set_stage("inference")  # no parameter requires grad (FlopCounterMode's module tracker needs that)
+    model.set_attention_backend("sdpa")
+    meta = workload.replace(device="meta")
+    batch = model.example_batch(meta)
+    out: dict[str, int] = {}
+    with torch.no_grad():
+        out["prefill_total"] = count_flops(lambda: model.prefill(batch))
+        with vision_precomputed(model):
+            model.prefill(batch)  # the features, outside the count
+            out["prefill_language"] = count_flops(lambda: model.prefill(batch))
+    model.set_stage("finetune")
+    train_batch = model.example_batch(meta.replace(stage="finetune"))
+    out["train_step"] = count_flops(lambda: model(train_batch).loss.backward())
+    return out
+
+
+# ----- rows ---------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-") or "cpu"
+
+
+def peak_flops(name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16 if key.lower() in name.lower()), None)
+
+
+def environment(device: torch.device, s: Settings) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "device": device.type, "device_name": device_name(device), "dtype": s.dtype,
+        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+        "mllm_bench_version": mllm_bench.__version__, "git_commit": git_commit(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class Rows:
+    """Tidy result rows (one metric per row; the columns of the results schema)."""
+
+    def __init__(self, env: dict[str, Any]) -> None:
+        self.env = env
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, point: dict[str, Any], metric: str, value: float, unit: str, source: str = "measured",
+            **fields: Any) -> None:
+        row = {"arch": "", "llm": "", "vision": "", "options": "", "metric": metric, "value": float(value),
+               "unit": unit, "source": source, "scope": "", "convention": "", "component": "all", "role": "all",
+               "stage": "inference", "phase": "", "attention_backend": ""}
+        row.update(point)
+        row.update(fields)
+        row.update({k: v for k, v in self.env.items() if k not in row or row[k] == ""})
+        self.rows.append(row)
+
+
+# ----- one point ----------------------------------------------------------------------------------
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: torch.device, log: Callable) -> None:
+    llm = llm_for_run(s)
+    vision = vision_for_tokens(vision_preset(s.vision), visual_tokens)
+    backend = s.backend(arch)
+    options = options_for(s, arch)
+    llm_name = s.llm if s.layers is None else f"{s.llm}@{llm.num_layers}layers"
+    workload = Workload(batch_size=s.batch_size, image_size=vision.image_size, text_before=s.text_before,
+                        text_after=s.text_after, dtype=s.dtype, device=str(device))
+    text_tokens = workload.num_text_tokens
+    point = {"arch": arch, "llm": llm_name, "vision": s.vision, "options": json.dumps(options) if options else "",
+             "batch_size": s.batch_size, "images_per_sample": 1, "image_size": vision.image_size,
+             "visual_tokens": visual_tokens, "text_tokens": text_tokens, "text_before": s.text_before,
+             "text_after": s.text_after, "generate_tokens": 0, "context_len": ""}
+    t0 = time.perf_counter()
+    flops = counted(arch, llm, vision, s, workload)
+    peak = peak_flops(rows.env["device_name"]) if device.type == "cuda" else None
+    for scope in ("total", "language"):
+        rows.add(point, "prefill_flops", flops[f"prefill_{scope}"], "FLOP", "counted", scope=scope,
+                 convention="dense", phase="prefill")
+    rows.add(point, "train_step_flops", flops["train_step"], "FLOP", "counted", scope="total", convention="dense",
+             stage="finetune", phase="train_step")
+    t_count = time.perf_counter() - t0
+
+    torch.manual_seed(0)
+    model = build_model(arch, llm, vision, options, device=str(device), dtype=s.dtype).eval()
+    model.set_attention_backend(backend)
+    if s.compile:
+        for layer in model.language_model.layers:
+            layer.compile(dynamic=None)
+    batch = model.example_batch(workload)
+
+    def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, int], flop: int | None,
+              stage: str = "inference", scope: str = "", **extra: Any) -> None:
+        tag = dict(phase=phase, stage=stage, scope=scope, attention_backend=f"{backend}[{describe_paths(paths)}]",
+                   **extra)
+        rows.add(point, metric, timing.median, "s", **tag)
+        rows.add(point, "latency_iqr_s", timing.iqr, "s", **tag)
+        for name, value in mem.items():
+            rows.add(point, name, value, "bytes", **tag)
+        if flop:
+            rate = flop / timing.median
+            rows.add(point, "achieved_flops_per_s", rate, "FLOP/s", convention="dense", **tag)
+            if peak:
+                rows.add(point, "mfu", rate / peak, "ratio", convention="dense", **tag)
+
+    summary = []
+    with torch.no_grad():
+        if "prefill" in s.phases:
+            for scope in ("total", "language"):
+                ctx = vision_precomputed(model) if scope == "language" else contextlib.nullcontext()
+                with ctx, peak_memory(device) as mem, record_paths() as paths:
+                    timing = measure(lambda: model.prefill(batch), device, s)
+                timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}"], scope=scope)
+                summary.append(f"prefill[{scope}] {timing.median * 1e3:.2f} ms (IQR {timing.iqr / timing.median:.1%})")
+        if "decode" in s.phases:
+            _, cache = model.prefill(batch)
+            token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
+            steps = [0]
+
+            def step() -> None:
+                nonlocal cache
+                _, cache = model.decode(token, cache)
+                steps[0] += 1
+
+            with peak_memory(device) as mem, record_paths() as paths:
+                timing = measure(step, device, s, warmup=max(s.warmup, 3), max_repeats=max(s.max_repeats // 2, 2))
+            context = workload.num_text_tokens + (visual_tokens if arch != "flamingo" else 0) + steps[0] // 2
+            timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context)
+            rows.add(point, "tokens_per_s", s.batch_size / timing.median, "1/s", phase="decode",
+                     context_len=context, attention_backend=f"{backend}[{describe_paths(paths)}]")
+            summary.append(f"decode {timing.median * 1e3:.2f} ms/token")
+            del cache
+            free(device)
+    if "train_step" in s.phases:
+        try:
+            params = list(model.set_stage("finetune").values())
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+            train_batch = model.example_batch(workload.replace(stage="finetune"))
+
+            def train_step() -> None:
+                optimizer.zero_grad(set_to_none=True)
+                model(train_batch).loss.backward()
+                optimizer.step()
+
+            with peak_memory(device) as mem, record_paths() as paths:
+                timing = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
+            timed("train_step_latency_s", "train_step", timing, paths, mem, flops["train_step"], stage="finetune",
+                  scope="total")
+            summary.append(f"train {timing.median * 1e3:.1f} ms")
+            del optimizer
+        except torch.OutOfMemoryError:
+            summary.append("train OOM")
+            rows.add(point, "train_step_latency_s", float("nan"), "s", stage="finetune", phase="train_step",
+                     scope="total", attention_backend=f"{backend}[oom]")
+    log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} | " + " | ".join(summary)
+        + f" | counted in {t_count:.1f}s, point {time.perf_counter() - t0:.1f}s")
+
+
+# ----- derived rows, outputs ----------------------------------------------------------------------
+
+
+def value(rows: list[dict], **match: Any) -> float | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row["value"]
+    return None
+
+
+def add_speedups(rows: Rows, baseline: str = "llava") -> list[str]:
+    """``prefill_speedup_vs_flops`` per arch, visual tokens and scope: measured speedup / FLOP-predicted."""
+    lines = []
+    for row in [r for r in rows.rows if r["metric"] == "prefill_latency_s" and r["arch"] != baseline]:
+        key = {"visual_tokens": row["visual_tokens"], "scope": row["scope"]}
+        base_t = value(rows.rows, arch=baseline, metric="prefill_latency_s", **key)
+        base_f = value(rows.rows, arch=baseline, metric="prefill_flops", **key)
+        arch_f = value(rows.rows, arch=row["arch"], metric="prefill_flops", **key)
+        if not (base_t and base_f and arch_f):
+            continue
+        measured, predicted = base_t / row["value"], base_f / arch_f
+        point = {k: row[k] for k in ("arch", "llm", "vision", "options", "batch_size", "images_per_sample",
+                                     "image_size", "visual_tokens", "text_tokens", "text_before", "text_after")}
+        rows.add(point, "prefill_speedup_vs_flops", measured / predicted, "ratio", scope=row["scope"],
+                 convention="dense", phase="prefill", attention_backend=row["attention_backend"])
+        lines.append(f"| {row['arch']} | {row['visual_tokens']} | {row['scope']} | {measured:.3f} | {predicted:.3f} "
+                     f"| {measured / predicted:.3f} |")
+    return lines
+
+
+def write_rows(rows: Rows, out: Path) -> Any:
+    """rows.csv and rows.json, each written to a temporary file and renamed (atomic)."""
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows.rows)
+    for name, text in (("rows.csv", df.to_csv(index=False)), ("rows.json", df.to_json(orient="records", indent=1))):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return df
+
+
+def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes: list[str]) -> None:
+    df = write_rows(rows, out)
+    lines = [f"# GPU benchmark: {rows.env['device_name']}", "",
+             f"LLM {s.llm} ({llm_for_run(s).num_layers} layers), vision {s.vision}, batch {s.batch_size}, "
+             f"text {s.text_before}+{s.text_after}, dtype {s.dtype}, torch {rows.env['torch_version']}, "
+             f"commit {rows.env['git_commit']}.", "", "## Medians (relative IQR)", "",
+             "| arch | visual | backend paths | prefill total ms | prefill language ms | decode ms/token "
+             "| train step ms | train MFU |", "|---|---|---|---|---|---|---|---|"]
+    for arch in s.archs:
+        for v in s.visual_tokens:
+            def cell(metric: str, arch: str = arch, v: int = v, **m: Any) -> str:
+                med = value(rows.rows, arch=arch, visual_tokens=v, metric=metric, **m)
+                iqr = value(rows.rows, arch=arch, visual_tokens=v, metric="latency_iqr_s", **m)
+                return "" if med is None else f"{med * 1e3:.2f} ({(iqr or 0) / med:.1%})"
+
+            mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="train_step")
+            paths = sorted({r["attention_backend"] for r in rows.rows if r["arch"] == arch
+                            and r["visual_tokens"] == v and r["attention_backend"]})
+            lines.append(f"| {arch} | {v} | {' '.join(paths)} | {cell('prefill_latency_s', scope='total')} | "
+                         f"{cell('prefill_latency_s', scope='language')} | {cell('decode_latency_s')} | "
+                         f"{cell('train_step_latency_s')} | {'' if mfu is None else f'{mfu:.1%}'} |")
+    lines += ["", "## Prefill speedup over llava: measured vs predicted by counted FLOPs", "",
+              "| arch | visual | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
+              "|---|---|---|---|---|---|",
+              *speedups, "", *notes]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    plot(df, out)
+
+
+def plot(df: Any, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total), ms", 1e3),
+              ("prefill_latency_s", {"scope": "language"}, "prefill (language), ms", 1e3),
+              ("decode_latency_s", {}, "decode, ms/token", 1e3), ("train_step_latency_s", {}, "train step, ms", 1e3),
+              ("mfu", {"phase": "train_step"}, "train-step MFU, %", 100),
+              ("prefill_speedup_vs_flops", {"scope": "language"}, "speedup / FLOP-predicted (language)", 1)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    archs = list(dict.fromkeys(df["arch"]))
+    visual = sorted(set(df["visual_tokens"]))
+    for ax, (metric, match, title, scale) in zip(axes.flat, panels, strict=True):
+        sel = df[df["metric"] == metric]
+        for k, v in match.items():
+            sel = sel[sel[k] == v]
+        width = 0.8 / max(len(visual), 1)
+        for j, vt in enumerate(visual):
+            ys = [sel[(sel["arch"] == a) & (sel["visual_tokens"] == vt)]["value"] for a in archs]
+            heights = [float(y.iloc[0]) * scale if len(y) else 0.0 for y in ys]
+            ax.bar([i + j * width for i in range(len(archs))], heights, width, label=f"{vt} visual")
+        if metric == "prefill_speedup_vs_flops":
+            ax.axhline(0.9, color="k", ls="--", lw=1)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(archs))], archs)
+        ax.set_title(title, fontsize=10)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{df['device_name'].iloc[0]}: measured cost per architecture", fontsize=11)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"gpu_bench.{ext}", dpi=150)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny presets on CPU (end-to-end check)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 layers, few repeats")
+    parser.add_argument("--llm"), parser.add_argument("--vision")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's; width unchanged)")
+    parser.add_argument("--visual-tokens", help="comma-separated perfect squares (default 576,2304)")
+    parser.add_argument("--archs", help=f"comma-separated, default {','.join(ARCHS)}")
+    parser.add_argument("--backend", help="NAME for all, or ARCH=NAME,... (defaults: flash; naavit=flex)")
+    parser.add_argument("--phases", help="comma-separated: prefill,decode,train_step")
+    parser.add_argument("--device"), parser.add_argument("--dtype")
+    parser.add_argument("--warmup", type=int), parser.add_argument("--min-repeats", type=int)
+    parser.add_argument("--min-seconds", type=float)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
+    args = parser.parse_args(argv)
+    s = preset_settings(args)
+    device = torch.device(s.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --tiny (CPU) or --device cpu")
+    env = environment(device, s)
+    out = Path(args.out) if args.out else ROOT / "results" / "gpu" / device_slug(env["device_name"])
+    rows = Rows(env)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    log(f"{env['device_name']}: {s.llm} x {llm_for_run(s).num_layers} layers, visual tokens {s.visual_tokens}, "
+        f"archs {s.archs}, torch {torch.__version__} -> {out}")
+    for visual_tokens in s.visual_tokens:
+        for arch in s.archs:
+            run_point(arch, visual_tokens, s, rows, device, log)
+            free(device)
+            write_rows(rows, out)  # after every point: an interrupted run keeps what it measured
+    speedups = add_speedups(rows)
+    notes = [f"Total run time {time.perf_counter() - start:.0f} s."]
+    if s.layers is not None and s.layers != llm_preset(s.llm).num_layers:
+        notes.append(f"Decoder depth reduced to {s.layers} of {llm_preset(s.llm).num_layers} layers (full width): "
+                     "FLOP ratios and MFU carry over; latency extrapolates linearly in the layer count.")
+    write_outputs(rows, out, s, speedups, notes)
+    log("\n".join(["prefill speedup over llava (arch | visual | scope | measured | predicted | ratio):", *speedups]))
+    return out
+
+
+if __name__ == "__main__":
+    main()
