@@ -51,7 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mllm_bench
-from mllm_bench import Workload, build_model
+from mllm_bench import Workload, architecture_names, build_model
 from mllm_bench.attention import describe_paths, record_paths
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
 from mllm_bench.model import MLLM
@@ -144,6 +144,27 @@ def llm_for_run(s: Settings) -> LLMConfig:
 
 def options_for(s: Settings, arch: str) -> dict[str, Any]:
     return dict(TINY_OPTIONS.get(arch, {})) if s.tiny else {}
+
+
+def fitting_layers(s: Settings, device: torch.device) -> int | None:
+    """The preset's depth when every point's finetune step fits in 90% of the GPU's memory by a conservative
+    estimate (bf16 weights; bf16 gradients and AdamW state of the trainable ones; activations
+    ~ (10h + 4m) * 2 bytes per decoder row and layer), else the largest fitting depth in steps of 8."""
+    total = torch.cuda.get_device_properties(device).total_memory * 0.9
+    full = llm_preset(s.llm)
+    tokens = max(s.visual_tokens) + s.text_before + s.text_after
+    for layers in range(full.num_layers, 0, -8):
+        llm = replace(full, num_layers=layers)
+        need = 0.0
+        for arch in s.archs:
+            model = build_model(arch, llm, vision_for_tokens(vision_preset(s.vision), max(s.visual_tokens)),
+                                options_for(s, arch), device="meta", dtype=s.dtype)
+            trainable = sum(p.numel() for p in model.trainable_parameters("finetune").values())
+            act = layers * tokens * (10 * llm.hidden_size + 4 * llm.intermediate_size) * 2 * s.batch_size
+            need = max(need, 2 * model.num_parameters() + 6 * trainable + act)
+        if need <= total:
+            return None if layers == full.num_layers else layers
+    return 8
 
 
 # ----- timing ---------------------------------------------------------------------------------------
@@ -549,6 +570,12 @@ def main(argv: list[str] | None = None) -> Path:
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --tiny (CPU) or --device cpu")
+    if not set(s.archs) <= set(architecture_names()):
+        raise SystemExit(f"architectures {sorted(set(s.archs) - set(architecture_names()))} are not registered in "
+                         f"this interpreter ({sys.executable}): install the project into it first, "
+                         "`python -m pip install -e . --no-deps --no-build-isolation`")
+    if device.type == "cuda" and s.layers is None and "train_step" in s.phases:
+        s = dataclasses.replace(s, layers=fitting_layers(s, device))
     env = environment(device, s)
     out = Path(args.out) if args.out else ROOT / "results" / "gpu" / device_slug(env["device_name"])
     rows = Rows(env)

@@ -43,6 +43,10 @@ def test_flash_paths_do_not_sync_once_structure_is_known() -> None:
     """Layer after layer the flash path launches kernels only: no device-to-host copies."""
     mask = to_cuda(saisa_like(1, [32, 32], 576))
     q, k, v = (t.to(CUDA, torch.bfloat16) for t in qkv(1, 64, 640, heads=8, kv_heads=8, d=64))
+    decode = to_cuda(saisa_like(1, [32, 33], 576))  # host-to-device copies happen here, before the check
+    decode.q_pos, decode.q_valid, decode.q_visual = (t[:, -1:] for t in (decode.q_pos, decode.q_valid,
+                                                                          decode.q_visual))
+    k1, v1 = torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)
     with record_paths() as paths:
         attend(q, k, v, mask, "flash")  # first layer: the structure is inferred (one copy to the host)
         torch.cuda.synchronize()
@@ -50,10 +54,7 @@ def test_flash_paths_do_not_sync_once_structure_is_known() -> None:
         try:
             for _ in range(3):
                 attend(q, k, v, mask, "flash")
-            decode = to_cuda(saisa_like(1, [32, 33], 576))
-            decode.q_pos, decode.q_valid, decode.q_visual = (t[:, -1:] for t in (decode.q_pos, decode.q_valid,
-                                                                                  decode.q_visual))
-            attend(q[:, :, -1:], torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2), decode, "flash")
+            attend(q[:, :, -1:], k1, v1, decode, "flash")
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert paths == {"flash:split": 4, "flash:decode_row": 1}
