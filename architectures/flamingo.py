@@ -42,10 +42,12 @@ from torch.utils.checkpoint import checkpoint
 
 from mllm_bench.batch import MultimodalBatch, shifted_targets, text_adjacency
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
+from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask, causal_mask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.vision import encode_images
+from mllm_bench.workload import Workload
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -266,6 +268,26 @@ class Flamingo(MLLM):
         if stage == "finetune" and self.options.train_llm_in_finetune:
             return connector + ("language_model.", "lm_head.")
         return connector
+
+    def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
+        """Vision tower -> resampler -> text-only decoder with a gated cross-attention block before every k-th layer."""
+        o, llm, stage = self.options, self.llm_config, workload.stage
+        cm = CostModel(llm, workload, self.tokens_per_image, context_len)
+        cm.vision_tower(self.vision_config)
+        media_grad = cm.perceiver_resampler(
+            self.vision_config.hidden_size, o.num_latents, o.resampler_depth, o.resampler_heads,
+            o.resampler_dim_head, o.resampler_ff_mult, trainable=stage_trains(self, "perceiver.", stage))
+        llm_trained = stage_trains(self, "language_model.", stage)
+        first = self.cross_attn_layer_indices[0]  # blocks after it all see gradients alike
+        g = cm.text_decoder_layers(first, trainable=llm_trained, grad_in=llm_trained)
+        g = cm.gated_cross_attention(
+            self.vision_config.hidden_size, workload.images_per_sample * o.num_latents, o.xattn_heads,
+            o.xattn_dim_head, o.xattn_ff_mult, trainable=stage_trains(self, "gated_cross_attn_layers.", stage),
+            grad_in=g, media_grad=media_grad, blocks=len(self.cross_attn_layer_indices))
+        g = cm.text_decoder_layers(llm.num_layers - first, trainable=llm_trained, grad_in=g)
+        cm.text_kv_cache(llm.num_layers)
+        cm.lm_head(trainable=stage_trains(self, "lm_head.", stage), grad_in=g)
+        return cm.result()
 
     # ----- the model -------------------------------------------------------------------------------
     def media_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,12 @@ from torch import nn
 
 from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
 from mllm_bench.config import LLMConfig, VisionConfig
+from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.vision import encode_images
+from mllm_bench.workload import Workload
 
 
 class MultiModalProjector(nn.Module):
@@ -63,6 +65,17 @@ class LLaVA(MLLM):
         if stage == "pretrain":
             return ("multi_modal_projector.",)
         return ("multi_modal_projector.", "language_model.", "lm_head.")
+
+    def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
+        """Vision tower -> MLP projector -> spliced-sequence decoder -> lm_head on the text positions."""
+        cm, stage = CostModel(self.llm_config, workload, self.tokens_per_image, context_len), workload.stage
+        cm.vision_tower(self.vision_config)
+        g = cm.mlp_connector(self.vision_config.hidden_size, self.llm_config.hidden_size,
+                             trainable=stage_trains(self, "multi_modal_projector.", stage))
+        llm_trained = stage_trains(self, "language_model.", stage)
+        g = cm.spliced_decoder(self.visual_to_visual, trainable=llm_trained, grad_in=g)
+        cm.lm_head(trainable=stage_trains(self, "lm_head.", stage), grad_in=g)
+        return cm.result()
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (B, K*V, h) of images (B, K, C, H, W)."""

@@ -30,10 +30,12 @@ from torch import nn
 
 from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
 from mllm_bench.config import LLMConfig, VisionConfig
+from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.vision import encode_images
+from mllm_bench.workload import Workload
 
 
 class LayerProjector(nn.Module):
@@ -92,6 +94,17 @@ class SAISA(MLLM):
         if stage == "pretrain":
             return ("mm_projectors.",)
         return ("mm_projectors.", "language_model.", "lm_head.")
+
+    def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
+        """Vision tower -> one MLP per layer -> decoder where visual tokens are keys/values only -> lm_head."""
+        cm, stage = CostModel(self.llm_config, workload, self.tokens_per_image, context_len), workload.stage
+        llm = self.llm_config
+        cm.vision_tower(self.vision_config)
+        visual_grad = cm.mlp_connector(self.vision_config.hidden_size, llm.hidden_size, count=llm.num_layers,
+                                       trainable=stage_trains(self, "mm_projectors.", stage))
+        g = cm.kv_only_visual_decoder(trainable=stage_trains(self, "language_model.", stage), visual_grad=visual_grad)
+        cm.lm_head(trainable=stage_trains(self, "lm_head.", stage), grad_in=g)
+        return cm.result()
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision features (B, K*V, vision_dim) of images (B, K, C, H, W), before any projector."""

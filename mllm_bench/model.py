@@ -85,6 +85,14 @@ class MLLM(nn.Module, ABC):
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
         """Parameter-name prefixes trained in ``stage`` (``pretrain`` or ``finetune``)."""
 
+    def analytic_cost(self, workload: Workload, context_len: int | None = None) -> Any:
+        """Closed-form FLOPs of ``workload`` (a :class:`~mllm_bench.costmodel.CostBreakdown`).
+
+        Inference: ``prefill`` and one ``decode`` step with ``context_len`` cached tokens (default:
+        the prompt); training: a ``train_step`` of ``workload.stage``.
+        """
+        raise NotImplementedError(f"architecture {self.name!r} has no analytic cost model")
+
     # ----- shared behaviour ----------------------------------------------------------------------
     @property
     def tokens_per_image(self) -> int:

@@ -1,0 +1,496 @@
+"""Analytic cost model: closed-form FLOPs per component, built from how a model is wired.
+
+Conventions (DESIGN.md, "Measurement conventions"):
+
+* A multiply-add is 2 FLOPs. Only matrix products are counted (linear layers, the patch-embedding
+  convolution, attention's QK^T and PV); element-wise work (norms, activations, softmax, RoPE,
+  residuals) is not, exactly as ``torch.utils.flop_counter`` does not.
+* Attention in two conventions: ``dense`` counts every query-key pair the kernel computes (no mask
+  discount; the SAISA paper's convention) and ``effective`` only the pairs the mask allows (causal,
+  NAAViT's rule, SAISA's text-only queries, Flamingo's media masking).
+* Training = forward + backward. A linear layer's backward costs one forward for the weight gradient
+  when the weight is trained and one for the input gradient when something upstream is trained.
+  Attention's backward (the math path that runs on meta tensors: S = QK^T, O = PV) costs dQ, dK
+  (one QK^T each), dP and dV (one PV each) for the operands that need gradients, i.e. 2x the forward
+  when everything needs gradients. torch's fused SDPA backward formula also counts recomputing S
+  (2.5x); we follow the path we count and say so.
+* Roles: the token whose row a term computes (for attention, the query); ``media`` for Flamingo's
+  cross-attention keys/values of the resampled latents.
+
+Architectures compose these wiring-level functions in data-flow order in their ``analytic_cost``
+(see :class:`CostModel`); nothing here is named after an architecture.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, LLMConfig, VisionConfig
+from .workload import Workload
+
+COMPONENTS: tuple[str, ...] = (
+    "vision", "connector", "attn_proj", "attn_scores", "ffn", "cross_attn", "lm_head", "embedding", "norm",
+)
+LANGUAGE_COMPONENTS = frozenset({"connector", "attn_proj", "attn_scores", "ffn", "cross_attn"})
+SCOPES: tuple[str, ...] = ("language", "total")
+CONVENTIONS: tuple[str, ...] = ("dense", "effective")
+PHASES: tuple[str, ...] = ("prefill", "decode", "train_step")
+PASSES: tuple[str, ...] = ("forward", "backward", "recompute")
+
+
+@dataclass(frozen=True)
+class Term:
+    """FLOPs of one (phase, component, role, pass) piece, in both attention conventions."""
+
+    phase: str
+    component: str
+    role: str
+    pass_: str
+    dense: float
+    effective: float
+
+    def value(self, convention: str) -> float:
+        return self.dense if convention == "dense" else self.effective
+
+
+def _check(name: str, value: str | None, allowed: tuple[str, ...]) -> None:
+    if value is not None and value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def in_scope(component: str, scope: str) -> bool:
+    """``language`` = connector + decoder (+ cross-attention); ``total`` = everything."""
+    return scope == "total" or component in LANGUAGE_COMPONENTS
+
+
+@dataclass
+class CostBreakdown:
+    """Analytic FLOPs of one workload by phase, component, role and pass, plus memory-relevant sizes.
+
+    ``kv_cache_bytes`` is per sample by role after the prompt and ``generate_tokens`` tokens;
+    ``activation_bytes`` estimates what a training step keeps for backward (whole batch).
+    """
+
+    terms: list[Term] = field(default_factory=list)
+    kv_cache_bytes: dict[str, float] = field(default_factory=dict)
+    activation_bytes: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, phase: str, component: str, role: str, pass_: str, dense: float, effective: float | None = None):
+        if dense:
+            self.terms.append(Term(phase, component, role, pass_, float(dense),
+                                   float(dense if effective is None else effective)))
+
+    def flops(self, phase: str | None = None, convention: str = "dense", scope: str = "total",
+              component: str | None = None, role: str | None = None, pass_: str | None = None) -> float:
+        """Sum of the matching terms (None = any)."""
+        _check("phase", phase, PHASES)
+        _check("convention", convention, CONVENTIONS)
+        _check("scope", scope, SCOPES)
+        _check("component", component, COMPONENTS)
+        return sum(
+            t.value(convention) for t in self.terms
+            if (phase is None or t.phase == phase) and in_scope(t.component, scope)
+            and (component is None or t.component == component) and (role is None or t.role == role)
+            and (pass_ is None or t.pass_ == pass_)
+        )
+
+    def by(self, key: str, phase: str | None = None, convention: str = "dense",
+           scope: str = "total") -> dict[str, float]:
+        """FLOPs grouped by ``component``, ``role`` or ``pass_``."""
+        out: dict[str, float] = defaultdict(float)
+        for t in self.terms:
+            if (phase is None or t.phase == phase) and in_scope(t.component, scope):
+                out[getattr(t, key)] += t.value(convention)
+        return dict(out)
+
+    @property
+    def phases(self) -> list[str]:
+        return [p for p in PHASES if any(t.phase == p for t in self.terms)]
+
+
+# ----- sequence shapes and attention pairs ---------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    role: str  # "text" or "visual"
+    length: int
+
+
+def sequence_segments(workload: Workload, tokens_per_image: int) -> list[Segment]:
+    """One sample's spliced sequence: text_before, image, text_between, image, ..., text_after."""
+    segs = [Segment("text", workload.text_before)]
+    for i in range(workload.images_per_sample):
+        if i:
+            segs.append(Segment("text", workload.text_between))
+        segs.append(Segment("visual", tokens_per_image))
+    segs.append(Segment("text", workload.text_after))
+    return [s for s in segs if s.length]
+
+
+def causal_pairs(segments: list[Segment], query_roles: tuple[str, ...] = ("text", "visual"),
+                 visual_to_visual: bool = True) -> dict[str, int]:
+    """Allowed (query, key) pairs per query role, keys = every token, causal by position.
+
+    ``visual_to_visual`` False is the NAAViT rule: a visual query sees the text before it and itself.
+    """
+    pairs: dict[str, int] = defaultdict(int)
+    before = text_before = 0
+    for seg in segments:
+        n = seg.length
+        if seg.role in query_roles:
+            if seg.role == "visual" and not visual_to_visual:
+                pairs[seg.role] += n * (text_before + 1)
+            else:
+                pairs[seg.role] += n * before + n * (n + 1) // 2
+        before += n
+        text_before += n if seg.role == "text" else 0
+    return dict(pairs)
+
+
+def rows_by_role(segments: list[Segment]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for s in segments:
+        out[s.role] += s.length
+    return dict(out)
+
+
+# ----- the builder ---------------------------------------------------------------------------------
+class CostModel:
+    """Accumulates analytic terms for ``workload``; wiring functions are called in data-flow order.
+
+    Each wiring function takes ``trainable`` (its weights get gradients in this stage) and ``grad_in``
+    (its input activations need gradients: something upstream is trained) and returns whether its
+    output needs gradients. For inference the phases are ``prefill`` and one ``decode`` step with
+    ``context_len`` cached tokens (default: the prompt); for training, ``train_step``.
+    """
+
+    def __init__(self, llm: LLMConfig, workload: Workload, tokens_per_image: int, context_len: int | None = None):
+        self.llm = llm
+        self.workload = workload
+        self.batch = workload.batch_size
+        self.training = workload.is_training
+        self.segments = sequence_segments(workload, tokens_per_image)
+        self.tokens_per_image = tokens_per_image
+        self.num_images = workload.images_per_sample
+        self.text = workload.num_text_tokens
+        self.visual = self.num_images * tokens_per_image
+        self.context_len = context_len
+        self.bytes_per_element = workload.torch_dtype.itemsize
+        self.cost = CostBreakdown(info={"stage": workload.stage, "batch_size": self.batch})
+        self._activations = 0.0
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return ("train_step",) if self.training else ("prefill", "decode")
+
+    def result(self) -> CostBreakdown:
+        self.cost.activation_bytes = self._activations * self.bytes_per_element
+        return self.cost
+
+    # ----- primitive matmuls ---------------------------------------------------------------------
+    def linear(self, phase: str, component: str, role: str, rows: float, d_in: int, d_out: int,
+               trainable: bool = False, grad_in: bool = False, count: int = 1) -> None:
+        """``count`` linear layers applied to ``rows`` rows: 2·rows·d_in·d_out each."""
+        f = 2.0 * rows * d_in * d_out * count
+        self.cost.add(phase, component, role, "forward", f)
+        if phase == "train_step":
+            self.cost.add(phase, component, role, "backward", f * (int(trainable) + int(grad_in)))
+            if trainable:
+                self._activations += rows * d_in * count  # the input, kept for the weight gradient
+
+    def scores(self, phase: str, component: str, role: str, dense_pairs: float, effective_pairs: float,
+               qk_width: int, v_width: int, q_grad: bool = False, kv_grad: bool = False, count: int = 1) -> None:
+        """Attention S = QK^T and O = PV over query-key pairs; widths are heads x head_dim."""
+        qk = 2.0 * qk_width * count
+        pv = 2.0 * v_width * count
+        self.cost.add(phase, component, role, "forward", dense_pairs * (qk + pv), effective_pairs * (qk + pv))
+        if phase == "train_step":
+            # dQ, dK from QK^T; dP (needed if Q or K needs it) and dV from PV
+            factor_qk = int(q_grad) + int(kv_grad)
+            factor_pv = int(q_grad or kv_grad) + int(kv_grad)
+            bw = factor_qk * qk + factor_pv * pv
+            self.cost.add(phase, component, role, "backward", dense_pairs * bw, effective_pairs * bw)
+
+    def _recompute(self, start: int, last_linear: dict[tuple[str, str], float]) -> None:
+        """Activation checkpointing: the forward terms added since ``start`` run again in backward.
+
+        torch's non-reentrant checkpoint stops recomputing as soon as every saved tensor is back, so
+        the region's last linear (whose output nothing saves) is not rerun: ``last_linear`` gives
+        its forward FLOPs per (component, role), subtracted here.
+        """
+        again: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for t in self.cost.terms[start:]:
+            if t.pass_ == "forward" and t.phase == "train_step":
+                again[(t.component, t.role)][0] += t.dense
+                again[(t.component, t.role)][1] += t.effective
+        for (component, role), (dense, effective) in again.items():
+            skip = last_linear.get((component, role), 0.0)
+            self.cost.add("train_step", component, role, "recompute", dense - skip, effective - skip)
+
+    # ----- vision side ---------------------------------------------------------------------------
+    def vision_tower(self, vision: VisionConfig, trainable: bool = False) -> bool:
+        """A ViT run to its feature layer on every image (patch conv, ``layers_run`` pre-norm layers)."""
+        d, n_img = vision.hidden_size, self.batch * self.num_images
+        if not n_img:
+            return False
+        n = vision.num_patches + int(vision.has_cls_token)
+        for phase in self.phases:
+            if phase == "decode":
+                continue
+            L = vision.layers_run
+            self.linear(phase, "vision", "visual", n_img * vision.num_patches, 3 * vision.patch_size ** 2, d,
+                        trainable)
+            self.linear(phase, "vision", "visual", n_img * n, d, d, trainable, trainable, count=4 * L)
+            self.scores(phase, "vision", "visual", n_img * n * n, n_img * n * n, d, d, trainable, trainable, L)
+            self.linear(phase, "vision", "visual", n_img * n, d, vision.intermediate_size, trainable, trainable, L)
+            self.linear(phase, "vision", "visual", n_img * n, vision.intermediate_size, d, trainable, trainable, L)
+            if trainable:
+                self._activations += n_img * n * L * (4 * d + 2 * vision.intermediate_size)
+        return trainable
+
+    def mlp_connector(self, d_in: int, d_out: int, trainable: bool, grad_in: bool = False, count: int = 1,
+                      role: str = "visual") -> bool:
+        """``count`` two-layer MLPs Linear(d_in, d_out) -> GELU -> Linear(d_out, d_out) on every visual token."""
+        rows = self.batch * self.visual
+        for phase in self.phases:
+            if phase == "decode":
+                continue
+            self.linear(phase, "connector", role, rows, d_in, d_out, trainable, grad_in, count)
+            self.linear(phase, "connector", role, rows, d_out, d_out, trainable, trainable or grad_in, count)
+        return trainable or grad_in
+
+    def perceiver_resampler(self, dim: int, latents: int, depth: int, heads: int, dim_head: int, ff_mult: int,
+                            trainable: bool, grad_in: bool = False) -> bool:
+        """Per image: ``latents`` queries over concat(media, latents), ``depth`` layers with an FFN."""
+        n_img, inner, v = self.batch * self.num_images, heads * dim_head, self.tokens_per_image
+        if not n_img:
+            return False
+        g = trainable or grad_in  # learned latents and LayerNorms make every input need gradients
+        for phase in self.phases:
+            if phase == "decode":
+                continue
+            q_rows, kv_rows = n_img * latents, n_img * (v + latents)
+            self.linear(phase, "connector", "media", q_rows, dim, inner, trainable, g, depth)
+            self.linear(phase, "connector", "media", kv_rows, dim, 2 * inner, trainable, g, depth)
+            pairs = n_img * latents * (v + latents)
+            self.scores(phase, "connector", "media", pairs, pairs, inner, inner, g, g, depth)
+            self.linear(phase, "connector", "media", q_rows, inner, dim, trainable, g, depth)
+            self.linear(phase, "connector", "media", q_rows, dim, dim * ff_mult, trainable, g, depth)
+            self.linear(phase, "connector", "media", q_rows, dim * ff_mult, dim, trainable, g, depth)
+            if phase == "train_step" and g:
+                self._activations += depth * (kv_rows * (dim + 2 * inner) + q_rows * (3 * dim + 2 * inner
+                                                                                       + 2 * dim * ff_mult))
+        return g
+
+    # ----- decoder ---------------------------------------------------------------------------------
+    def _prompt_len(self, visual_in_cache: bool) -> int:
+        return self.text + (self.visual if visual_in_cache else 0)
+
+    def _decode_context(self, visual_in_cache: bool) -> int:
+        return self.context_len if self.context_len is not None else self._prompt_len(visual_in_cache)
+
+    def _layer_linears(self, phase: str, rows: dict[str, float], kv_rows: dict[str, float], trainable: bool,
+                       grad_in: bool, kv_grad: dict[str, bool] | None = None, count: int = 1) -> None:
+        """Q/O and the FFN on ``rows``; K/V on ``kv_rows`` (GQA: width kv_dim)."""
+        c, h, kv, m = self.llm, self.llm.hidden_size, self.llm.kv_dim, self.llm.intermediate_size
+        q_width = c.num_heads * c.head_dim
+        for role, n in rows.items():
+            self.linear(phase, "attn_proj", role, n, h, q_width, trainable, grad_in, count)
+        for role, n in kv_rows.items():
+            g = grad_in if kv_grad is None else kv_grad[role]
+            self.linear(phase, "attn_proj", role, n, h, kv, trainable, g, 2 * count)
+        for role, n in rows.items():
+            # the attention output needs gradients whenever anything in attention does
+            out_grad = grad_in or trainable or bool(kv_grad and any(kv_grad.values()))
+            self.linear(phase, "attn_proj", role, n, q_width, h, trainable, out_grad, count)
+            self.linear(phase, "ffn", role, n, h, m, trainable, out_grad, 2 * count)
+            self.linear(phase, "ffn", role, n, m, h, trainable, out_grad, count)
+            if phase == "train_step" and out_grad:
+                self._activations += count * n * (4 * h + 2 * q_width + 3 * m)
+        if phase == "train_step":
+            for role, n in kv_rows.items():
+                if (grad_in if kv_grad is None else kv_grad[role]) or trainable:
+                    self._activations += count * n * 2 * kv
+
+    def _down_proj(self, rows: float, layers: int) -> float:
+        return 2.0 * rows * self.llm.intermediate_size * self.llm.hidden_size * layers
+
+    def spliced_decoder(self, visual_to_visual: bool = True, trainable: bool = False, grad_in: bool = False,
+                        num_layers: int | None = None) -> bool:
+        """Every token (text and spliced visual) is a full decoder token: Q, K, V, O, FFN, causal attention.
+
+        ``visual_to_visual`` False removes attention among visual tokens (each still sees itself)
+        in the effective convention; the dense convention counts what the kernel computes.
+        """
+        c = self.llm
+        L = c.num_layers if num_layers is None else num_layers
+        width = c.num_heads * c.head_dim
+        b, rows = self.batch, rows_by_role(self.segments)
+        n = sum(rows.values())
+        g = grad_in or trainable
+        for phase in self.phases:
+            if phase == "decode":
+                ctx = self._decode_context(True)
+                self._layer_linears(phase, {"text": b}, {"text": b}, trainable, g, count=L)
+                self.scores(phase, "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=L)
+                continue
+            start = len(self.cost.terms)
+            self._layer_linears(phase, {r: b * k for r, k in rows.items()}, {r: b * k for r, k in rows.items()},
+                                trainable, g, count=L)
+            eff = causal_pairs(self.segments, visual_to_visual=visual_to_visual)
+            for role, k in rows.items():
+                self.scores(phase, "attn_scores", role, b * k * n, b * eff.get(role, 0), width, width, g, g, L)
+            if phase == "train_step" and self.workload.gradient_checkpointing and g:
+                self._recompute(start, {("ffn", r): self._down_proj(b * k, L) for r, k in rows.items()})
+        self._kv_cache(L, visual_in_cache=True)
+        return g
+
+    def kv_only_visual_decoder(self, trainable: bool = False, grad_in: bool = False, visual_grad: bool = False,
+                               num_layers: int | None = None) -> bool:
+        """Visual tokens give keys and values only (no Q, no O, no FFN); text queries see them causally.
+
+        ``visual_grad``: the visual rows fed to each layer need gradients (their projector is trained).
+        Layer 0's text rows need gradients only if ``grad_in`` or ``trainable``; later layers' do as
+        soon as anything upstream (including the visual keys/values) is trained.
+        """
+        c = self.llm
+        L = c.num_layers if num_layers is None else num_layers
+        width = c.num_heads * c.head_dim
+        b, t, v = self.batch, self.text, self.visual
+        for phase in self.phases:
+            if phase == "decode":
+                ctx = self._decode_context(True)
+                self._layer_linears(phase, {"text": b}, {"text": b}, trainable, grad_in or trainable, count=L)
+                self.scores(phase, "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=L)
+                continue
+            eff = causal_pairs(self.segments, query_roles=("text",)).get("text", 0)
+            kv_rows = {"text": b * t} | ({"visual": b * v} if v else {})
+            first_g = grad_in or trainable
+            later_g = first_g or (visual_grad and v > 0)
+            start = len(self.cost.terms)
+            for n_layers, g in ((1, first_g), (L - 1, later_g)):
+                if not n_layers:
+                    continue
+                kv_grad = {"text": g, "visual": visual_grad or g}
+                self._layer_linears(phase, {"text": b * t}, kv_rows, trainable, g, kv_grad, count=n_layers)
+                self.scores(phase, "attn_scores", "text", b * t * (t + v), b * eff, width, width, g,
+                            g or (visual_grad and v > 0), n_layers)
+            if phase == "train_step" and self.workload.gradient_checkpointing and later_g:
+                self._recompute(start, {("ffn", "text"): self._down_proj(b * t, L)})
+        self._kv_cache(L, visual_in_cache=True)
+        return later_g
+
+    def _kv_cache(self, num_layers: int, visual_in_cache: bool) -> None:
+        per_token = num_layers * 2 * self.llm.kv_dim * self.bytes_per_element
+        text = (self.text + self.workload.generate_tokens) * per_token
+        self.cost.kv_cache_bytes["text"] = self.cost.kv_cache_bytes.get("text", 0.0) + text
+        if visual_in_cache:
+            self.cost.kv_cache_bytes["visual"] = self.cost.kv_cache_bytes.get("visual", 0.0) + self.visual * per_token
+
+    def text_decoder_layers(self, layers: int, trainable: bool = False, grad_in: bool = False) -> bool:
+        """``layers`` plain causal decoder layers over the text tokens only (no visual tokens)."""
+        c = self.llm
+        width = c.num_heads * c.head_dim
+        b, t = self.batch, self.text
+        g = grad_in or trainable
+        if not layers:
+            return g
+        for phase in self.phases:
+            if phase == "decode":
+                ctx = self._decode_context(False)
+                self._layer_linears(phase, {"text": b}, {"text": b}, trainable, g, count=layers)
+                self.scores(phase, "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=layers)
+                continue
+            start = len(self.cost.terms)
+            self._layer_linears(phase, {"text": b * t}, {"text": b * t}, trainable, g, count=layers)
+            pairs = b * t * (t + 1) // 2
+            self.scores(phase, "attn_scores", "text", b * t * t, pairs, width, width, g, g, layers)
+            if phase == "train_step" and self.workload.gradient_checkpointing and g:
+                self._recompute(start, {("ffn", "text"): self._down_proj(b * t, layers)})
+        return g
+
+    def text_kv_cache(self, num_layers: int) -> None:
+        """Self-attention cache of text tokens only."""
+        self._kv_cache(num_layers, visual_in_cache=False)
+
+    def gated_cross_attention(self, media_dim: int, media_tokens: int, heads: int, dim_head: int, ff_mult: int,
+                              trainable: bool, grad_in: bool = False, media_grad: bool = False,
+                              blocks: int = 1, decode_media_tokens: int | None = None) -> bool:
+        """``blocks`` blocks: text queries over ``media_tokens`` keys/values per sample (+ a gated FFN).
+
+        Keys/values are projected from the media once per prompt (kept for decode, which attends to
+        ``decode_media_tokens`` of them). Effective pairs: a text token sees only the latest image's
+        ``media_tokens / images`` latents, and text before any image sees none.
+        """
+        h, inner, b, t = self.llm.hidden_size, heads * dim_head, self.batch, self.text
+        g = grad_in or trainable  # LayerNorms inside the block are trained with it
+        per_image = media_tokens // max(self.num_images, 1)
+        with_media = sum(s.length for i, s in enumerate(self.segments)
+                         if s.role == "text" and any(x.role == "visual" for x in self.segments[:i]))
+        has_media = media_tokens > 0
+        for phase in self.phases:
+            if phase == "decode":
+                mk = per_image if decode_media_tokens is None else decode_media_tokens
+                if has_media:
+                    self.linear(phase, "cross_attn", "text", b, h, inner, count=blocks)
+                    self.scores(phase, "cross_attn", "text", b * mk, b * mk, inner, inner, count=blocks)
+                    self.linear(phase, "cross_attn", "text", b, inner, h, count=blocks)
+                self.linear(phase, "cross_attn", "text", b, h, h * ff_mult, count=blocks)
+                self.linear(phase, "cross_attn", "text", b, h * ff_mult, h, count=blocks)
+                continue
+            if has_media:
+                self.linear(phase, "cross_attn", "media", b * media_tokens, media_dim, 2 * inner, trainable,
+                            media_grad, blocks)
+            start = len(self.cost.terms)  # the block itself (media K/V are projected outside it)
+            if has_media:
+                self.linear(phase, "cross_attn", "text", b * t, h, inner, trainable, g, blocks)
+                self.scores(phase, "cross_attn", "text", b * t * media_tokens, b * with_media * per_image,
+                            inner, inner, g, media_grad or trainable, blocks)
+                self.linear(phase, "cross_attn", "text", b * t, inner, h, trainable, g or media_grad, blocks)
+            out_g = g or (media_grad and has_media)
+            self.linear(phase, "cross_attn", "text", b * t, h, h * ff_mult, trainable, out_g, blocks)
+            self.linear(phase, "cross_attn", "text", b * t, h * ff_mult, h, trainable, out_g, blocks)
+            if phase == "train_step" and self.workload.gradient_checkpointing and out_g:
+                # a trained gate saves the FFN output (for its own gradient), so fc2 is rerun too
+                fc2 = 0.0 if trainable else 2.0 * b * t * h * ff_mult * h * blocks
+                self._recompute(start, {("cross_attn", "text"): fc2})
+            if phase == "train_step" and out_g:
+                self._activations += blocks * (b * t * (3 * h + 2 * inner + 2 * h * ff_mult)
+                                               + b * media_tokens * (media_dim + 2 * inner))
+        if has_media:
+            key = "media"
+            self.cost.kv_cache_bytes[key] = self.cost.kv_cache_bytes.get(key, 0.0) + (
+                blocks * 2 * inner * (per_image if decode_media_tokens is None else decode_media_tokens)
+                * self.bytes_per_element)
+        return g or (media_grad and has_media)
+
+    def lm_head(self, trainable: bool = False, grad_in: bool = False, train_rows: int | None = None) -> None:
+        """Logits: every text token when training, the last token in prefill and decode."""
+        c, b = self.llm, self.batch
+        for phase in self.phases:
+            rows = b * (self.text if train_rows is None else train_rows) if phase == "train_step" else b
+            self.linear(phase, "lm_head", "text", rows, c.hidden_size, c.vocab_size, trainable, grad_in)
+            if phase == "train_step" and grad_in:
+                self._activations += rows * c.vocab_size * 2  # logits and their float copy for the loss
+
+
+def stage_trains(model: Any, prefix: str, stage: str) -> bool:
+    """Whether ``stage`` trains any parameter of ``model`` whose name starts with ``prefix``."""
+    return any(name.startswith(prefix) for name in model.trainable_parameters(stage))
+
+
+def paper_dense_layer_flops(n: int, h: int, m: int) -> float:
+    """REFERENCE.md: one dense decoder layer over n tokens, 2n(4h+3m)h + 4n²h (MHA)."""
+    return 2 * n * (4 * h + 3 * m) * h + 4 * n * n * h
+
+
+def paper_kv_only_layer_flops(t: int, v: int, h: int, m: int) -> float:
+    """REFERENCE.md: a layer where v visual tokens are keys/values only: 2t(4h+3m)h + 4vh² + 4t(t+v)h."""
+    return 2 * t * (4 * h + 3 * m) * h + 4 * v * h * h + 4 * t * (t + v) * h
+
+
+def paper_layer_projector_flops(v: int, d_v: int, h: int) -> float:
+    """REFERENCE.md: SAISA's per-layer projector, 2v(d_v·h + h²)."""
+    return 2 * v * (d_v * h + h * h)
