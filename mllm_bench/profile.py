@@ -1,0 +1,258 @@
+"""The profiler's Python API: ``profile(arch, workload, ...)`` -> tidy rows (a pandas DataFrame).
+
+For ``workload.stage == "inference"`` it reports prefill and one decode step (at ``context_len``
+cached tokens, default the prompt); for ``pretrain``/``finetune`` one training step of that stage.
+Every FLOP metric comes ``analytic`` (both attention conventions, both scopes, by component and by
+token role) and ``counted`` (meta tensors, dense, by component); parameters and analytic memory
+always; wall-clock, measured memory, achieved FLOP/s and MFU when ``measure`` says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .config import ConfigError, LLMConfig, VisionConfig
+from .costmodel import COMPONENTS, CostBreakdown
+from .devices import PEAK_FLOPS, peak_flops
+from .environment import environment
+from .flops import CountedFlops, count_decode, count_prefill, count_train_step
+from .memory import analytic_memory, measure_peak
+from .model import MLLM
+from .registry import build_model, get_architecture
+from .results import make_row, to_frame
+from .timing import time_fn
+from .vision import encode_images
+from .workload import PAPER_WORKLOAD, Workload, dtype_name
+
+__all__ = ["DEVICE_PEAK_FLOPS", "profile", "should_measure"]
+
+DEVICE_PEAK_FLOPS = {name: peaks["bfloat16"] for name, peaks in PEAK_FLOPS.items() if "bfloat16" in peaks}
+# Models at most this large are measured on CPU under ``measure="auto"``.
+CPU_AUTO_MEASURE_PARAMS = 50_000_000
+PHASE_METRIC = {"prefill": "prefill_flops", "decode": "decode_flops_per_token", "train_step": "train_step_flops"}
+
+
+def should_measure(measure: bool | str, device: str, num_params: int) -> bool:
+    """``never``/False, ``always``/True, or ``auto``: on CUDA, and on CPU only for small models."""
+    if isinstance(measure, bool):
+        return measure
+    if measure not in ("never", "auto", "always"):
+        raise ConfigError(f"measure must be one of ['never', 'auto', 'always'] (or a bool), got {measure!r}")
+    if measure == "auto":
+        dev = torch.device(device)
+        return dev.type == "cuda" or (dev.type == "cpu" and num_params <= CPU_AUTO_MEASURE_PARAMS)
+    return measure == "always"
+
+
+def _options_json(model: MLLM) -> str:
+    import dataclasses
+
+    defaults = type(model.options)()
+    changed = {f.name: getattr(model.options, f.name) for f in dataclasses.fields(model.options)
+               if getattr(model.options, f.name) != getattr(defaults, f.name)}
+    return json.dumps(changed, sort_keys=True) if changed else ""
+
+
+def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str, context_len: int | str) -> dict:
+    v = model.vision_config
+    return {
+        "arch": arch, "llm": model.llm_config.name, "vision": v.name, "options": _options_json(model),
+        "batch_size": workload.batch_size, "images_per_sample": workload.images_per_sample,
+        "image_size": workload.image_size or v.image_size,
+        "visual_tokens": workload.images_per_sample * model.tokens_per_image,
+        "text_tokens": workload.num_text_tokens, "text_before": workload.text_before,
+        "text_after": workload.text_after, "generate_tokens": workload.generate_tokens,
+        "context_len": context_len, "dtype": dtype_name(workload.torch_dtype), "device": device,
+        **environment(device, backend),
+    }
+
+
+def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int | str) -> list[dict]:
+    rows = []
+    for phase in cost.phases:
+        metric = PHASE_METRIC[phase]
+        ctx = decode_ctx if phase == "decode" else ""
+        for scope in ("language", "total"):
+            for convention in ("dense", "effective"):
+                common = dict(scope=scope, convention=convention, stage=stage, phase=phase, context_len=ctx)
+                rows.append(make_row(base, metric, cost.flops(phase, convention, scope), "analytic",
+                                     component="all", role="all", **common))
+                for comp, f in cost.by("component", phase, convention, scope).items():
+                    rows.append(make_row(base, metric, f, "analytic", component=comp, role="all", **common))
+                for role, f in cost.by("role", phase, convention, scope).items():
+                    rows.append(make_row(base, metric, f, "analytic", component="all", role=role, **common))
+        if phase == "prefill":
+            rows.append(make_row(base, "vision_flops", cost.flops(phase, component="vision"), "analytic",
+                                 scope="total", convention="dense", component="vision", role="all",
+                                 stage=stage, phase=phase))
+    return rows
+
+
+def _counted_rows(base: dict, phase: str, counted: CountedFlops, stage: str, ctx: int | str) -> list[dict]:
+    rows = []
+    metric = PHASE_METRIC[phase]
+    common = dict(convention="dense", role="all", stage=stage, phase=phase,
+                  context_len=ctx if phase == "decode" else "")
+    for scope in ("language", "total"):
+        rows.append(make_row(base, metric, counted.flops(scope), "counted", scope=scope, component="all", **common))
+        for comp, f in counted.by_component(scope).items():
+            if comp in COMPONENTS:
+                rows.append(make_row(base, metric, f, "counted", scope=scope, component=comp, **common))
+    if phase == "prefill":
+        rows.append(make_row(base, "vision_flops", counted.flops(component="vision"), "counted", scope="total",
+                             convention="dense", component="vision", role="all", stage=stage, phase=phase))
+    return rows
+
+
+def _memory_rows(base: dict, model: MLLM, cost: CostBreakdown, workload: Workload, stage: str) -> list[dict]:
+    mem = analytic_memory(model, cost, workload.torch_dtype.itemsize)
+    rows = [make_row(base, "weights_bytes", mem.weights, "analytic", component="all", role="all", stage="inference")]
+    if stage == "inference":
+        for role, b in mem.kv_cache.items():
+            rows.append(make_row(base, "kv_cache_bytes", b, "analytic", component="all", role=role, stage=stage,
+                                 phase="decode", note="per sample, after prompt + generate_tokens"))
+        return rows
+    for metric, value in (("grads_bytes", mem.grads), ("optimizer_bytes", mem.optimizer),
+                          ("activations_bytes", mem.activations), ("train_peak_memory_bytes", mem.train_peak)):
+        rows.append(make_row(base, metric, value, "analytic", component="all", role="all", stage=stage,
+                             phase="train_step"))
+    return rows
+
+
+def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flops: dict[str, float],
+                   timing: dict[str, Any]) -> list[dict]:
+    """Time and measure memory of each phase on ``workload.device`` (weights randomly initialised)."""
+    device = workload.device
+    rows: list[dict] = []
+    peak = peak_flops(base["device_name"], base["dtype"]) if torch.device(device).type == "cuda" else None
+    batch = model.example_batch(workload)
+    b = workload.batch_size
+
+    def record(phase: str, metric: str, fn: Callable[[], Any], tokens: float, phase_flops: float | None,
+               **timing_overrides: Any) -> None:
+        _, mem = measure_peak(fn, device)
+        t = time_fn(fn, device, **{**timing, **timing_overrides})
+        common = dict(component="all", role="all", stage=stage, phase=phase, note=mem.method)
+        rows.append(make_row(base, "peak_memory_bytes", mem.peak, "measured", **common))
+        if mem.reserved is not None:
+            rows.append(make_row(base, "reserved_memory_bytes", mem.reserved, "measured", **common))
+        common["note"] = "cuda_events" if torch.device(device).type == "cuda" else "perf_counter"
+        rows.append(make_row(base, metric, t.median, "measured", **common))
+        rows.append(make_row(base, "latency_iqr_s", t.iqr, "measured", **common))
+        if tokens:
+            rows.append(make_row(base, "tokens_per_s", tokens / t.median, "measured", **common))
+        if phase_flops:
+            achieved = phase_flops / t.median
+            rows.append(make_row(base, "achieved_flops_per_s", achieved, "measured", scope="total",
+                                 convention="dense", **common))
+            if peak:
+                rows.append(make_row(base, "mfu", achieved / peak, "measured", scope="total", convention="dense",
+                                     **common))
+
+    if stage == "inference":
+        model.set_stage("inference")
+        with torch.no_grad():
+            if workload.images_per_sample:
+                pixels = batch.pixel_values.flatten(0, 1)
+                record("vision_encode", "vision_encode_latency_s",
+                       lambda: encode_images(model.vision_tower, model.vision_config, pixels), 0,
+                       flops.get("vision"))
+            prompt = base["visual_tokens"] + workload.num_text_tokens
+            record("prefill", "prefill_latency_s", lambda: model.prefill(batch), b * prompt, flops.get("prefill"))
+            _, cache = model.prefill(batch)
+            token = torch.zeros(b, dtype=torch.long, device=device)
+            room = model.llm_config.max_position_embeddings - cache.length - 1
+            steps = max(1, min(timing.get("max_repeats", 1000), room - timing.get("warmup", 2)))
+            record("decode", "decode_latency_s", lambda: model.decode(token, cache), b, flops.get("decode"),
+                   max_repeats=steps)
+            kv = cache.nbytes()
+            media = getattr(model, "cross_attn_cache_nbytes", None)  # an architecture's own cached state
+            if media is not None:
+                kv["media"] = media(cache)
+            kv["all"] = sum(kv.values())
+            rows += [make_row(base, "kv_cache_bytes", v / b, "measured", component="all", role=r, stage=stage,
+                              phase="decode", note="per sample, after the timed decode steps") for r, v in kv.items()]
+        return rows
+    trainable = model.set_stage(stage)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-6)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(batch).loss.backward()
+        optimizer.step()
+
+    record("train_step", "train_step_latency_s", step, b * (base["visual_tokens"] + workload.num_text_tokens),
+           flops.get("train_step"))
+    model.set_stage("inference")
+    return rows
+
+
+def profile(
+    arch: str,
+    workload: Workload = PAPER_WORKLOAD,
+    llm: str | LLMConfig = "vicuna-7b",
+    vision: str | VisionConfig = "clip-vit-l-336",
+    options: dict[str, Any] | None = None,
+    measure: bool | str = False,
+    count: bool = True,
+    context_len: int | None = None,
+    attention_backend: str = "sdpa",
+    timing: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Profile ``arch`` on ``workload`` and return tidy result rows (see :mod:`mllm_bench.results`).
+
+    ``measure``: False/``never``, True/``always`` or ``auto`` (CUDA always, CPU for small models);
+    measurement runs on ``workload.device`` (``meta`` means CUDA when available, else CPU) with
+    random weights. ``timing`` passes ``warmup``/``min_repeats``/``min_seconds``/``max_repeats``.
+    """
+    get_architecture(arch)  # a clear error for an unknown name before any work
+    stage = workload.stage
+    meta_model = build_model(arch, llm, vision, options, device="meta", dtype=workload.torch_dtype)
+    meta_model.set_attention_backend(attention_backend)
+    num_params = meta_model.num_parameters()
+    run_device = workload.device
+    if run_device == "meta":
+        run_device = "cuda" if torch.cuda.is_available() else "cpu"
+    do_measure = should_measure(measure, run_device, num_params)
+    out_device = run_device if do_measure else "meta"
+
+    cost = meta_model.analytic_cost(workload, context_len)
+    counted: dict[str, CountedFlops] = {}
+    ctx: int | str = ""
+    if stage == "inference":
+        prompt = workload.num_text_tokens + (workload.images_per_sample * meta_model.tokens_per_image
+                                             if cost.kv_cache_bytes.get("visual") else 0)
+        ctx = context_len if context_len is not None else prompt
+    meta_wl = workload.replace(device="meta")
+    if count:
+        if stage == "inference":
+            counted["prefill"] = count_prefill(meta_model, meta_wl)
+            counted["decode"], ctx = count_decode(meta_model, meta_wl, context_len)
+        else:
+            counted["train_step"] = count_train_step(meta_model, meta_wl, stage)
+    base = _base(arch, meta_model, workload, out_device, attention_backend, "")
+
+    rows = [make_row(base, "params", num_params, "counted", component="all", role="all", stage="inference")]
+    if stage != "inference":
+        trainable = sum(p.numel() for p in meta_model.trainable_parameters(stage).values())
+        rows.append(make_row(base, "trainable_params", trainable, "counted", component="all", role="all",
+                             stage=stage))
+    rows += _analytic_rows(base, cost, stage, ctx)
+    for phase, c in counted.items():
+        rows += _counted_rows(base, phase, c, stage, ctx)
+    rows += _memory_rows(base, meta_model, cost, workload, stage)
+
+    if do_measure:
+        flops = {p: (counted[p].total if p in counted else cost.flops(p)) for p in cost.phases}
+        flops["vision"] = cost.flops("prefill", component="vision") if stage == "inference" else 0.0
+        model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
+        model.set_attention_backend(attention_backend)
+        timing_opts = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.5, "max_repeats": 1000, **(timing or {})}
+        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, timing_opts)
+        del model
+    return to_frame(rows)
