@@ -1,0 +1,74 @@
+"""The profile() API: tidy rows, counted == analytic, measured rows on CPU, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from mllm_bench import Workload
+from mllm_bench.config import ConfigError
+from mllm_bench.profile import profile, should_measure
+from mllm_bench.results import COLUMNS
+
+WL = Workload(batch_size=2, text_before=3, text_after=5, generate_tokens=2, dtype="float32", device="cpu")
+
+
+def _one(df, **match):
+    sel = df
+    for k, v in match.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, (match, sel)
+    return float(sel.value.iloc[0])
+
+
+@pytest.mark.parametrize("arch", ["llava", "saisa"])
+def test_profile_inference_rows(arch: str) -> None:
+    df = profile(arch, WL, llm="tiny-llm", vision="tiny-clip")
+    assert list(df.columns) == list(COLUMNS)
+    assert set(df.source) == {"analytic", "counted"}
+    assert (df.device == "meta").all() and (df.arch == arch).all() and (df.visual_tokens == 16).all()
+    for metric in ("prefill_flops", "decode_flops_per_token"):
+        for scope in ("language", "total"):
+            key = dict(metric=metric, scope=scope, convention="dense", component="all", role="all")
+            assert _one(df, source="counted", **key) == pytest.approx(_one(df, source="analytic", **key), rel=5e-3)
+        eff = _one(df, metric=metric, source="analytic", scope="total", convention="effective", component="all",
+                   role="all")
+        assert eff <= _one(df, metric=metric, source="analytic", scope="total", convention="dense", component="all",
+                           role="all")
+    # the component rows add up to the total
+    parts = df[(df.metric == "prefill_flops") & (df.source == "analytic") & (df.scope == "total")
+               & (df.convention == "dense") & (df.role == "all") & (df.component != "all")]
+    assert parts.value.sum() == pytest.approx(_one(df, metric="prefill_flops", source="analytic", scope="total",
+                                                   convention="dense", component="all", role="all"))
+    assert _one(df, metric="kv_cache_bytes", role="all") > _one(df, metric="kv_cache_bytes", role="text")
+    assert _one(df, metric="params") > 0
+    assert df[df.metric == "decode_flops_per_token"].context_len.eq(24).all()
+
+
+def test_profile_training_rows_and_measurement_on_cpu() -> None:
+    df = profile("llava", WL.replace(stage="pretrain"), llm="tiny-llm", vision="tiny-clip", measure=True,
+                 timing={"min_seconds": 0.01, "min_repeats": 2, "warmup": 1})
+    assert _one(df, metric="trainable_params", stage="pretrain") < _one(df, metric="params")
+    assert _one(df, metric="train_step_latency_s", source="measured") > 0
+    mem = df[(df.metric == "peak_memory_bytes")]
+    assert len(mem) == 1 and mem.note.iloc[0].startswith("cpu_")
+    assert (df.device == "cpu").all()
+    assert "mfu" not in set(df.metric)  # no peak FLOP/s for a CPU
+    counted = _one(df, metric="train_step_flops", source="counted", scope="total", component="all")
+    achieved = _one(df, metric="achieved_flops_per_s")
+    assert achieved == pytest.approx(counted / _one(df, metric="train_step_latency_s"))
+
+
+def test_profile_inference_measurement_phases() -> None:
+    df = profile("saisa", WL, llm="tiny-llm", vision="tiny-clip", measure="auto",
+                 timing={"min_seconds": 0.01, "min_repeats": 2, "warmup": 1})
+    for metric in ("vision_encode_latency_s", "prefill_latency_s", "decode_latency_s"):
+        assert _one(df, metric=metric) > 0
+    assert set(df[df.metric == "latency_iqr_s"].phase) == {"vision_encode", "prefill", "decode"}
+
+
+def test_profile_bad_input() -> None:
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        profile("llava2", WL, llm="tiny-llm", vision="tiny-clip")
+    with pytest.raises(ConfigError, match="measure must be one of"):
+        should_measure("sometimes", "cpu", 10)
+    assert should_measure("auto", "cpu", 10) and not should_measure("auto", "cpu", 7_000_000_000)
