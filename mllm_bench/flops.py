@@ -229,16 +229,19 @@ def count_prefill(model: Any, workload: Workload) -> CountedFlops:
         return count_call(model, lambda: model.prefill(batch))
 
 
-def count_decode(model: Any, workload: Workload, context_len: int | None = None) -> tuple[CountedFlops, int]:
-    """One decode step after a prefill; ``context_len`` (cached tokens) defaults to the prompt's.
+def count_inference(model: Any, workload: Workload,
+                    context_len: int | None = None) -> tuple[CountedFlops, CountedFlops, int]:
+    """Prefill, then one decode step from its cache (``context_len`` cached tokens, default the prompt).
 
-    A different context is reached by lengthening (or shortening) ``text_after``. Returns the count
-    and the context length it was taken at.
+    A different context is reached by lengthening (or shortening) ``text_after`` and prefilling
+    again (uncounted). Returns the prefill count, the decode count and the decode context length.
     """
     model.set_stage("inference")
     wl = workload.replace(stage="inference")
     with torch.no_grad():
-        _, cache = model.prefill(_batch(model, wl))
+        holder: dict[str, Any] = {}
+        prefill = count_call(model, lambda: holder.setdefault("out", model.prefill(_batch(model, wl))))
+        cache = holder["out"][1]
         if context_len is not None and context_len != cache.length:
             delta = context_len - cache.length
             if wl.text_after + delta < 0 or wl.num_text_tokens + delta < 1:
@@ -247,8 +250,14 @@ def count_decode(model: Any, workload: Workload, context_len: int | None = None)
             _, cache = model.prefill(_batch(model, wl))
         length = cache.length
         token = torch.zeros(wl.batch_size, dtype=torch.long, device=torch.device(wl.device))
-        counted = count_call(model, lambda: model.decode(token, cache))
-    return counted, length
+        decode = count_call(model, lambda: model.decode(token, cache))
+    return prefill, decode, length
+
+
+def count_decode(model: Any, workload: Workload, context_len: int | None = None) -> tuple[CountedFlops, int]:
+    """One decode step after a prefill (see :func:`count_inference`): the count and its context length."""
+    _, decode, length = count_inference(model, workload, context_len)
+    return decode, length
 
 
 def count_train_step(model: Any, workload: Workload, stage: str | None = None) -> CountedFlops:

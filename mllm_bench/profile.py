@@ -20,7 +20,7 @@ from .config import ConfigError, LLMConfig, VisionConfig
 from .costmodel import COMPONENTS, CostBreakdown
 from .devices import PEAK_FLOPS, peak_flops
 from .environment import environment
-from .flops import CountedFlops, count_decode, count_prefill, count_train_step
+from .flops import CountedFlops, count_inference, count_train_step
 from .memory import analytic_memory, measure_peak
 from .model import MLLM
 from .registry import build_model, get_architecture
@@ -231,8 +231,7 @@ def profile(
     meta_wl = workload.replace(device="meta")
     if count:
         if stage == "inference":
-            counted["prefill"] = count_prefill(meta_model, meta_wl)
-            counted["decode"], ctx = count_decode(meta_model, meta_wl, context_len)
+            counted["prefill"], counted["decode"], ctx = count_inference(meta_model, meta_wl, context_len)
         else:
             counted["train_step"] = count_train_step(meta_model, meta_wl, stage)
     base = _base(arch, meta_model, workload, out_device, attention_backend, "")
