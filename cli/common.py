@@ -40,6 +40,12 @@ class Format(str, Enum):
     latex = "latex"
 
 
+class Count(str, Enum):
+    all = "all"
+    inference = "inference"
+    none = "none"
+
+
 class Scope(str, Enum):
     language = "language"
     total = "total"

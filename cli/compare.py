@@ -16,6 +16,7 @@ from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from .common import (
     Convention,
+    Count,
     Format,
     Measure,
     Scope,
@@ -52,6 +53,9 @@ def compare(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
     stage: list[str] = typer.Option(None, "--stage", help="Training stage(s) to cost: pretrain, finetune."),
     measure: Measure = typer.Option(Measure.auto, help="auto: measure on CUDA, on CPU only small models."),
+    count: Count = typer.Option(Count.inference, help="Count FLOPs on meta tensors for: all calls, inference "
+                                "only (training steps analytic; fast), or none (analytic only)."),
+    min_seconds: float = typer.Option(None, min=0.0, help="Timing: minimum seconds per measured phase."),
     baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope: language (paper) or total."),
     convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs: dense (paper) or effective."),
@@ -74,7 +78,9 @@ def compare(
     vision_cfg = vision_for(vision, image_size)
     profile = get_profile()
     with progress_bar(steps(archs, stages), "profiling") as advance:
-        rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance)
+        timing = {"timing": {"min_seconds": min_seconds}} if min_seconds is not None else {}
+        rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
+                       count.value, **timing)
     emit(rows, archs, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}")
 
@@ -95,7 +101,8 @@ def emit(rows: pd.DataFrame, archs: list[str], stages: list[str], baseline: str,
     quantities = tables.compare_quantities(scope, convention, tuple(stages))
     table = tables.comparison(rows, quantities, baseline)
     notes = tables.notes_for(rows, scope, convention)
-    console = stdout or Console()
+    # piped output has no terminal width: give the table room instead of rich's 80 columns
+    console = stdout or (Console() if Console().is_terminal else Console(width=200))
     if fmt is Format.table:
         console.print(tables.to_rich(table, title, notes))
     elif fmt is Format.json:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mllm_bench.config import LLMConfig, VisionConfig
 from mllm_bench.presets import llm_preset, vision_preset
-from mllm_bench.workload import PAPER_WORKLOAD
+from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from . import plots, train_cost
 from .collect import dedupe
@@ -31,7 +31,8 @@ ARCH_TITLES = {"llava": "LLaVA-1.5", "flamingo": "Flamingo-style", "saisa": "SAI
 ProfileFn = Callable[..., pd.DataFrame]
 
 
-def paper_formula_flops(arch: str, llm: LLMConfig, vision: VisionConfig, text_tokens: int = 64) -> float:
+def paper_formula_flops(arch: str, llm: LLMConfig, vision: VisionConfig, text_tokens: int = 64,
+                        visual_tokens: int | None = None) -> float:
     """The SAISA paper's closed form (REFERENCE.md) for LLaVA-1.5 and SAISA; NaN for other architectures.
 
     Per layer, n = t + v tokens, hidden h, FFN width m: dense layer 2n(4h+3m)h + 4n²h; a layer where visual
@@ -39,7 +40,8 @@ def paper_formula_flops(arch: str, llm: LLMConfig, vision: VisionConfig, text_to
     in every layer for SAISA. Language scope, dense attention; assumes multi-head attention (K/V width h).
     """
     h, m, layers = llm.hidden_size, llm.intermediate_size, llm.num_layers
-    t, v, dv = text_tokens, vision.tokens_per_image, vision.hidden_size
+    t, dv = text_tokens, vision.hidden_size
+    v = vision.tokens_per_image if visual_tokens is None else visual_tokens
     projector = 2 * v * (dv * h + h * h)
     if arch == "llava":
         n = t + v
@@ -58,7 +60,8 @@ class PaperResult:
 
 
 def inference_table(rows: pd.DataFrame, scope: str, convention: str, llms: Sequence[str],
-                    archs: Sequence[str], with_formula: bool) -> pd.DataFrame:
+                    archs: Sequence[str], with_formula: bool, vision: str = PAPER_VISION,
+                    workload: Workload = PAPER_WORKLOAD) -> pd.DataFrame:
     """One row per (LLM, architecture): prefill TFLOPs (counted, analytic) and the reduction vs LLaVA-1.5."""
     records = []
     for llm in llms:
@@ -75,8 +78,8 @@ def inference_table(rows: pd.DataFrame, scope: str, convention: str, llms: Seque
             rec = {"llm": llm, "arch": arch, "architecture": ARCH_TITLES.get(arch, arch), "tflops_counted": c / 1e12,
                    "tflops_analytic": a / 1e12, "vs_llava": value / base - 1 if arch != "llava" else math.nan}
             if with_formula:
-                rec["tflops_paper_formula"] = paper_formula_flops(arch, llm_preset(llm), vision_preset(PAPER_VISION),
-                                                                  PAPER_WORKLOAD.num_text_tokens) / 1e12
+                rec["tflops_paper_formula"] = paper_formula_flops(arch, llm_preset(llm), vision_preset(vision),
+                                                                  workload.num_text_tokens) / 1e12
             records.append(rec)
     return pd.DataFrame.from_records(records)
 
@@ -107,13 +110,15 @@ def inference_markdown(table: pd.DataFrame, claim: bool) -> str:
 
 def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] = PAPER_LLMS,
                archs: Sequence[str] = PAPER_ARCHS, mfu: float = 0.4, device: str = "a100",
-               on_step: Callable[[str], None] | None = None, command: str = "mllm-bench paper") -> PaperResult:
+               on_step: Callable[[str], None] | None = None, command: str = "mllm-bench paper",
+               vision: str = PAPER_VISION, workload: Workload = PAPER_WORKLOAD,
+               options: dict[str, dict] | None = None) -> PaperResult:
     """Profile what the tables need and write everything under ``out_dir``."""
     out = Path(out_dir)
     frames = []
     for llm in llms:
         for arch in archs:
-            frames.append(profile_fn(arch, PAPER_WORKLOAD, llm=llm, vision=PAPER_VISION, options=None,
+            frames.append(profile_fn(arch, workload, llm=llm, vision=vision, options=(options or {}).get(arch),
                                      measure="never"))
             if on_step:
                 on_step(f"{arch} {llm} inference")
@@ -121,7 +126,7 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
     recipe = train_cost.llava15_recipe()
     budgets, budget_rows = [], []
     for llm in llms:
-        table, used = train_cost.train_cost(list(archs), profile_fn, recipe, llm, PAPER_VISION, {}, device, mfu,
+        table, used = train_cost.train_cost(list(archs), profile_fn, recipe, llm, vision, options, device, mfu,
                                             on_step=on_step)
         budgets.append(table)
         budget_rows.append(used)
@@ -129,8 +134,8 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
     budget.attrs.update(budgets[0].attrs)
     all_rows = normalise(dedupe(concat_rows([rows, *budget_rows])))
 
-    paper_conv = inference_table(rows, "language", "dense", llms, archs, with_formula=True)
-    total_eff = inference_table(rows, "total", "effective", llms, archs, with_formula=False)
+    paper_conv = inference_table(rows, "language", "dense", llms, archs, True, vision, workload)
+    total_eff = inference_table(rows, "total", "effective", llms, archs, False, vision, workload)
     files = [write_rows(all_rows, out / "rows.json"), write_rows(all_rows, out / "rows.csv")]
     files.append(atomic_write_text(out / "inference_flops_paper.csv", paper_conv.to_csv(index=False)))
     files.append(atomic_write_text(out / "inference_flops_total_effective.csv", total_eff.to_csv(index=False)))

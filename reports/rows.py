@@ -22,7 +22,7 @@ SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
 TEXT_COLUMNS: tuple[str, ...] = (
     "arch", "llm", "vision", "options", "metric", "unit", "source", "scope", "convention", "component", "role",
     "stage", "phase", "dtype", "device", "device_name", "attention_backend", "torch_version",
-    "transformers_version", "mllm_bench_version", "git_commit", "timestamp",
+    "transformers_version", "mllm_bench_version", "git_commit", "timestamp", "note",
 )
 
 
@@ -72,15 +72,22 @@ def pick(
 
 
 def model_labels(df: pd.DataFrame) -> dict[tuple, str]:
-    """A short unique label per model: the arch, plus the LLM/vision/options only where they vary."""
-    keys = df[list(IDENTITY)].drop_duplicates().itertuples(index=False, name=None)
-    keys = list(keys)
-    varying = [i for i in range(1, len(IDENTITY)) if len({k[i] for k in keys}) > 1]
+    """A short unique label per model: the arch, plus the LLM/vision/options only where needed to tell
+    two models of the same arch apart (options are listed in the notes instead; see :func:`options_line`)."""
+    keys = list(df[list(IDENTITY)].drop_duplicates().itertuples(index=False, name=None))
     labels = {}
     for key in keys:
-        extra = [key[i] for i in varying if key[i]]
+        same = [k for k in keys if k[0] == key[0]]
+        varying = [i for i in range(1, len(IDENTITY)) if len({k[i] for k in same}) > 1]
+        extra = [key[i] or "defaults" for i in varying]
         labels[key] = key[0] + (f" ({', '.join(extra)})" if extra else "")
     return labels
+
+
+def options_line(df: pd.DataFrame) -> str:
+    """Non-default architecture options of the models in ``df`` ("" if none)."""
+    pairs = sorted({(a, o) for a, o in zip(df["arch"], df["options"], strict=True) if o})
+    return "Options: " + "; ".join(f"{a} {o}" for a, o in pairs) + "." if pairs else ""
 
 
 # ----- formatting ------------------------------------------------------------------------------------

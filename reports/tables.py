@@ -23,6 +23,7 @@ from .rows import (
     fmt_number,
     model_labels,
     normalise,
+    options_line,
     pick,
     scale_for,
     workload_line,
@@ -109,11 +110,12 @@ def comparison(df: pd.DataFrame, quantities: list[Quantity], baseline: str = "ll
 
 
 def wide(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells: quantity, unit, then per model its value and (not the baseline) vs baseline."""
+    """Header and formatted cells: quantity, unit, source, then per model its value and (not the baseline) its
+    change vs the baseline."""
     baseline = table.attrs.get("baseline", "llava")
     models = [m for m in table.attrs.get("models", []) if m in set(table["model"])]
     base_models = [m for m in models if m.split(" ")[0] == baseline]
-    header = ["quantity", "unit"]
+    header = ["quantity", "unit", "source"]
     for m in models:
         header.append(m)
         if m not in base_models:
@@ -122,7 +124,7 @@ def wide(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     for quantity, group in table.groupby("quantity", sort=False):
         divisor, unit = scale_for(group["unit"].iloc[0], group["value"])
         by_model = {r["model"]: r for _, r in group.iterrows()}
-        row = [str(quantity), unit]
+        row = [str(quantity), unit, "/".join(dict.fromkeys(group["source"]))]
         for m in models:
             r = by_model.get(m)
             row.append(fmt_number(r["value"], divisor) if r is not None else "—")
@@ -136,7 +138,7 @@ def to_rich(table: pd.DataFrame, title: str = "", notes: list[str] | None = None
     header, body = wide(table)
     t = Table(title=title or None, caption="\n".join(notes or []), caption_justify="left")
     for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
+        t.add_column(h.replace(" vs ", "\nvs "), justify="left" if i < 3 else "right", no_wrap=True)
     for row in body:
         t.add_row(*row)
     return t
@@ -146,7 +148,7 @@ def to_markdown(table: pd.DataFrame, title: str = "", notes: list[str] | None = 
     header, body = wide(table)
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|")
+    lines.append("|" + "|".join([":---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in body]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -164,7 +166,7 @@ def to_latex(table: pd.DataFrame, title: str = "", notes: list[str] | None = Non
     """A booktabs tabular (needs ``\\usepackage{booktabs}``) with the notes as comments above it."""
     header, body = wide(table)
     lines = [f"% {latex_escape(n)}" for n in ([title] if title else []) + (notes or [])]
-    lines += [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule"]
+    lines += [r"\begin{tabular}{lll" + "r" * (len(header) - 3) + "}", r"\toprule"]
     lines.append(" & ".join(latex_escape(h) for h in header) + r" \\")
     lines.append(r"\midrule")
     lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in body]
@@ -193,4 +195,6 @@ def render(table: pd.DataFrame, fmt: str, title: str = "", notes: list[str] | No
 
 
 def notes_for(df: pd.DataFrame, scope: str, convention: str, extra: list[str] | None = None) -> list[str]:
-    return Conventions(scope, convention, [workload_line(normalise(df)), *(extra or [])]).lines(normalise(df))
+    df = normalise(df)
+    lines = [workload_line(df), options_line(df), *(extra or [])]
+    return Conventions(scope, convention, [line for line in lines if line]).lines(df)

@@ -33,7 +33,8 @@ def fake_profile(calls: list | None = None, fail: dict | None = None):
     ``fail`` maps (arch, visual_tokens) to an exception to raise; ``calls`` collects each call.
     """
 
-    def profile(arch: str, workload: Workload, llm="tiny-llm", vision="tiny-clip", options=None, measure="never"):
+    def profile(arch: str, workload: Workload, llm="tiny-llm", vision="tiny-clip", options=None, measure="never",
+                **kwargs):
         vis: VisionConfig = vision if isinstance(vision, VisionConfig) else vision_preset(vision)
         size = workload.image_size or vis.image_size
         per_image = (size // vis.patch_size) ** 2

@@ -12,6 +12,17 @@ from typer.testing import CliRunner
 from tests.reports_fakes import PER_TOKEN, fake_profile
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (no thread-pool spinning on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 TINY = ["--llm", "tiny-llm", "--vision", "tiny-clip", "--device", "cpu", "--dtype", "float32"]
 
 
@@ -100,3 +111,89 @@ def test_train_cost_command(fake, tmp_path):
     assert table.loc[("saisa", "finetune"), "flops"] == pytest.approx(flops)
     assert table.loc[("saisa", "finetune"), "gpu_hours"] == pytest.approx(flops / (989e12 * 0.5) / 3600)
     assert "paper reports 26%" in (tmp_path / "train_cost.md").read_text()
+
+
+# ----- end to end with the real profiler (tiny presets; FLOPs counted on meta tensors) -------------------
+MHA = ["--llm", "tiny-llm-mha", "--vision", "tiny-clip", "--device", "cpu", "--dtype", "float32"]
+TINY_FLAMINGO = ["-o", "flamingo.num_latents=4", "-o", "flamingo.resampler_depth=1", "-o",
+                 "flamingo.cross_attn_every=1"]
+
+
+def paper_formula(arch: str, text: int, visual: int) -> float:
+    from mllm_bench.reports.paper import paper_formula_flops
+
+    from mllm_bench.presets import llm_preset, vision_preset
+
+    return paper_formula_flops(arch, llm_preset("tiny-llm-mha"), vision_preset("tiny-clip"), text, visual)
+
+
+def test_compare_end_to_end_numbers(tmp_path):
+    out = tmp_path / "cmp"
+    result = invoke("compare", *MHA, *TINY_FLAMINGO, "--text-before", "4", "--text-after", "4", "--measure", "never",
+                    "--count", "all", "--format", "json", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["source"] for r in rows} == {"counted", "analytic"}
+    table = pd.read_csv(out / "comparison.csv")
+    prefill = table[table["quantity"] == "prefill FLOPs"].set_index("arch")
+    # the table's counted prefill FLOPs equal the SAISA paper's closed form (language scope, dense attention)
+    assert prefill.loc["llava", "value"] == paper_formula("llava", 8, 16)
+    assert prefill.loc["saisa", "value"] == paper_formula("saisa", 8, 16)
+    assert prefill.loc["saisa", "vs_baseline"] == pytest.approx(
+        paper_formula("saisa", 8, 16) / paper_formula("llava", 8, 16) - 1)
+    assert (prefill["source"] == "counted").all()
+    flamingo = [r for r in rows if r["arch"] == "flamingo"][0]
+    assert json.loads(flamingo["options"]) == {"cross_attn_every": 1, "num_latents": 4, "resampler_depth": 1}
+    md = (out / "comparison.md").read_text()
+    assert "| prefill FLOPs |" in md and "Options: flamingo" in md and "Scope: language" in md
+
+
+def test_compare_measured_on_cpu(tmp_path):
+    out = tmp_path / "m"
+    result = invoke("compare", *MHA, "--arch", "llava", "--stage", "finetune", "--measure", "always",
+                    "--min-seconds", "0.01", "--format", "csv", "--out", str(out), "--plots")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "comparison.csv").set_index("quantity")
+    assert table.loc["prefill latency (TTFT)", "value"] > 0
+    assert table.loc["train-step latency (finetune)", "source"] == "measured"
+    assert (out / "plots" / "memory_by_component.png").stat().st_size > 1000
+
+
+def test_sweep_end_to_end_numbers_and_resume(tmp_path):
+    args = ["sweep", "--vary", "visual_tokens=4,16,32", "--arch", "llava,saisa", *MHA, "--text-before", "4",
+            "--text-after", "4", "--out", str(tmp_path)]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    rows = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
+    sel = rows[(rows["metric"] == "prefill_flops") & (rows["source"] == "counted") & (rows["scope"] == "language")
+               & (rows["component"] == "all")]
+    got = {(r.arch, r.visual_tokens): r.value for r in sel.itertuples()}
+    # 4 tokens = one 16 px image (2×2 patches), 16 = one image, 32 = two images
+    assert set(sel["images_per_sample"]) == {1, 2} and set(sel["image_size"]) == {16, 32}
+    for arch in ("llava", "saisa"):
+        for v in (4, 16, 32):
+            assert got[arch, v] == paper_formula(arch, 8, v)
+    assert (tmp_path / "cost_vs_visual_tokens.png").exists()
+    second = invoke(*args)
+    assert second.exit_code == 0 and "0 points profiled, 6 already done" in " ".join(second.output.split())
+
+
+def test_train_cost_end_to_end(tmp_path):
+    from mllm_bench.profile import profile
+    from mllm_bench.workload import Workload
+
+    result = invoke("train-cost", "--arch", "llava,saisa", "--llm", "tiny-llm-mha", "--vision", "tiny-clip",
+                    "--pretrain-text", "1,7", "--finetune-text", "4,12", "--format", "csv", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "train_cost.csv").set_index(["arch", "stage"])
+    for arch in ("llava", "saisa"):
+        for stage, (before, after), samples in (("pretrain", (1, 7), 558_000), ("finetune", (4, 12), 665_000)):
+            rows = profile(arch, Workload(text_before=before, text_after=after, stage=stage), llm="tiny-llm-mha",
+                           vision="tiny-clip")
+            # train-cost's default: total scope, effective attention (analytic; counted rows are dense only)
+            want = rows[(rows["metric"] == "train_step_flops") & (rows["source"] == "analytic")
+                        & (rows["scope"] == "total") & (rows["convention"] == "effective")
+                        & (rows["component"] == "all") & (rows["role"] == "all")]["value"].item()
+            assert table.loc[(arch, stage), "flops"] == want * samples
+            assert table.loc[(arch, stage), "gpu_hours"] == pytest.approx(
+                table.loc[(arch, stage), "flops"] / (312e12 * 0.4) / 3600)

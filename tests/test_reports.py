@@ -50,14 +50,14 @@ def test_comparison_vs_baseline_and_renderers():
     assert math.isnan(got["prefill FLOPs", "llava"])
     assert ("KV cache / sample", "flamingo") not in got.index  # absent rows stay absent
     header, body = tables.wide(table)
-    assert header[:3] == ["quantity", "unit", "llava"] and "saisa vs llava" in header
+    assert header[:4] == ["quantity", "unit", "source", "llava"] and "saisa vs llava" in header
     prefill = next(r for r in body if r[0] == "prefill FLOPs")
-    assert prefill[1] == "TFLOP" and prefill[2] == "8.000" and "−75.0%" in prefill
+    assert prefill[1:4] == ["TFLOP", "counted", "8.000"] and "−75.0%" in prefill
     kv = next(r for r in body if r[0] == "KV cache / sample")
     assert kv[1] == "GiB" and "−50.0%" in kv
     notes = tables.notes_for(df, "language", "dense")
     md = tables.to_markdown(table, "t", notes)
-    assert "| prefill FLOPs | TFLOP | 8.000 |" in md and "2 FLOPs" in md and "dense" in md and "abc1234" in md
+    assert "| prefill FLOPs | TFLOP | counted | 8.000 |" in md and "2 FLOPs" in md and "dense" in md and "abc1234" in md
     tex = tables.to_latex(table, "t", notes)
     assert r"\toprule" in tex and r"$-$75.0\%" in tex
     csv = pd.read_csv(__import__("io").StringIO(tables.to_csv(table)))
