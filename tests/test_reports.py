@@ -118,3 +118,35 @@ def test_plots_write_png_and_pdf(tmp_path):
     sweep_rows = pd.concat([collect(["llava", "saisa"], Workload(images_per_sample=k), fake_profile(), "tiny-llm",
                                     "tiny-clip", stages=()) for k in (1, 2, 4)])
     assert len(plots.cost_curves(sweep_rows, "visual_tokens", tmp_path / "curve")) == 2
+
+
+def test_paper_regeneration_on_tiny_presets(tmp_path):
+    import torch
+    from mllm_bench.reports.paper import paper_formula_flops, regenerate
+
+    from mllm_bench.presets import llm_preset, vision_preset
+    from mllm_bench.profile import profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = regenerate(tmp_path, profile, llms=("tiny-llm-mha",), vision="tiny-clip",
+                            workload=Workload(text_before=4, text_after=4),
+                            options={"flamingo": {"num_latents": 4, "resampler_depth": 1, "cross_attn_every": 1}})
+    finally:
+        torch.set_num_threads(threads)
+    inf = result.inference.set_index("arch")
+    for arch in ("llava", "saisa"):  # counted == the paper's closed form (MHA, language scope, dense)
+        want = paper_formula_flops(arch, llm_preset("tiny-llm-mha"), vision_preset("tiny-clip"), 8) / 1e12
+        assert inf.loc[arch, "tflops_counted"] == pytest.approx(want, rel=1e-12)
+        assert inf.loc[arch, "tflops_analytic"] == pytest.approx(want, rel=0.005)
+    assert inf.loc["saisa", "vs_llava"] == pytest.approx(inf.loc["saisa", "tflops_counted"]
+                                                         / inf.loc["llava", "tflops_counted"] - 1)
+    names = {p.name for p in result.files}
+    assert {"README.md", "tradeoff.png", "tradeoff.pdf", "train_budget.md", "inference_flops_paper.csv",
+            "inference_flops_total_effective.md", "rows.json"} <= names
+    readme = (tmp_path / "README.md").read_text()
+    assert "mllm-bench paper" in readme and "## Assumptions" in readme and "26%" in readme
+    budget = result.budget.set_index(["arch", "stage"])
+    assert budget.loc[("saisa", "total"), "gpu_hours"] == pytest.approx(
+        budget.loc[("saisa", "pretrain"), "gpu_hours"] + budget.loc[("saisa", "finetune"), "gpu_hours"])
