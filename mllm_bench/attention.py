@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import ConfigError
 from .masks import AttentionMask, mask_mod
@@ -142,6 +140,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
         elif blk.num_queries == blk.num_keys:
             outs.append(_sdpa(qb, kb, vb, is_causal=True))
         else:
+            from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: load when used
+
             outs.append(_sdpa(qb, kb, vb, attn_mask=causal_lower_right(blk.num_queries, blk.num_keys)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -151,6 +151,8 @@ _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 def _eager_flex(*args: Any, **kwargs: Any) -> torch.Tensor:
     """torch's unfused FlexAttention (CPU tests), without its "use torch.compile" warning."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(*args, **kwargs)
@@ -162,6 +164,8 @@ def _flex_fn(device: torch.device) -> Callable[..., torch.Tensor]:
     if device.type != "cuda":
         return _eager_flex
     if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
@@ -169,6 +173,8 @@ def _flex_fn(device: torch.device) -> Callable[..., torch.Tensor]:
 def block_mask(mask: AttentionMask, device: torch.device) -> Any:
     """The FlexAttention block mask of ``mask`` (memoised on it: built once, used by every layer)."""
     if "block_mask" not in mask.memo:
+        from torch.nn.attention.flex_attention import create_block_mask
+
         b, tq, tk = mask.q_pos.shape[0], mask.num_queries, mask.num_keys
         mask.memo["block_mask"] = create_block_mask(mask_mod(mask), b, None, tq, tk, device=device)
     return mask.memo["block_mask"]
