@@ -65,7 +65,11 @@ def train_cost(
     with progress_bar(len(archs) * len(recipe), "counting training FLOPs") as advance:
         table, rows = budget.train_cost(archs, profile, recipe, llm, vision, options, device, mfu, scope.value,
                                         convention.value, baseline, advance)
-    notes = budget.budget_notes(table, recipe)
+    break_even = {}
+    if {"llava", "saisa"} <= set(archs) and llm in budget.LLAVA_REPORTED_HOURS:
+        break_even[llm] = budget.finetune_text_for_reduction(profile, recipe, llm, vision, scope=scope.value,
+                                                              convention=convention.value)
+    notes = budget.budget_notes(table, recipe, break_even)
     markdown = budget.to_markdown(table, notes)
     if fmt is Format.csv:
         typer.echo(table.to_csv(index=False), nl=False)

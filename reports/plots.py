@@ -6,6 +6,7 @@ Every figure carries a footnote with its conventions (FLOP = 2 MAC, scope, atten
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,8 +45,11 @@ def save(fig: plt.Figure, stem: str | Path, footnote: str = "") -> list[Path]:
     """Save ``fig`` as ``stem.png`` and ``stem.pdf`` with ``footnote`` under it; returns the paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    if footnote:
-        fig.text(0.01, 0.005, footnote, fontsize=7.5, color="0.35", ha="left", va="bottom", wrap=True)
+    if footnote:  # under everything already drawn (labels, legends), wrapped to the figure's width
+        box = fig.get_tightbbox(fig.canvas.get_renderer())
+        width, height = fig.get_size_inches()
+        text = textwrap.fill(footnote, max(int((box.x1 - box.x0) * 15), 40))
+        fig.text(box.x0 / width, (box.y0 - 0.06) / height, text, fontsize=7.5, color="0.35", ha="left", va="top")
     paths = []
     for ext in ("png", "pdf"):
         path = stem.with_suffix(f".{ext}")
@@ -255,22 +259,30 @@ def default_curve_panels(scope: str, convention: str) -> list[tuple[str, dict[st
 # ----- training vs inference trade-off (the SAISA paper's Figure 1 style) ------------------------------
 def tradeoff(points: pd.DataFrame, stem: str | Path, x_label: str = "training budget (GPU-hours)",
              y_label: str = "inference TFLOPs", footnote: str = "") -> list[Path]:
-    """Scatter of ``points`` (columns label, arch, x, y[, group]): lower-left is better on both axes."""
+    """Scatter of ``points`` (columns arch, x, y[, group]): lower-left is better on both axes.
+
+    Colour = architecture, marker = group (e.g. LLM size); both explained in legends, so labels never collide.
+    """
     _style()
     groups = list(dict.fromkeys(points["group"])) if "group" in points.columns else [""]
     markers = ["o", "s", "^", "D"]
-    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    fig, ax = plt.subplots(figsize=(5.4, 4.0))
     for g_i, g in enumerate(groups):
         sel = points[points["group"] == g] if g else points
         for i, (_, p) in enumerate(sel.iterrows()):
-            ax.scatter(p["x"], p["y"], s=140, marker=markers[g_i % len(markers)], color=arch_color(p["arch"], i),
+            ax.scatter(p["x"], p["y"], s=150, marker=markers[g_i % len(markers)], color=arch_color(p["arch"], i),
                        edgecolor="black", linewidth=0.6, zorder=3)
-            ax.annotate(f"{ARCH_NAMES.get(p['arch'], p['arch'])}" + (f" ({g})" if g else ""), (p["x"], p["y"]),
-                        textcoords="offset points", xytext=(8, 6), fontsize=8.5)
+    archs = list(dict.fromkeys(points["arch"]))
+    handles = [plt.Line2D([], [], ls="", marker="o", ms=9, color=arch_color(a, i), markeredgecolor="black",
+                          label=ARCH_NAMES.get(a, a)) for i, a in enumerate(archs)]
+    if groups != [""]:
+        handles += [plt.Line2D([], [], ls="", marker=markers[i % len(markers)], ms=9, color="0.85",
+                               markeredgecolor="black", label=g) for i, g in enumerate(groups)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     xmax, ymax = points["x"].max(), points["y"].max()
-    ax.set_xlim(0, xmax * 1.35)
-    ax.set_ylim(0, ymax * 1.2)
-    ax.annotate("better", xy=(0.04, 0.70), xytext=(0.17, 0.88), xycoords="axes fraction", fontsize=9, color="0.3",
+    ax.set_xlim(0, xmax * 1.1)
+    ax.set_ylim(0, ymax * 1.12)
+    ax.annotate("better", xy=(0.05, 0.62), xytext=(0.2, 0.85), xycoords="axes fraction", fontsize=9, color="0.3",
                 arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 1.5})
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)

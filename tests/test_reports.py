@@ -144,7 +144,7 @@ def test_paper_regeneration_on_tiny_presets(tmp_path):
                                                          / inf.loc["llava", "tflops_counted"] - 1)
     names = {p.name for p in result.files}
     assert {"README.md", "tradeoff.png", "tradeoff.pdf", "train_budget.md", "inference_flops_paper.csv",
-            "inference_flops_total_effective.md", "rows.json"} <= names
+            "inference_flops_total_effective.md", "rows.csv"} <= names
     readme = (tmp_path / "README.md").read_text()
     assert "mllm-bench paper" in readme and "## Assumptions" in readme and "26%" in readme
     budget = result.budget.set_index(["arch", "stage"])

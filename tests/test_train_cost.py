@@ -28,7 +28,7 @@ def test_budget_arithmetic():
     assert math.isnan(t.loc[("llava", "total"), "vs_baseline"])
     notes = tc.budget_notes(table, recipe)
     text = "\n".join(notes)
-    assert "26%" in text and "1 tokens before" in text and "MFU 0.50" in text
+    assert "26%" in text and "1 token(s) before" in text and "MFU 0.50" in text
     md = tc.to_markdown(table, notes)
     assert "| tiny-llm | saisa | **total** |" in md and "−50.0%" in md
     assert set(rows["stage"]) == {"pretrain", "finetune"}
@@ -48,3 +48,20 @@ def test_implied_mfu_and_validation():
         tc.peak_flops("tpu")
     with pytest.raises(ConfigError, match="baseline"):
         tc.train_cost(["saisa"], fake_profile(), recipe)
+
+
+def test_break_even_text_length_brackets_the_target():
+    from mllm_bench.profile import profile
+
+    recipe = tc.llava15_recipe((1, 7), (4, 12), pretrain_samples=100, finetune_samples=100)
+    tokens = tc.finetune_text_for_reduction(profile, recipe, "tiny-llm-mha", "tiny-clip", target=0.3, max_tokens=512)
+    assert tokens is not None
+
+    def reduction(after: int) -> float:
+        r = tc.llava15_recipe((1, 7), (4, after), pretrain_samples=100, finetune_samples=100)
+        table, _ = tc.train_cost(["llava", "saisa"], profile, r, "tiny-llm-mha", "tiny-clip")
+        return -table.set_index(["arch", "stage"]).loc[("saisa", "total"), "vs_baseline"]
+
+    assert reduction(tokens) <= 0.3 < reduction(max(tokens - 8, 1))
+    assert tc.finetune_text_for_reduction(profile, recipe, "tiny-llm-mha", "tiny-clip", target=0.01,
+                                          max_tokens=512) is None  # never that small within the window
