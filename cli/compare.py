@@ -127,8 +127,8 @@ def write_plots(rows: pd.DataFrame, folder: Path, scope: str, convention: str, s
     """Component FLOPs, memory and (with measurements) roofline plots of one comparison."""
     from mllm_bench.reports import plots  # matplotlib loads only when plotting
 
-    panels = [("prefill_flops", "inference", "inference: prefill")]
-    panels += [("train_step_flops", s, f"training step: {s}") for s in stages]
+    panels = [("prefill_flops", "inference", "inference: prefill"),
+              ("train_step_flops", stages[-1], f"training step: {stages[-1]}")]
     written = plots.flops_by_component(rows, folder / "flops_by_component", scope, convention, panels)
     written += plots.memory_by_component(rows, folder / "memory_by_component", stages[-1])
     written += roofline_if_measured(rows, folder / "roofline")

@@ -70,6 +70,14 @@ def footnote_for(scope: str = "", convention: str = "", extra: str = "") -> str:
     return "; ".join(parts)
 
 
+def _model_ticks(ax: plt.Axes, names: list[str]) -> None:
+    """Model names under bars; long or many names are slanted so neighbours never overlap."""
+    width_in = ax.get_position().width * ax.figure.get_figwidth()
+    slant = sum(len(n) + 3 for n in names) > 9 * width_in  # ~9 characters per inch at this font size
+    ax.set_xticks(range(len(names)), names, rotation=25 if slant else 0, ha="right" if slant else "center",
+                  rotation_mode="anchor")
+
+
 def _pretty(label: str) -> str:
     arch, _, rest = label.partition(" ")
     return ARCH_NAMES.get(arch, arch) + (f" {rest}" if rest else "")
@@ -116,7 +124,7 @@ def flops_by_component(
             bottom += vals
         for i, total in enumerate(bottom):
             ax.text(i, total, f"{total:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(keys)), [_pretty(labels[k]) for k in keys], rotation=15 if len(keys) > 3 else 0)
+        _model_ticks(ax, [_pretty(labels[k]) for k in keys])
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, bottom.max() * 1.12 if len(bottom) else 1)
@@ -194,8 +202,8 @@ def cost_curves(
                 ys = sel["value"].to_numpy(dtype=float) / divisor
                 name = _pretty(labels[key]) + (f", {hue}={h}" if hue else "")
                 # later models drawn thinner, so curves that coincide (e.g. equal KV caches) stay visible
-                ax.plot(xs, ys, styles[h_i % len(styles)], marker="o", ms=max(5.5 - 1.3 * m_i, 2.5),
-                        color=arch_color(key[0], m_i), label=name, lw=max(3.0 - 0.8 * m_i, 0.9))
+                ax.plot(xs, ys, styles[h_i % len(styles)], marker="o", ms=max(6.0 - 1.2 * m_i, 3.0),
+                        color=arch_color(key[0], m_i), label=name, lw=max(2.4 - 0.6 * m_i, 1.0))
                 curves[(h, key)] = (xs, ys)
         _mark_crossovers(ax, curves)
         ax.set_xlabel(X_NAMES.get(x, x))
@@ -205,7 +213,7 @@ def cost_curves(
             ax.set_xticks(range(len(set(rows[x]))), sorted(set(rows[x]), key=_sort_key))
         if numeric_x:
             xs_all = sorted({_sort_key(v) for v in rows[x]})
-            if len(xs_all) > 2 and xs_all[-1] / max(xs_all[0], 1e-9) >= 16:
+            if len(xs_all) > 2 and xs_all[-1] / max(xs_all[0], 1e-9) >= 64:  # else linear keeps ticks apart
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(xs_all, [f"{v:g}" for v in xs_all])
                 ax.minorticks_off()
@@ -304,7 +312,8 @@ def memory_by_component(df: pd.DataFrame, stem: str | Path, stage: str = "finetu
     inference = [("weights", pick(df, "weights_bytes", stage=("inference",))),
                  ("KV cache, visual", pick(df, "kv_cache_bytes", role="visual")),
                  ("KV cache, text", pick(df, "kv_cache_bytes", role="text"))]
-    training = [(name, pick(df, metric, stage=stage)) for metric, name in MEMORY_PARTS]
+    training = [(name, pick(df, metric, stage=("inference",) if metric == "weights_bytes" else stage))
+                for metric, name in MEMORY_PARTS]
     for title, parts in (("inference (per sample KV)", inference), (f"training step ({stage})", training)):
         parts = [(n, r[r["role"].isin(["all", ""]) | (r["metric"] == "kv_cache_bytes")]) for n, r in parts]
         if any(not r.empty for _, r in parts[1:]):
@@ -326,7 +335,7 @@ def memory_by_component(df: pd.DataFrame, stem: str | Path, stage: str = "finetu
             bottom += vals
         for i, total in enumerate(bottom):
             ax.text(i, total, f"{total:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(keys)), [_pretty(labels[k]) for k in keys], rotation=15 if len(keys) > 3 else 0)
+        _model_ticks(ax, [_pretty(labels[k]) for k in keys])
         ax.set_ylabel(unit)
         ax.set_ylim(0, max(bottom.max(), 1e-9) * 1.12)
         ax.set_title(title, fontsize=10)
