@@ -214,7 +214,8 @@ latents of the preceding image).
 ![training budget vs inference FLOPs](tradeoff.png)
 
 FLOPs by component (total scope, effective attention): `flops_by_component_vicuna-7b.png`,
-`flops_by_component_vicuna-13b.png`.
+`flops_by_component_vicuna-13b.png` (prefill: the paper's workload; training step: one finetune sample of
+the budget recipe, 40 + 216 text tokens).
 
 ## Assumptions
 
