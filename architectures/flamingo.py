@@ -360,14 +360,11 @@ class Flamingo(MLLM):
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         x = self.language_model.embed_tokens(tokens.view(-1, 1))
-        pos = cache.next_pos.view(-1, 1)
-        ones = torch.ones_like(pos, dtype=torch.bool)
-        cache.add_keys(pos, ones, ~ones)
-        mask = AttentionMask(pos, cache.k_pos, ones, cache.k_valid, ~ones, cache.k_visual, True)
+        pos, mask = cache.step()
         kv = cache.extra["cross_attn_kv"]
-        media = MediaMask(None, ones if kv is not None else ~ones)
+        has_media = torch.full_like(pos, kv is not None, dtype=torch.bool)
+        media = MediaMask(None, has_media)
         hidden = self.run_decoder(x, pos, mask, kv, media, cache)
-        cache.next_pos = cache.next_pos + 1
         return self.lm_head(hidden[:, -1]), cache
 
     def cross_attn_cache_nbytes(self, cache: KVCache) -> int:

@@ -12,7 +12,6 @@ vision tower stays frozen in both).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
 from mllm_bench.config import LLMConfig, VisionConfig
@@ -20,21 +19,9 @@ from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
+from mllm_bench.projector import MLPProjector
 from mllm_bench.vision import encode_images
 from mllm_bench.workload import Workload
-
-
-class MultiModalProjector(nn.Module):
-    """``mlp2x_gelu``: Linear(vision → h), GELU, Linear(h → h), with bias (transformers' names)."""
-
-    def __init__(self, vision_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, hidden)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 def scatter_rows(length: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -59,7 +46,7 @@ class LLaVA(MLLM):
 
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
         super().__init__(llm, vision, options)
-        self.multi_modal_projector = MultiModalProjector(vision.hidden_size, llm.hidden_size)
+        self.multi_modal_projector = MLPProjector(vision.hidden_size, llm.hidden_size)
 
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
         if stage == "pretrain":
@@ -115,14 +102,4 @@ class LLaVA(MLLM):
         hidden = self.language_model(x, layout.positions, mask, cache)
         cache.add_keys(layout.positions, layout.valid, layout.is_visual)
         cache.next_pos = layout.positions[:, -1] + 1
-        return self.lm_head(hidden[:, -1]), cache
-
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
-        x = self.language_model.embed_tokens(tokens.view(-1, 1))
-        pos = cache.next_pos.view(-1, 1)
-        ones = torch.ones_like(pos, dtype=torch.bool)
-        cache.add_keys(pos, ones, ~ones)
-        mask = AttentionMask(pos, cache.k_pos, ones, cache.k_valid, ~ones, cache.k_visual, True)
-        hidden = self.language_model(x, pos, mask, cache)
-        cache.next_pos = cache.next_pos + 1
         return self.lm_head(hidden[:, -1]), cache

@@ -34,21 +34,9 @@ from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
+from mllm_bench.projector import MLPProjector
 from mllm_bench.vision import encode_images
 from mllm_bench.workload import Workload
-
-
-class LayerProjector(nn.Module):
-    """One decoder layer's visual projector: Linear(vision → h), GELU, Linear(h → h), with bias."""
-
-    def __init__(self, vision_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, hidden)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -87,7 +75,7 @@ class SAISA(MLLM):
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
         super().__init__(llm, vision, options)
         self.mm_projectors = nn.ModuleList(
-            LayerProjector(vision.hidden_size, llm.hidden_size) for _ in range(llm.num_layers)
+            MLPProjector(vision.hidden_size, llm.hidden_size) for _ in range(llm.num_layers)
         )
 
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
@@ -145,14 +133,4 @@ class SAISA(MLLM):
         """Logits of the last text token and a cache with every layer's visual and text keys/values."""
         cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, batch.input_ids.device)
         hidden = self._run(batch, cache)
-        return self.lm_head(hidden[:, -1]), cache
-
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
-        x = self.language_model.embed_tokens(tokens.view(-1, 1))
-        pos = cache.next_pos.view(-1, 1)
-        ones = torch.ones_like(pos, dtype=torch.bool)
-        cache.add_keys(pos, ones, ~ones)
-        mask = AttentionMask(pos, cache.k_pos, ones, cache.k_valid, ~ones, cache.k_visual, True)
-        hidden = self.language_model(x, pos, mask, cache)
-        cache.next_pos = cache.next_pos + 1
         return self.lm_head(hidden[:, -1]), cache

@@ -98,6 +98,14 @@ class KVCache:
     def length(self) -> int:
         return self.k_pos.shape[1]
 
+    def step(self) -> tuple[torch.Tensor, AttentionMask]:
+        """Register one new text token per sample: its positions (B, 1) and its mask over the cache."""
+        pos = self.next_pos.view(-1, 1)
+        ones = torch.ones_like(pos, dtype=torch.bool)
+        self.add_keys(pos, ones, ~ones)
+        self.next_pos = self.next_pos + 1
+        return pos, AttentionMask(pos, self.k_pos, ones, self.k_valid, ~ones, self.k_visual, True)
+
     def nbytes(self) -> dict[str, int]:
         """Bytes of self-attention keys+values held, split into visual and text keys."""
         per_token = sum(kv.k.element_size() * kv.k[0, :, 0].numel() * 2 for kv in self.layers if kv.k is not None)

@@ -77,9 +77,16 @@ class MLLM(nn.Module, ABC):
     def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
         """Process the prompt: logits (B, V) of its last token and the cache to decode from."""
 
-    @abstractmethod
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """One step: tokens (B,) appended after the cache; returns logits (B, V) and the grown cache."""
+        """One step: tokens (B,) appended after the cache; returns logits (B, V) and the grown cache.
+
+        The default runs the new text token through the decoder against the self-attention cache
+        (LLaVA, NAAViT, SAISA); architectures with more state (Flamingo) override it.
+        """
+        x = self.language_model.embed_tokens(tokens.view(-1, 1))
+        pos, mask = cache.step()
+        hidden = self.language_model(x, pos, mask, cache)
+        return self.lm_head(hidden[:, -1]), cache
 
     @abstractmethod
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
