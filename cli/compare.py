@@ -8,10 +8,10 @@ import pandas as pd
 import typer
 from mllm_bench.reports import tables
 from mllm_bench.reports.collect import collect, steps
-from mllm_bench.reports.store import append_sqlite, atomic_write_text, rows_to_json, write_rows
 from rich.console import Console
 
 from mllm_bench.config import ConfigError
+from mllm_bench.results import append_sqlite, atomic_write_text, rows_to_json, write_rows
 from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from .common import (

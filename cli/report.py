@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports.store import concat_rows, read_rows
 
 from mllm_bench.config import ConfigError
+from mllm_bench.results import concat_rows, read_results
 
 from .common import Convention, Format, Scope, handle_errors, parse_archs, parse_stages, split_list
 from .compare import emit
@@ -28,7 +28,7 @@ def report(
     make_plots: bool = typer.Option(False, "--plots", help="Rebuild plots under OUT."),
 ) -> None:
     """Rebuild tables/plots from saved rows without profiling again."""
-    rows = concat_rows(read_rows(p) for p in inputs)
+    rows = concat_rows(read_results(p) for p in inputs)
     if rows.empty:
         raise ConfigError("the input files hold no result rows")
     archs = split_list(arch) or sorted(set(rows["arch"]))

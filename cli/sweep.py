@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports.store import append_sqlite
 from mllm_bench.reports.sweep import VARY_FIELDS, expand, parse_vary, run_sweep, write_sweep
 
+from mllm_bench.results import append_sqlite
 from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from .common import (

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 from mllm_bench.reports import train_cost as budget
-from mllm_bench.reports.store import atomic_write_text, write_rows
 
 from mllm_bench.config import ConfigError
+from mllm_bench.results import atomic_write_text, write_rows
 
 from .common import (
     Convention,

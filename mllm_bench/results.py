@@ -1,12 +1,15 @@
-"""Tidy result rows (one metric per row), as a pandas DataFrame, with atomic JSON/CSV writers and SQLite.
+"""Tidy result rows (one metric per row) as a pandas DataFrame: schema, atomic JSON/CSV writers, readers, SQLite.
 
 The columns are the contract between the profiler and the reports/CLI; :data:`COLUMNS` lists them
-in order. Text fields not applicable to a row are ``""``; ``value`` is a float.
+in order. Text fields not applicable to a row are ``""``; ``value`` is a float (NaN where unknown).
+Frames may carry extra columns (a sweep adds ``status``, ``sweep_key``, ``error``); every writer and
+reader here keeps them. JSON is always valid: NaN and infinities are written as ``null``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -14,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .config import ConfigError
@@ -27,6 +31,13 @@ ENVIRONMENT = ("device_name", "attention_backend", "torch_version", "transformer
 # ``note`` says how a measured number was obtained (e.g. ``cpu_rss_peak_delta``); "" otherwise.
 COLUMNS: tuple[str, ...] = IDENTITY + MEASURE + WORKLOAD + ENVIRONMENT + ("note",)
 NUMERIC = ("value",)
+# Workload counts: integers, or blank where a row has none (kept as read: "" in JSON, NaN in CSV/SQLite).
+COUNTS = ("batch_size", "images_per_sample", "image_size", "visual_tokens", "text_tokens", "text_before",
+          "text_after", "generate_tokens", "context_len")
+TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NUMERIC + COUNTS)
+ROW_FILE_SUFFIXES = (".json", ".csv")
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+SQLITE_TABLE = "results"
 UNITS = ("params", "FLOP", "bytes", "s", "FLOP/s", "ratio", "tokens/s")
 SOURCES = ("analytic", "counted", "measured")
 
@@ -58,24 +69,46 @@ def make_row(base: dict[str, Any], metric: str, value: float, source: str, **fie
     return row
 
 
-def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Rows as a DataFrame with exactly :data:`COLUMNS` (missing text fields are "")."""
-    df = pd.DataFrame(list(rows))
-    for c in COLUMNS:
-        if c not in df.columns:
-            df[c] = ""
-    df = df[list(COLUMNS)]
-    df["value"] = df["value"].astype(float)
-    return df
+def to_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """Rows as a DataFrame: :data:`COLUMNS` first and in order, then any extra columns (see :func:`normalise`)."""
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(list(rows))
+    return normalise(df)
 
 
-def _atomic_write(path: str | Path, text: str) -> Path:
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy with every schema column present (missing ones ""), blank text as "" (CSV/SQLite give NaN),
+    ``value`` as float, schema columns first and extra columns after them (blank as "" when not numeric)."""
+    out = df.reset_index(drop=True).copy()
+    for col in COLUMNS:
+        if col not in out.columns:
+            out[col] = ""
+    for col in TEXT_COLUMNS:
+        out[col] = out[col].astype(object).where(out[col].notna(), "").astype(str)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
+    extra = [c for c in out.columns if c not in COLUMNS]
+    for col in extra:
+        if not pd.api.types.is_numeric_dtype(out[col]):
+            out[col] = out[col].where(out[col].notna(), "")
+    return out[list(COLUMNS) + extra]
+
+
+def concat_rows(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """The non-empty frames one after another (an empty frame when there are none)."""
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ----- writing -----------------------------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` through a temporary file, fsync and rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,35 +116,104 @@ def _atomic_write(path: str | Path, text: str) -> Path:
     return path
 
 
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def rows_to_json(df: pd.DataFrame) -> str:
+    """Rows as a JSON list of objects, every column kept; NaN/inf become ``null`` (always valid JSON)."""
+    records = [{k: _json_value(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
+    return json.dumps(records, indent=1, allow_nan=False, default=str) + "\n"
+
+
 def write_json(df: pd.DataFrame, path: str | Path) -> Path:
-    """Atomically write rows as a JSON list of objects."""
-    return _atomic_write(path, json.dumps(df.to_dict(orient="records"), indent=1, default=str) + "\n")
+    """Atomically write rows as a JSON list of objects (see :func:`rows_to_json`)."""
+    return atomic_write_text(path, rows_to_json(df))
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
-    """Atomically write rows as CSV."""
-    return _atomic_write(path, df.to_csv(index=False))
+    """Atomically write rows as CSV (NaN as an empty field)."""
+    return atomic_write_text(path, df.to_csv(index=False))
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """Rows from a JSON or CSV file written here (or a SQLite file's ``results`` table)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"results file {str(p)!r} does not exist")
-    if p.suffix == ".json":
-        return to_frame(json.loads(p.read_text()))
-    if p.suffix == ".csv":
-        return to_frame(pd.read_csv(p, keep_default_na=False).to_dict(orient="records"))
-    if p.suffix in (".db", ".sqlite", ".sqlite3"):
-        with sqlite3.connect(p) as con:
-            return to_frame(pd.read_sql("SELECT * FROM results", con).to_dict(orient="records"))
-    raise ConfigError(f"results file {str(p)!r} must end in .json, .csv, .db or .sqlite")
+def write_rows(df: pd.DataFrame, path: str | Path) -> Path:
+    """Atomically write rows as ``.json`` or ``.csv``, chosen by the suffix."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return write_json(df, path)
+    if path.suffix == ".csv":
+        return write_csv(df, path)
+    raise ConfigError(f"result file {str(path)!r}: suffix must be one of {list(ROW_FILE_SUFFIXES)}")
 
 
-def append_sqlite(df: pd.DataFrame, path: str | Path, table: str = "results") -> Path:
-    """Append rows to ``table`` of a SQLite file (created when missing)."""
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def append_sqlite(df: pd.DataFrame, path: str | Path, table: str = SQLITE_TABLE) -> int:
+    """Append rows to ``table`` of a SQLite file (created when missing; columns it lacks are added).
+
+    Returns the number of rows written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path) as con:
-        df[list(COLUMNS)].to_sql(table, con, if_exists="append", index=False)
-    return path
+        have = {r[1] for r in con.execute(f"pragma table_info({_quote(table)})")}
+        if have:
+            for col in df.columns:
+                if col not in have:
+                    con.execute(f"alter table {_quote(table)} add column {_quote(str(col))}")
+        df.to_sql(table, con, if_exists="append", index=False)
+    return len(df)
+
+
+# ----- reading -----------------------------------------------------------------------------------------
+def read_results(path: str | Path, table: str = SQLITE_TABLE) -> pd.DataFrame:
+    """Rows from a ``.json``/``.csv`` file written here, a SQLite file's ``table``, or a folder of row files.
+
+    A folder gives the rows of every ``.json``/``.csv`` file in it that holds tidy rows (others, such as a
+    sweep's manifest or a comparison table, are skipped). Returns :func:`normalise` of the rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"result path {str(path)!r} does not exist")
+    if path.is_dir():
+        files = [p for p in sorted(path.iterdir()) if p.suffix in ROW_FILE_SUFFIXES and not p.name.startswith(".")]
+        files = [p for p in files if _holds_rows(p)]
+        if not files:
+            raise ConfigError(f"folder {str(path)!r} holds no result files (.json or .csv of tidy rows)")
+        return concat_rows(read_results(p) for p in files)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ConfigError(f"{str(path)!r} is not a JSON list of result rows")
+        df = pd.DataFrame.from_records(data)
+    elif path.suffix == ".csv":
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(TEXT_COLUMNS, str))
+    elif path.suffix in SQLITE_SUFFIXES:
+        with sqlite3.connect(path) as con:
+            if not con.execute("select 1 from sqlite_master where type='table' and name=?", (table,)).fetchone():
+                raise ConfigError(f"SQLite file {str(path)!r} has no table {table!r}")
+            df = pd.read_sql(f"select * from {_quote(table)}", con)
+    else:
+        raise ConfigError(f"result file {str(path)!r}: suffix must be one of "
+                          f"{list(ROW_FILE_SUFFIXES + SQLITE_SUFFIXES)}")
+    if "metric" not in df.columns or "value" not in df.columns:
+        raise ConfigError(f"{str(path)!r} holds no result rows (columns 'metric' and 'value' missing)")
+    return normalise(df)
+
+
+def _holds_rows(path: Path) -> bool:
+    if path.suffix == ".csv":
+        with path.open() as f:
+            return "metric" in f.readline().strip().split(",")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "metric" in data[0]

@@ -8,9 +8,8 @@ from typing import Any
 import pandas as pd
 
 from mllm_bench.config import ConfigError
+from mllm_bench.results import concat_rows
 from mllm_bench.workload import Workload
-
-from .store import concat_rows
 
 ProfileFn = Callable[..., pd.DataFrame]
 COUNT_CHOICES = ("all", "inference", "none")

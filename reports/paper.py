@@ -16,12 +16,12 @@ import pandas as pd
 
 from mllm_bench.config import LLMConfig, VisionConfig
 from mllm_bench.presets import llm_preset, vision_preset
+from mllm_bench.results import atomic_write_text, concat_rows, write_rows
 from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from . import plots, train_cost
 from .collect import dedupe
 from .rows import environment_line, normalise, pick
-from .store import atomic_write_text, concat_rows, write_rows
 
 PAPER_ARCHS = ("llava", "flamingo", "saisa")
 PAPER_LLMS = ("vicuna-7b", "vicuna-13b")

@@ -31,9 +31,8 @@ import torch
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
 from mllm_bench.presets import LLM_PRESETS, vision_preset
+from mllm_bench.results import atomic_write_text, concat_rows, rows_to_json, write_rows
 from mllm_bench.workload import Workload
-
-from .store import atomic_write_text, concat_rows, rows_to_json, write_rows
 
 VARY_FIELDS: tuple[str, ...] = (
     "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "images_per_sample", "llm",

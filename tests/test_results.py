@@ -1,0 +1,98 @@
+"""Result files: NaN written as valid JSON, extra (sweep) columns kept by every writer, reader and SQLite."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from mllm_bench.config import ConfigError
+from mllm_bench.results import (
+    COLUMNS,
+    append_sqlite,
+    make_row,
+    read_results,
+    rows_to_json,
+    to_frame,
+    write_rows,
+)
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses NaN/Infinity (which are not JSON)."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+
+
+def rows() -> pd.DataFrame:
+    base = {"arch": "llava", "llm": "tiny-llm", "batch_size": 1, "git_commit": "0012345"}
+    ok = to_frame([make_row(base, "prefill_flops", 1.5e9, "counted", scope="language"),
+                   make_row(base, "mfu", float("nan"), "measured"),
+                   make_row(base, "tokens_per_s", float("inf"), "measured")])
+    ok = ok.assign(status="ok", sweep_key="k1", error="")
+    oom = pd.DataFrame([{"arch": "saisa", "metric": "oom", "value": 1.0, "status": "oom", "sweep_key": "k2",
+                         "error": "OutOfMemoryError: CUDA out of memory"}])
+    return pd.concat([ok, oom], ignore_index=True)
+
+
+def test_json_is_valid_with_nan_and_inf():
+    data = strict_json(rows_to_json(rows()))
+    assert [r["value"] for r in data] == [1.5e9, None, None, 1.0]
+    assert data[3]["metric"] == "oom" and data[3]["error"].startswith("OutOfMemoryError")
+
+
+@pytest.mark.parametrize("name", ["r.json", "r.csv"])
+def test_files_keep_extra_columns_and_nan(tmp_path, name):
+    path = write_rows(rows(), tmp_path / name)
+    if name.endswith(".json"):
+        strict_json(path.read_text())
+    back = read_results(path)
+    assert list(back.columns[: len(COLUMNS)]) == list(COLUMNS)  # schema first, extras after
+    assert back["status"].tolist() == ["ok", "ok", "ok", "oom"] and back["sweep_key"].tolist()[-1] == "k2"
+    assert back["error"].tolist()[-1] == "OutOfMemoryError: CUDA out of memory"
+    assert back["metric"].tolist() == ["prefill_flops", "mfu", "tokens_per_s", "oom"]
+    assert back["value"].iloc[0] == 1.5e9 and math.isnan(back["value"].iloc[1])
+    assert not math.isfinite(back["value"].iloc[2])  # inf: null in JSON (NaN), inf in CSV
+    assert back["git_commit"].tolist()[0] == "0012345"  # text columns stay text (no leading zeros lost)
+    assert back["scope"].tolist() == ["language", "", "", ""]  # blanks are "" again, not NaN
+
+
+def test_sqlite_append_adds_columns(tmp_path):
+    db = tmp_path / "r.db"
+    plain = rows().drop(columns=["status", "sweep_key", "error"]).iloc[:3]
+    assert append_sqlite(plain, db) == 3
+    assert append_sqlite(rows(), db) == 4  # the table gains status, sweep_key, error
+    with sqlite3.connect(db) as con:
+        cols = [r[1] for r in con.execute("pragma table_info(results)")]
+    assert {"status", "sweep_key", "error"} <= set(cols)
+    back = read_results(db)
+    assert len(back) == 7 and back["status"].tolist() == ["", "", "", "ok", "ok", "ok", "oom"]
+    assert math.isnan(back["value"].iloc[1])  # NaN stored as NULL, read back as NaN
+    with pytest.raises(ConfigError, match="no table 'other'"):
+        read_results(db, table="other")
+
+
+def test_folder_reads_only_row_files(tmp_path):
+    write_rows(rows(), tmp_path / "results.json")
+    (tmp_path / "sweep.json").write_text('{"vary": {}}')  # a manifest, not rows
+    (tmp_path / "comparison.csv").write_text("quantity,arch,value\nprefill FLOPs,llava,1\n")  # a table
+    back = read_results(tmp_path)
+    assert len(back) == 4 and "status" in back.columns
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no result files"):
+        read_results(tmp_path / "empty")
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "dict.json").write_text('{"metric": "params"}')
+    with pytest.raises(ConfigError, match="not a JSON list"):
+        read_results(tmp_path / "dict.json")
+    (tmp_path / "table.csv").write_text("quantity,value\nx,1\n")
+    with pytest.raises(ConfigError, match="columns 'metric' and 'value' missing"):
+        read_results(tmp_path / "table.csv")
+    with pytest.raises(ConfigError, match="suffix must be one of"):
+        write_rows(rows(), tmp_path / "r.txt")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_results(tmp_path / "missing.json")
