@@ -36,36 +36,31 @@ import gc
 import json
 import math
 import re
-import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import mllm_bench
 from mllm_bench import Workload, architecture_names, build_model
 from mllm_bench.attention import describe_paths, record_paths
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
+from mllm_bench.devices import peak_flops
+from mllm_bench.environment import environment
 from mllm_bench.model import MLLM
 from mllm_bench.presets import llm_preset, vision_preset
+from mllm_bench.timing import Timing, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("llava", "naavit", "flamingo", "saisa")
 DEFAULT_BACKENDS = {"llava": "flash", "naavit": "flex", "flamingo": "flash", "saisa": "flash"}
 TINY_OPTIONS = {"flamingo": {"num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dim_head": 8,
                              "xattn_heads": 2, "xattn_dim_head": 8, "cross_attn_every": 1}}
-# Dense bf16 peak FLOP/s (REFERENCE.md); matched against torch.cuda.get_device_name in this order.
-PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-             ("A10G", 70e12), ("L4", 121e12))
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -79,7 +74,10 @@ class Settings:
     backends: tuple[tuple[str, str], ...] = tuple(DEFAULT_BACKENDS.items())
     text_before: int = 32
     text_after: int = 32
-    batch_size: int = 1
+    batch_size: int = 1  # decode batch, and the latency prefill batch
+    prefill_tokens: int = 16384  # the throughput prefill batch holds about this many tokens (cap 16 samples)
+    train_tokens: int = 8192  # the training batch holds about this many tokens
+    commit: str = ""
     dtype: str = "bfloat16"
     device: str = "cuda"
     phases: tuple[str, ...] = ("prefill", "decode", "train_step")
@@ -98,7 +96,8 @@ def preset_settings(args: argparse.Namespace) -> Settings:
     s = Settings()
     if args.tiny:
         s = dataclasses.replace(s, llm="tiny-llm", vision="tiny-clip", visual_tokens=(16, 64), device="cpu",
-                                dtype="float32", warmup=1, min_repeats=2, min_seconds=0.0, max_repeats=3, tiny=True)
+                                dtype="float32", warmup=1, min_repeats=2, min_seconds=0.0, max_repeats=3, tiny=True,
+                                prefill_tokens=160, train_tokens=0)
     elif args.quick:
         s = dataclasses.replace(s, layers=8, warmup=2, min_repeats=3, min_seconds=0.2, max_repeats=20)
     changes: dict[str, Any] = {}
@@ -119,6 +118,8 @@ def preset_settings(args: argparse.Namespace) -> Settings:
             given.update({a: name for a in ([arch] if arch else ARCHS)})
         changes["backends"] = tuple(given.items())
     changes["compile"] = args.compile
+    if args.commit:
+        changes["commit"] = args.commit
     s = dataclasses.replace(s, **changes)
     bad = sorted(set(s.phases) - {"prefill", "decode", "train_step"})
     if bad:
@@ -160,7 +161,8 @@ def fitting_layers(s: Settings, device: torch.device) -> int | None:
             model = build_model(arch, llm, vision_for_tokens(vision_preset(s.vision), max(s.visual_tokens)),
                                 options_for(s, arch), device="meta", dtype=s.dtype)
             trainable = sum(p.numel() for p in model.trainable_parameters("finetune").values())
-            act = layers * tokens * (10 * llm.hidden_size + 4 * llm.intermediate_size) * 2 * s.batch_size
+            train_rows = tokens * batch_for(tokens, s.train_tokens)
+            act = layers * train_rows * (10 * llm.hidden_size + 4 * llm.intermediate_size) * 2
             need = max(need, 2 * model.num_parameters() + 6 * trainable + act)
         if need <= total:
             return None if layers == full.num_layers else layers
@@ -170,22 +172,6 @@ def fitting_layers(s: Settings, device: torch.device) -> int | None:
 # ----- timing ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Timing:
-    times: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def iqr(self) -> float:
-        if len(self.times) < 4:
-            return max(self.times) - min(self.times)
-        q = statistics.quantiles(self.times, n=4, method="inclusive")
-        return q[2] - q[0]
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -193,25 +179,15 @@ def sync(device: torch.device) -> None:
 
 def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: int | None = None,
             max_repeats: int | None = None) -> Timing:
-    """Warm up, then time ``fn`` until ``min_repeats`` and ``min_seconds`` (CUDA events on GPU)."""
-    for _ in range(s.warmup if warmup is None else warmup):
-        fn()
-    sync(device)
+    """Warm up, then time ``fn`` until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing)."""
     limit = s.max_repeats if max_repeats is None else max_repeats
-    times: list[float] = []
-    while len(times) < min(s.min_repeats, limit) or (sum(times) < s.min_seconds and len(times) < limit):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return Timing(times)
+    return time_fn(fn, device, warmup=s.warmup if warmup is None else warmup, min_repeats=min(s.min_repeats, limit),
+                   min_seconds=s.min_seconds, max_repeats=limit)
+
+
+def batch_for(tokens_per_sample: int, token_budget: int, cap: int = 16) -> int:
+    """Samples per batch so a batch holds about ``token_budget`` tokens (at least 1, at most ``cap``)."""
+    return max(1, min(cap, token_budget // tokens_per_sample))
 
 
 @contextlib.contextmanager
@@ -265,57 +241,41 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, workload: Workload) -> dict[str, int]:
-    """Prefill FLOPs (total and language scope) and finetune train-step FLOPs, counted on meta tensors."""
+def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, workload: Workload,
+            prefill_batches: tuple[int, ...], train_batch: int) -> dict[str, int]:
+    """Prefill FLOPs (total and language scope, per batch size) and finetune train-step FLOPs, counted on
+    meta tensors with the SDPA backend (dense attention convention)."""
     model = build_model(arch, llm, vision, options_for(s, arch), device="meta", dtype=s.dtype)
     model.set_stage("inference")  # no parameter requires grad (FlopCounterMode's module tracker needs that)
     model.set_attention_backend("sdpa")
     meta = workload.replace(device="meta")
-    batch = model.example_batch(meta)
     out: dict[str, int] = {}
     with torch.no_grad():
-        out["prefill_total"] = count_flops(lambda: model.prefill(batch))
-        with vision_precomputed(model):
-            model.prefill(batch)  # the features, outside the count
-            out["prefill_language"] = count_flops(lambda: model.prefill(batch))
+        for b in prefill_batches:
+            batch = model.example_batch(meta.replace(batch_size=b))
+            out[f"prefill_total_{b}"] = count_flops(lambda batch=batch: model.prefill(batch))
+            with vision_precomputed(model):
+                model.prefill(batch)  # the features, outside the count
+                out[f"prefill_language_{b}"] = count_flops(lambda batch=batch: model.prefill(batch))
     model.set_stage("finetune")
-    train_batch = model.example_batch(meta.replace(stage="finetune"))
-    out["train_step"] = count_flops(lambda: model(train_batch).loss.backward())
+    train = model.example_batch(meta.replace(stage="finetune", batch_size=train_batch))
+    out["train_step"] = count_flops(lambda: model(train).loss.backward())
     return out
 
 
 # ----- rows ---------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-") or "cpu"
 
 
-def peak_flops(name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16 if key.lower() in name.lower()), None)
-
-
-def environment(device: torch.device, s: Settings) -> dict[str, Any]:
-    import transformers
-
-    return {
-        "device": device.type, "device_name": device_name(device), "dtype": s.dtype,
-        "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-        "mllm_bench_version": mllm_bench.__version__, "git_commit": git_commit(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+def run_environment(device: torch.device, s: Settings) -> dict[str, Any]:
+    env = environment(device, attention_backend="")
+    env.update(device=device.type, dtype=s.dtype)
+    if s.commit:
+        env["git_commit"] = s.commit
+    return env
 
 
 class Rows:
@@ -358,14 +318,18 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
              "batch_size": s.batch_size, "images_per_sample": 1, "image_size": vision.image_size,
              "visual_tokens": visual_tokens, "text_tokens": text_tokens, "text_before": s.text_before,
              "text_after": s.text_after, "generate_tokens": 0, "context_len": ""}
+    seq_len = text_tokens + visual_tokens
+    prefill_batches = tuple(dict.fromkeys((s.batch_size, batch_for(seq_len, s.prefill_tokens))))
+    train_batch = batch_for(seq_len, s.train_tokens)
     t0 = time.perf_counter()
-    flops = counted(arch, llm, vision, s, workload)
-    peak = peak_flops(rows.env["device_name"]) if device.type == "cuda" else None
-    for scope in ("total", "language"):
-        rows.add(point, "prefill_flops", flops[f"prefill_{scope}"], "FLOP", "counted", scope=scope,
-                 convention="dense", phase="prefill")
-    rows.add(point, "train_step_flops", flops["train_step"], "FLOP", "counted", scope="total", convention="dense",
-             stage="finetune", phase="train_step")
+    flops = counted(arch, llm, vision, s, workload, prefill_batches, train_batch)
+    peak = peak_flops(rows.env["device_name"], s.dtype) if device.type == "cuda" else None
+    for b in prefill_batches:
+        for scope in ("total", "language"):
+            rows.add({**point, "batch_size": b}, "prefill_flops", flops[f"prefill_{scope}_{b}"], "FLOP", "counted",
+                     scope=scope, convention="dense", phase="prefill")
+    rows.add({**point, "batch_size": train_batch}, "train_step_flops", flops["train_step"], "FLOP", "counted",
+             scope="total", convention="dense", stage="finetune", phase="train_step")
     t_count = time.perf_counter() - t0
 
     torch.manual_seed(0)
@@ -377,28 +341,35 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     batch = model.example_batch(workload)
 
     def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, int], flop: int | None,
-              stage: str = "inference", scope: str = "", **extra: Any) -> None:
+              stage: str = "inference", scope: str = "", batch: int = s.batch_size, **extra: Any) -> None:
         tag = dict(phase=phase, stage=stage, scope=scope, attention_backend=f"{backend}[{describe_paths(paths)}]",
                    **extra)
-        rows.add(point, metric, timing.median, "s", **tag)
-        rows.add(point, "latency_iqr_s", timing.iqr, "s", **tag)
+        at = {**point, "batch_size": batch}
+        rows.add(at, metric, timing.median, "s", **tag)
+        rows.add(at, "latency_iqr_s", timing.iqr, "s", **tag)
         for name, value in mem.items():
-            rows.add(point, name, value, "bytes", **tag)
+            rows.add(at, name, value, "bytes", **tag)
         if flop:
             rate = flop / timing.median
-            rows.add(point, "achieved_flops_per_s", rate, "FLOP/s", convention="dense", **tag)
+            rows.add(at, "achieved_flops_per_s", rate, "FLOP/s", convention="dense", **tag)
             if peak:
-                rows.add(point, "mfu", rate / peak, "ratio", convention="dense", **tag)
+                rows.add(at, "mfu", rate / peak, "ratio", convention="dense", **tag)
 
     summary = []
     with torch.no_grad():
         if "prefill" in s.phases:
-            for scope in ("total", "language"):
-                ctx = vision_precomputed(model) if scope == "language" else contextlib.nullcontext()
-                with ctx, peak_memory(device) as mem, record_paths() as paths:
-                    timing = measure(lambda: model.prefill(batch), device, s)
-                timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}"], scope=scope)
-                summary.append(f"prefill[{scope}] {timing.median * 1e3:.2f} ms (IQR {timing.iqr / timing.median:.1%})")
+            for b in prefill_batches:
+                prefill_batch = model.example_batch(workload.replace(batch_size=b))
+                for scope in ("total", "language"):
+                    ctx = vision_precomputed(model) if scope == "language" else contextlib.nullcontext()
+                    with ctx, peak_memory(device) as mem, record_paths() as paths:
+                        timing = measure(lambda pb=prefill_batch: model.prefill(pb), device, s)
+                    timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}_{b}"],
+                          scope=scope, batch=b)
+                    summary.append(f"prefill[b{b},{scope}] {timing.median * 1e3:.2f} ms "
+                                   f"(IQR {timing.iqr / timing.median:.1%})")
+                del prefill_batch
+                free(device)
         if "decode" in s.phases:
             _, cache = model.prefill(batch)
             token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
@@ -422,23 +393,23 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
         try:
             params = list(model.set_stage("finetune").values())
             optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-            train_batch = model.example_batch(workload.replace(stage="finetune"))
+            train_inputs = model.example_batch(workload.replace(stage="finetune", batch_size=train_batch))
 
             def train_step() -> None:
                 optimizer.zero_grad(set_to_none=True)
-                model(train_batch).loss.backward()
+                model(train_inputs).loss.backward()
                 optimizer.step()
 
             with peak_memory(device) as mem, record_paths() as paths:
                 timing = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
             timed("train_step_latency_s", "train_step", timing, paths, mem, flops["train_step"], stage="finetune",
-                  scope="total")
-            summary.append(f"train {timing.median * 1e3:.1f} ms")
+                  scope="total", batch=train_batch)
+            summary.append(f"train[b{train_batch}] {timing.median * 1e3:.1f} ms")
             del optimizer
         except torch.OutOfMemoryError:
             summary.append("train OOM")
-            rows.add(point, "train_step_latency_s", float("nan"), "s", stage="finetune", phase="train_step",
-                     scope="total", attention_backend=f"{backend}[oom]")
+            rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"), "s",
+                     stage="finetune", phase="train_step", scope="total", attention_backend=f"{backend}[oom]")
     log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} | " + " | ".join(summary)
         + f" | counted in {t_count:.1f}s, point {time.perf_counter() - t0:.1f}s")
 
@@ -457,7 +428,7 @@ def add_speedups(rows: Rows, baseline: str = "llava") -> list[str]:
     """``prefill_speedup_vs_flops`` per arch, visual tokens and scope: measured speedup / FLOP-predicted."""
     lines = []
     for row in [r for r in rows.rows if r["metric"] == "prefill_latency_s" and r["arch"] != baseline]:
-        key = {"visual_tokens": row["visual_tokens"], "scope": row["scope"]}
+        key = {"visual_tokens": row["visual_tokens"], "scope": row["scope"], "batch_size": row["batch_size"]}
         base_t = value(rows.rows, arch=baseline, metric="prefill_latency_s", **key)
         base_f = value(rows.rows, arch=baseline, metric="prefill_flops", **key)
         arch_f = value(rows.rows, arch=row["arch"], metric="prefill_flops", **key)
@@ -468,8 +439,8 @@ def add_speedups(rows: Rows, baseline: str = "llava") -> list[str]:
                                      "image_size", "visual_tokens", "text_tokens", "text_before", "text_after")}
         rows.add(point, "prefill_speedup_vs_flops", measured / predicted, "ratio", scope=row["scope"],
                  convention="dense", phase="prefill", attention_backend=row["attention_backend"])
-        lines.append(f"| {row['arch']} | {row['visual_tokens']} | {row['scope']} | {measured:.3f} | {predicted:.3f} "
-                     f"| {measured / predicted:.3f} |")
+        lines.append(f"| {row['arch']} | {row['visual_tokens']} | {row['batch_size']} | {row['scope']} "
+                     f"| {measured:.3f} | {predicted:.3f} | {measured / predicted:.3f} |")
     return lines
 
 
@@ -492,8 +463,11 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
              f"LLM {s.llm} ({llm_for_run(s).num_layers} layers), vision {s.vision}, batch {s.batch_size}, "
              f"text {s.text_before}+{s.text_after}, dtype {s.dtype}, torch {rows.env['torch_version']}, "
              f"commit {rows.env['git_commit']}.", "", "## Medians (relative IQR)", "",
-             "| arch | visual | backend paths | prefill total ms | prefill language ms | decode ms/token "
-             "| train step ms | train MFU |", "|---|---|---|---|---|---|---|---|"]
+             "Prefill at batch 1 (latency) and at a throughput batch of about "
+             f"{s.prefill_tokens} tokens; training at about {s.train_tokens} tokens per step (batch in brackets).", "",
+             "| arch | visual | backend paths | prefill total ms (b1) | prefill language ms (b1) "
+             "| prefill language ms (batch) | prefill MFU (batch) | decode ms/token | train step ms (batch) "
+             "| train MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arch in s.archs:
         for v in s.visual_tokens:
             def cell(metric: str, arch: str = arch, v: int = v, **m: Any) -> str:
@@ -502,14 +476,24 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
                 return "" if med is None else f"{med * 1e3:.2f} ({(iqr or 0) / med:.1%})"
 
             mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="train_step")
+            big = max((r["batch_size"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
+                       and r["metric"] == "prefill_latency_s"), default=s.batch_size)
+            big_mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="prefill", scope="language",
+                            batch_size=big)
+            train_b = next((r["batch_size"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
+                            and r["metric"] == "train_step_latency_s"), "")
             paths = sorted({r["attention_backend"] for r in rows.rows if r["arch"] == arch
                             and r["visual_tokens"] == v and r["attention_backend"]})
-            lines.append(f"| {arch} | {v} | {' '.join(paths)} | {cell('prefill_latency_s', scope='total')} | "
-                         f"{cell('prefill_latency_s', scope='language')} | {cell('decode_latency_s')} | "
-                         f"{cell('train_step_latency_s')} | {'' if mfu is None else f'{mfu:.1%}'} |")
+            b1 = s.batch_size
+            lines.append(f"| {arch} | {v} | {' '.join(paths)} "
+                         f"| {cell('prefill_latency_s', scope='total', batch_size=b1)} "
+                         f"| {cell('prefill_latency_s', scope='language', batch_size=b1)} "
+                         f"| {cell('prefill_latency_s', scope='language', batch_size=big)} [{big}] "
+                         f"| {'' if big_mfu is None else f'{big_mfu:.1%}'} | {cell('decode_latency_s')} "
+                         f"| {cell('train_step_latency_s')} [{train_b}] | {'' if mfu is None else f'{mfu:.1%}'} |")
     lines += ["", "## Prefill speedup over llava: measured vs predicted by counted FLOPs", "",
-              "| arch | visual | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
-              "|---|---|---|---|---|---|",
+              "| arch | visual | batch | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
+              "|---|---|---|---|---|---|---|",
               *speedups, "", *notes]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(df, out)
@@ -521,11 +505,12 @@ def plot(df: Any, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total), ms", 1e3),
-              ("prefill_latency_s", {"scope": "language"}, "prefill (language), ms", 1e3),
+    panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total, batch 1), ms", 1e3),
+              ("prefill_latency_s", {"scope": "language"}, "prefill (language, batch 1), ms", 1e3),
               ("decode_latency_s", {}, "decode, ms/token", 1e3), ("train_step_latency_s", {}, "train step, ms", 1e3),
               ("mfu", {"phase": "train_step"}, "train-step MFU, %", 100),
-              ("prefill_speedup_vs_flops", {"scope": "language"}, "speedup / FLOP-predicted (language)", 1)]
+              ("prefill_speedup_vs_flops", {"scope": "language"},
+               "prefill speedup / FLOP-predicted\n(language, throughput batch)", 1)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     archs = list(dict.fromkeys(df["arch"]))
     visual = sorted(set(df["visual_tokens"]))
@@ -533,6 +518,8 @@ def plot(df: Any, out: Path) -> None:
         sel = df[df["metric"] == metric]
         for k, v in match.items():
             sel = sel[sel[k] == v]
+        # one bar per (arch, visual): batch 1 for latencies, the throughput batch for the speedup ratio
+        sel = sel.sort_values("batch_size", ascending=metric != "prefill_speedup_vs_flops", kind="stable")
         width = 0.8 / max(len(visual), 1)
         for j, vt in enumerate(visual):
             ys = [sel[(sel["arch"] == a) & (sel["visual_tokens"] == vt)]["value"] for a in archs]
@@ -565,6 +552,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--min-seconds", type=float)
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
+    parser.add_argument("--commit", help="git commit to record (when the tree was copied without .git)")
     args = parser.parse_args(argv)
     s = preset_settings(args)
     device = torch.device(s.device)
@@ -576,7 +564,7 @@ def main(argv: list[str] | None = None) -> Path:
                          "`python -m pip install -e . --no-deps --no-build-isolation`")
     if device.type == "cuda" and s.layers is None and "train_step" in s.phases:
         s = dataclasses.replace(s, layers=fitting_layers(s, device))
-    env = environment(device, s)
+    env = run_environment(device, s)
     out = Path(args.out) if args.out else ROOT / "results" / "gpu" / device_slug(env["device_name"])
     rows = Rows(env)
     start = time.perf_counter()
