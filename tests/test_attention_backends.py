@@ -227,14 +227,17 @@ def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
         assert (measured[measured["metric"] == metric]["value"].astype(float) > 0).all(), metric
     saisa = rows[(rows["arch"] == "saisa") & (rows["metric"] == "prefill_latency_s")]
     assert set(saisa["attention_backend"]) == {"flash[flash:split]"}
-    flops = rows[rows["metric"] == "prefill_flops"].set_index(["arch", "scope"])["value"].astype(float)
-    assert flops["saisa", "language"] < flops["llava", "language"]  # SAISA's FLOP saving is counted
+    assert set(rows[rows["metric"] == "prefill_latency_s"]["batch_size"]) == {1, 2}  # latency and throughput
+    flops = rows[rows["metric"] == "prefill_flops"].set_index(["arch", "scope", "batch_size"])["value"].astype(float)
+    assert flops["saisa", "language", 1] < flops["llava", "language", 1]  # SAISA's FLOP saving is counted
+    assert flops["llava", "language", 2] == 2 * flops["llava", "language", 1]
     speedup = rows[rows["metric"] == "prefill_speedup_vs_flops"]
     assert set(speedup["scope"]) == {"total", "language"} and set(speedup["arch"]) == {"saisa"}
-    lat = rows[rows["metric"] == "prefill_latency_s"].set_index(["arch", "scope"])["value"].astype(float)
-    expected = (lat["llava", "language"] / lat["saisa", "language"]) / (
-        flops["llava", "language"] / flops["saisa", "language"])
-    got = float(speedup[speedup["scope"] == "language"]["value"].iloc[0])
-    assert abs(got - expected) < 1e-9 * expected
+    lat = rows[rows["metric"] == "prefill_latency_s"].set_index(["arch", "scope", "batch_size"])["value"].astype(float)
+    for b in (1, 2):
+        expected = (lat["llava", "language", b] / lat["saisa", "language", b]) / (
+            flops["llava", "language", b] / flops["saisa", "language", b])
+        at = speedup[(speedup["scope"] == "language") & (speedup["batch_size"] == b)]
+        assert abs(float(at["value"].iloc[0]) - expected) < 1e-9 * expected
     assert (out / "summary.md").read_text().count("| saisa |") >= 2
     assert (out / "gpu_bench.png").stat().st_size > 10_000
