@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pandas as pd
 import typer
@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from mllm_bench.config import ConfigError
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
-from mllm_bench.workload import DTYPES, STAGES
+from mllm_bench.workload import DTYPES, STAGES, Workload
 
 # Messages and progress go to stderr so that `--format csv|json|markdown|latex` output stays clean.
 err_console = Console(stderr=True)
@@ -26,34 +26,37 @@ DEFAULT_ARCHS = ("llava", "flamingo", "saisa")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-class Measure(str, Enum):
-    auto = "auto"
-    never = "never"
-    always = "always"
+def _choices(name: str, values: str) -> Any:
+    """A ``str`` Enum of an option's choices (typer lists and checks them): ``_choices("Scope", "language total")``."""
+    return Enum(name, [(v, v) for v in values.split()], type=str)
 
 
-class Format(str, Enum):
-    table = "table"
-    markdown = "markdown"
-    csv = "csv"
-    json = "json"
-    latex = "latex"
+Measure = _choices("Measure", "auto never always")
+Format = _choices("Format", "table markdown csv json latex")
+Count = _choices("Count", "all inference none")
+Scope = _choices("Scope", "language total")
+Convention = _choices("Convention", "dense effective")
+
+ARCH_HELP = "Architecture(s), repeatable or comma-separated (default: llava, flamingo, saisa)."
+OPTION_HELP = "Architecture option ARCH.KEY=VALUE, repeatable (e.g. flamingo.num_latents=4)."
 
 
-class Count(str, Enum):
-    all = "all"
-    inference = "inference"
-    none = "none"
+class Opt:
+    """Options several commands take: the flags and help are here, each command's signature gives the default,
+    e.g. ``llm: Opt.LLM = "vicuna-7b"``."""
 
-
-class Scope(str, Enum):
-    language = "language"
-    total = "total"
-
-
-class Convention(str, Enum):
-    dense = "dense"
-    effective = "effective"
+    Archs = Annotated[list[str] | None, typer.Option("--arch", "-a", help=ARCH_HELP)]
+    LLM = Annotated[str, typer.Option(help="LLM preset.")]
+    Vision = Annotated[str, typer.Option(help="Vision-tower preset.")]
+    ArchOptions = Annotated[list[str] | None, typer.Option("--option", "-o", help=OPTION_HELP)]
+    BatchSize = Annotated[int, typer.Option(min=1, help="Samples per batch.")]
+    Images = Annotated[int, typer.Option(min=0, help="Images per sample.")]
+    TextBefore = Annotated[int, typer.Option(min=0, help="Text tokens before the first image.")]
+    TextAfter = Annotated[int, typer.Option(min=0, help="Text tokens after the last image.")]
+    Generate = Annotated[int, typer.Option(min=0, help="Tokens to generate when measuring decode.")]
+    Device = Annotated[str | None, typer.Option(help="Device to measure on (default: cuda if available, else cpu).")]
+    DType = Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")]
+    OutputFormat = Annotated[Format, typer.Option("--format", "-f", help="What to print.")]
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,6 +153,20 @@ def parse_arch_options(specs: Iterable[str] | None, archs: Sequence[str] | None 
     for arch, opts in out.items():  # validate the whole set now, not halfway through a run
         get_architecture(arch).Options(**opts)
     return out
+
+
+def parse_models(arch: Iterable[str] | None, llm: str, vision: str,
+                 option: Iterable[str] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """``--arch``, ``--llm``, ``--vision`` and ``--option`` checked together: the architectures and their options."""
+    archs = parse_archs(arch)
+    check_presets(llm, vision)
+    return archs, parse_arch_options(option, archs)
+
+
+def make_workload(dtype: str, device: str | None, **fields: Any) -> Workload:
+    """The workload of ``--dtype``, ``--device`` (default: :func:`default_device`) and the other fields."""
+    check_dtype(dtype)
+    return Workload(dtype=dtype, device=device or default_device(), **fields)
 
 
 def get_profile() -> Callable[..., pd.DataFrame]:

@@ -12,45 +12,40 @@ from rich.console import Console
 
 from mllm_bench.config import ConfigError
 from mllm_bench.results import append_sqlite, atomic_write_text, rows_to_json, write_rows
-from mllm_bench.workload import PAPER_WORKLOAD, Workload
+from mllm_bench.workload import PAPER_WORKLOAD
 
 from .common import (
     Convention,
     Count,
     Format,
     Measure,
+    Opt,
     Scope,
-    check_dtype,
-    check_presets,
-    default_device,
     err_console,
     get_profile,
     handle_errors,
-    parse_arch_options,
-    parse_archs,
+    make_workload,
+    parse_models,
     parse_stages,
     progress_bar,
 )
 
-ARCH_HELP = "Architecture(s), repeatable or comma-separated (default: llava, flamingo, saisa)."
-OPTION_HELP = "Architecture option ARCH.KEY=VALUE, repeatable (e.g. flamingo.num_latents=4)."
-
 
 @handle_errors
 def compare(
-    arch: list[str] = typer.Option(None, "--arch", "-a", help=ARCH_HELP),
-    llm: str = typer.Option("vicuna-7b", help="LLM preset."),
-    vision: str = typer.Option("clip-vit-l-336", help="Vision-tower preset."),
-    option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
-    batch_size: int = typer.Option(PAPER_WORKLOAD.batch_size, min=1, help="Samples per batch."),
-    images_per_sample: int = typer.Option(PAPER_WORKLOAD.images_per_sample, min=0, help="Images per sample."),
+    arch: Opt.Archs = None,
+    llm: Opt.LLM = "vicuna-7b",
+    vision: Opt.Vision = "clip-vit-l-336",
+    option: Opt.ArchOptions = None,
+    batch_size: Opt.BatchSize = PAPER_WORKLOAD.batch_size,
+    images_per_sample: Opt.Images = PAPER_WORKLOAD.images_per_sample,
     image_size: int = typer.Option(None, min=1, help="Image size in px (default: the vision preset's)."),
-    text_before: int = typer.Option(PAPER_WORKLOAD.text_before, min=0, help="Text tokens before the first image."),
-    text_after: int = typer.Option(PAPER_WORKLOAD.text_after, min=0, help="Text tokens after the last image."),
+    text_before: Opt.TextBefore = PAPER_WORKLOAD.text_before,
+    text_after: Opt.TextAfter = PAPER_WORKLOAD.text_after,
     text_between: int = typer.Option(0, min=0, help="Text tokens between consecutive images."),
-    generate_tokens: int = typer.Option(0, min=0, help="Tokens to generate when measuring decode."),
-    device: str = typer.Option(None, help="Device to measure on (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32."),
+    generate_tokens: Opt.Generate = 0,
+    device: Opt.Device = None,
+    dtype: Opt.DType = "bfloat16",
     stage: list[str] = typer.Option(None, "--stage", help="Training stage(s) to cost: pretrain, finetune."),
     measure: Measure = typer.Option(Measure.auto, help="auto: measure on CUDA, on CPU only small models."),
     count: Count = typer.Option(Count.inference, help="Count FLOPs on meta tensors for: all calls, inference "
@@ -60,21 +55,18 @@ def compare(
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope: language (paper) or total."),
     convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs: dense (paper) or effective."),
     out: Path = typer.Option(None, help="Folder for result files (rows JSON/CSV, tables, plots)."),
-    fmt: Format = typer.Option(Format.table, "--format", "-f", help="What to print."),
+    fmt: Opt.OutputFormat = Format.table,
     make_plots: bool = typer.Option(False, "--plots", help="Write plots (PNG + PDF) under OUT/plots."),
     db: Path = typer.Option(None, help="SQLite file to append the rows to."),
 ) -> None:
     """Compare architectures on one workload (default: LLaVA-1.5, Flamingo-style, SAISA at 7B, paper workload)."""
-    archs = parse_archs(arch)
+    archs, options = parse_models(arch, llm, vision, option)
     if baseline not in archs:
         raise ConfigError(f"--baseline {baseline!r} is not among --arch {archs}")
-    check_presets(llm, vision)
-    check_dtype(dtype)
+    workload = make_workload(dtype, device, batch_size=batch_size, images_per_sample=images_per_sample,
+                             image_size=image_size, text_before=text_before, text_after=text_after,
+                             text_between=text_between, generate_tokens=generate_tokens)
     stages = parse_stages(stage)
-    options = parse_arch_options(option, archs)
-    workload = Workload(batch_size=batch_size, images_per_sample=images_per_sample, image_size=image_size,
-                        text_before=text_before, text_after=text_after, text_between=text_between,
-                        generate_tokens=generate_tokens, dtype=dtype, device=device or default_device())
     vision_cfg = vision_for(vision, image_size)
     profile = get_profile()
     with progress_bar(steps(archs, stages), "profiling") as advance:

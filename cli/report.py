@@ -9,7 +9,7 @@ import typer
 from mllm_bench.config import ConfigError
 from mllm_bench.results import concat_rows, read_results
 
-from .common import Convention, Format, Scope, handle_errors, parse_archs, parse_stages, split_list
+from .common import Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages, split_list
 from .compare import emit
 
 
@@ -23,7 +23,7 @@ def report(
     scope: Scope = typer.Option(Scope.language),
     convention: Convention = typer.Option(Convention.dense),
     vary: str = typer.Option(None, help="Plot cost against this field (e.g. visual_tokens) instead of a table."),
-    fmt: Format = typer.Option(Format.table, "--format", "-f"),
+    fmt: Opt.OutputFormat = Format.table,
     out: Path = typer.Option(None, help="Folder for the rebuilt tables (and plots)."),
     make_plots: bool = typer.Option(False, "--plots", help="Rebuild plots under OUT."),
 ) -> None:

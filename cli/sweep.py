@@ -8,23 +8,20 @@ import typer
 from mllm_bench.reports.sweep import VARY_FIELDS, expand, parse_vary, run_sweep, write_sweep
 
 from mllm_bench.results import append_sqlite
-from mllm_bench.workload import PAPER_WORKLOAD, Workload
+from mllm_bench.workload import PAPER_WORKLOAD
 
 from .common import (
     Convention,
     Measure,
+    Opt,
     Scope,
-    check_dtype,
-    check_presets,
-    default_device,
     err_console,
     get_profile,
     handle_errors,
-    parse_arch_options,
-    parse_archs,
+    make_workload,
+    parse_models,
     progress_bar,
 )
-from .compare import ARCH_HELP, OPTION_HELP
 
 VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}). visual_tokens=N uses N/576 images "
              "when N is a multiple of the per-image count, else one image whose patch grid gives N (N a square).")
@@ -33,17 +30,17 @@ VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}). v
 @handle_errors
 def sweep(
     vary: list[str] = typer.Option(..., "--vary", "-v", help=VARY_HELP),
-    arch: list[str] = typer.Option(None, "--arch", "-a", help=ARCH_HELP),
+    arch: Opt.Archs = None,
     llm: str = typer.Option("vicuna-7b", help="LLM preset (unless varied)."),
-    vision: str = typer.Option("clip-vit-l-336", help="Vision-tower preset."),
-    option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
-    batch_size: int = typer.Option(PAPER_WORKLOAD.batch_size, min=1),
-    images_per_sample: int = typer.Option(PAPER_WORKLOAD.images_per_sample, min=0),
-    text_before: int = typer.Option(PAPER_WORKLOAD.text_before, min=0),
-    text_after: int = typer.Option(PAPER_WORKLOAD.text_after, min=0),
-    generate_tokens: int = typer.Option(0, min=0),
-    device: str = typer.Option(None, help="Device to measure on (default: cuda if available, else cpu)."),
-    dtype: str = typer.Option("bfloat16"),
+    vision: Opt.Vision = "clip-vit-l-336",
+    option: Opt.ArchOptions = None,
+    batch_size: Opt.BatchSize = PAPER_WORKLOAD.batch_size,
+    images_per_sample: Opt.Images = PAPER_WORKLOAD.images_per_sample,
+    text_before: Opt.TextBefore = PAPER_WORKLOAD.text_before,
+    text_after: Opt.TextAfter = PAPER_WORKLOAD.text_after,
+    generate_tokens: Opt.Generate = 0,
+    device: Opt.Device = None,
+    dtype: Opt.DType = "bfloat16",
     stage: str = typer.Option("inference", help="Workload stage of every point: inference, pretrain or finetune."),
     measure: Measure = typer.Option(Measure.never, help="Measure time/memory at each point (auto|never|always)."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope of the plots."),
@@ -53,14 +50,10 @@ def sweep(
     db: Path = typer.Option(None, help="SQLite file to append the newly profiled rows to."),
 ) -> None:
     """Sweep workload/config fields across architectures; re-running skips finished points."""
-    archs = parse_archs(arch)
-    check_presets(llm, vision)
-    check_dtype(dtype)
+    archs, options = parse_models(arch, llm, vision, option)
+    base = make_workload(dtype, device, batch_size=batch_size, images_per_sample=images_per_sample,
+                         text_before=text_before, text_after=text_after, generate_tokens=generate_tokens, stage=stage)
     grid = parse_vary(vary)
-    options = parse_arch_options(option, archs)
-    base = Workload(batch_size=batch_size, images_per_sample=images_per_sample, text_before=text_before,
-                    text_after=text_after, generate_tokens=generate_tokens, dtype=dtype,
-                    device=device or default_device(), stage=stage)
     points = expand(archs, grid, base, llm, vision, options, measure.value)
     profile = get_profile()
     with progress_bar(len(points), "sweeping") as advance:

@@ -13,16 +13,14 @@ from mllm_bench.results import atomic_write_text, write_rows
 from .common import (
     Convention,
     Format,
+    Opt,
     Scope,
-    check_presets,
     err_console,
     get_profile,
     handle_errors,
-    parse_arch_options,
-    parse_archs,
+    parse_models,
     progress_bar,
 )
-from .compare import ARCH_HELP, OPTION_HELP
 
 
 def parse_pair(text: str, name: str) -> tuple[int, int]:
@@ -38,10 +36,10 @@ def parse_pair(text: str, name: str) -> tuple[int, int]:
 
 @handle_errors
 def train_cost(
-    arch: list[str] = typer.Option(None, "--arch", "-a", help=ARCH_HELP),
-    llm: str = typer.Option("vicuna-7b", help="LLM preset."),
-    vision: str = typer.Option("clip-vit-l-336", help="Vision-tower preset."),
-    option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
+    arch: Opt.Archs = None,
+    llm: Opt.LLM = "vicuna-7b",
+    vision: Opt.Vision = "clip-vit-l-336",
+    option: Opt.ArchOptions = None,
     device: str = typer.Option("a100", help=f"Device whose peak sets GPU-hours: {', '.join(budget.DEVICE_PEAKS)}."),
     mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed for every stage (0-1]."),
     pretrain_samples: int = typer.Option(558_000, min=1, help="Stage-1 samples (LCS-558K)."),
@@ -51,13 +49,11 @@ def train_cost(
     baseline: str = typer.Option("llava", help="Architecture the reduction is measured against."),
     scope: Scope = typer.Option(Scope.total, help="FLOPs scope (total: all the GPU runs)."),
     convention: Convention = typer.Option(Convention.effective, help="Attention FLOPs convention."),
-    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table | markdown | csv | json | latex."),
+    fmt: Opt.OutputFormat = Format.table,
     out: Path = typer.Option(None, help="Folder for train_cost.{md,csv} and the profiler rows."),
 ) -> None:
     """Training budget (FLOPs, GPU-hours) of the LLaVA-1.5 recipe per architecture, vs the paper's −26%."""
-    archs = parse_archs(arch)
-    check_presets(llm, vision)
-    options = parse_arch_options(option, archs)
+    archs, options = parse_models(arch, llm, vision, option)
     budget.peak_flops(device)  # an unknown device is bad usage, before any counting
     recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,
                                    "finetune-text"), pretrain_samples, finetune_samples)

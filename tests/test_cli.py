@@ -197,3 +197,30 @@ def test_train_cost_end_to_end(tmp_path):
             assert table.loc[(arch, stage), "flops"] == want * samples
             assert table.loc[(arch, stage), "gpu_hours"] == pytest.approx(
                 table.loc[(arch, stage), "flops"] / (312e12 * 0.4) / 3600)
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep", "train-cost"])
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "gpt4"], "unknown architecture(s) ['gpt4']"),
+    (["--vision", "clip-vit-g"], "--vision: unknown preset 'clip-vit-g'"),
+    (["--option", "llava.nope=1"], "llava has no option 'nope'"),
+])
+def test_shared_options_are_checked_alike_by_every_command(command, args, message):
+    extra = ["--vary", "text_after=1"] if command == "sweep" else []
+    result = invoke(command, *extra, *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_shared_parsing_helpers():
+    from mllm_bench.cli.common import default_device, make_workload, parse_models
+
+    from mllm_bench.config import ConfigError
+
+    archs, options = parse_models(["flamingo,llava", "flamingo"], "tiny-llm", "tiny-clip", ["flamingo.num_latents=4"])
+    assert archs == ["flamingo", "llava"] and options == {"flamingo": {"num_latents": 4}}
+    workload = make_workload("float32", None, text_before=3, stage="finetune")
+    assert (workload.device, workload.dtype, workload.text_before, workload.stage) == (
+        default_device(), "float32", 3, "finetune")
+    with pytest.raises(ConfigError, match="--dtype: unknown dtype 'int4'"):
+        make_workload("int4", "cpu")
