@@ -74,17 +74,19 @@ def _rss_kib(field: str) -> int | None:
 
 
 def measure_peak(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, MeasuredMemory]:
-    """Run ``fn()`` once and return its result and the peak memory it used on ``device``."""
+    """Run ``fn()`` once and return its result and its peak memory on ``device``.
+
+    CUDA: the absolute peak allocated during the call (weights and all else resident included) and the
+    peak reserved. CPU: how far the process's peak RSS rose during the call (labelled as such).
+    """
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         out = fn()
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        return out, MeasuredMemory(float(peak - base), float(torch.cuda.max_memory_reserved(dev)),
-                                   "cuda_max_allocated")
+        peak = torch.cuda.max_memory_allocated(dev)  # absolute: weights and everything else resident
+        return out, MeasuredMemory(float(peak), float(torch.cuda.max_memory_reserved(dev)), "cuda_max_allocated")
     before = _rss_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS

@@ -37,6 +37,11 @@ CPU_AUTO_MEASURE_PARAMS = 50_000_000
 PHASE_METRIC = {"prefill": "prefill_flops", "decode": "decode_flops_per_token", "train_step": "train_step_flops"}
 
 
+def _per(phase: str, base: dict) -> float:
+    """Prefill and train-step FLOPs are per batch; decode FLOPs per generated token (of one sample)."""
+    return 1.0 / base["batch_size"] if phase == "decode" else 1.0
+
+
 def should_measure(measure: bool | str, device: str, num_params: int) -> bool:
     """``never``/False, ``always``/True, or ``auto``: on CUDA, and on CPU only for small models."""
     if isinstance(measure, bool):
@@ -77,15 +82,16 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
     for phase in cost.phases:
         metric = PHASE_METRIC[phase]
         ctx = decode_ctx if phase == "decode" else ""
+        per = _per(phase, base)
         for scope in ("language", "total"):
             for convention in ("dense", "effective"):
                 common = dict(scope=scope, convention=convention, stage=stage, phase=phase, context_len=ctx)
-                rows.append(make_row(base, metric, cost.flops(phase, convention, scope), "analytic",
+                rows.append(make_row(base, metric, per * cost.flops(phase, convention, scope), "analytic",
                                      component="all", role="all", **common))
                 for comp, f in cost.by("component", phase, convention, scope).items():
-                    rows.append(make_row(base, metric, f, "analytic", component=comp, role="all", **common))
+                    rows.append(make_row(base, metric, per * f, "analytic", component=comp, role="all", **common))
                 for role, f in cost.by("role", phase, convention, scope).items():
-                    rows.append(make_row(base, metric, f, "analytic", component="all", role=role, **common))
+                    rows.append(make_row(base, metric, per * f, "analytic", component="all", role=role, **common))
         if phase == "prefill":
             rows.append(make_row(base, "vision_flops", cost.flops(phase, component="vision"), "analytic",
                                  scope="total", convention="dense", component="vision", role="all",
@@ -96,13 +102,15 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
 def _counted_rows(base: dict, phase: str, counted: CountedFlops, stage: str, ctx: int | str) -> list[dict]:
     rows = []
     metric = PHASE_METRIC[phase]
+    per = _per(phase, base)
     common = dict(convention="dense", role="all", stage=stage, phase=phase,
                   context_len=ctx if phase == "decode" else "")
     for scope in ("language", "total"):
-        rows.append(make_row(base, metric, counted.flops(scope), "counted", scope=scope, component="all", **common))
+        rows.append(make_row(base, metric, per * counted.flops(scope), "counted", scope=scope, component="all",
+                             **common))
         for comp, f in counted.by_component(scope).items():
             if comp in COMPONENTS:
-                rows.append(make_row(base, metric, f, "counted", scope=scope, component=comp, **common))
+                rows.append(make_row(base, metric, per * f, "counted", scope=scope, component=comp, **common))
     if phase == "prefill":
         rows.append(make_row(base, "vision_flops", counted.flops(component="vision"), "counted", scope="total",
                              convention="dense", component="vision", role="all", stage=stage, phase=phase))
@@ -179,6 +187,7 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
                               phase="decode", note="per sample, after the timed decode steps") for r, v in kv.items()]
         return rows
     trainable = model.set_stage(stage)
+    model.set_gradient_checkpointing(workload.gradient_checkpointing)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-6)
 
     def step() -> None:
@@ -247,7 +256,10 @@ def profile(
     rows += _memory_rows(base, meta_model, cost, workload, stage)
 
     if do_measure:
-        flops = {p: (counted[p].total if p in counted else cost.flops(p)) for p in cost.phases}
+        # model FLOPs of the whole timed call (all samples); recomputation under activation checkpointing
+        # is work the hardware does but not model FLOPs, so it stays out of achieved FLOP/s and MFU
+        flops = {p: (counted[p].total - counted[p].flops(pass_="recompute") if p in counted
+                     else cost.flops(p) - cost.flops(p, pass_="recompute")) for p in cost.phases}
         flops["vision"] = cost.flops("prefill", component="vision") if stage == "inference" else 0.0
         model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
         model.set_attention_backend(attention_backend)

@@ -72,3 +72,26 @@ def test_profile_bad_input() -> None:
     with pytest.raises(ConfigError, match="measure must be one of"):
         should_measure("sometimes", "cpu", 10)
     assert should_measure("auto", "cpu", 10) and not should_measure("auto", "cpu", 7_000_000_000)
+
+
+def test_decode_flops_are_per_token_and_prefill_per_batch() -> None:
+    one = profile("llava", WL.replace(batch_size=1), llm="tiny-llm", vision="tiny-clip")
+    two = profile("llava", WL, llm="tiny-llm", vision="tiny-clip")
+    for source in ("analytic", "counted"):
+        key = dict(scope="total", convention="dense", component="all", role="all", source=source)
+        assert _one(two, metric="decode_flops_per_token", **key) == _one(one, metric="decode_flops_per_token", **key)
+        assert _one(two, metric="prefill_flops", **key) == 2 * _one(one, metric="prefill_flops", **key)
+
+
+def test_measured_train_step_mfu_leaves_recomputation_out() -> None:
+    wl = WL.replace(stage="finetune", gradient_checkpointing=True)
+    df = profile("llava", wl, llm="tiny-llm", vision="tiny-clip", measure=True,
+                 timing={"min_seconds": 0.0, "min_repeats": 2, "warmup": 1})
+    key = dict(metric="train_step_flops", scope="total", convention="dense", component="all", role="all")
+    with_recompute = _one(df, source="counted", **key)
+    no_ckpt = profile("llava", wl.replace(gradient_checkpointing=False), llm="tiny-llm", vision="tiny-clip")
+    model_flops = _one(no_ckpt, source="counted", **key)
+    assert with_recompute > model_flops  # checkpointing recomputes forward work
+    rate = _one(df, metric="achieved_flops_per_s", phase="train_step")
+    latency = _one(df, metric="train_step_latency_s", phase="train_step")
+    assert rate * latency == pytest.approx(model_flops, rel=1e-9)
