@@ -33,11 +33,12 @@ def report(
         raise ConfigError("the input files hold no result rows")
     archs = split_list(arch) or sorted(set(rows["arch"]))
     parse_archs(archs)
+    every = rows
     rows = rows[rows["arch"].isin(archs)]
     if llm:
         rows = rows[rows["llm"] == llm]
         if rows.empty:
-            raise ConfigError(f"--llm {llm!r}: no rows; the inputs hold {sorted(set(rows['llm']))}")
+            raise ConfigError(f"--llm {llm!r}: no rows; the inputs hold {sorted(set(every['llm']))}")
     stages = parse_stages(stage)
     if vary:
         from mllm_bench.reports import plots

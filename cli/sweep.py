@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports.sweep import VARY_FIELDS, expand, parse_vary, run_sweep, write_sweep
+from mllm_bench.reports.sweep import (
+    VARY_FIELDS,
+    expand,
+    parse_vary,
+    run_sweep,
+    visual_tokens_note,
+    write_sweep,
+)
 
 from mllm_bench.results import append_sqlite
 from mllm_bench.workload import PAPER_WORKLOAD
@@ -24,7 +31,8 @@ from .common import (
 )
 
 VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}). visual_tokens=N uses N/576 images "
-             "when N is a multiple of the per-image count, else one image whose patch grid gives N (N a square).")
+             "when N is a multiple of the per-image count (2304 = 4 images at 336 px, not one 672-px image), "
+             "else one image whose patch grid gives N (N a square).")
 
 
 @handle_errors
@@ -58,18 +66,19 @@ def sweep(
     profile = get_profile()
     with progress_bar(len(points), "sweeping") as advance:
         result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"))
-    write_sweep(result, out, grid, archs, base)
+    write_sweep(result, out, grid, archs, base, vision)
     err_console.print(f"{result.done} points profiled, {result.skipped} already done, {len(result.oom)} out of "
-                      f"memory, {len(result.errors)} failed; results in {out}")
+                      f"memory (now or earlier), {len(result.errors)} failed; results in {out}")
     for message in [m for _, m in result.errors]:
         err_console.print(f"[red]failed:[/] {message}", highlight=False)
     if make_plots and len(result.rows):
         from mllm_bench.reports import plots
 
         fields = list(grid)
+        notes = [visual_tokens_note(grid["visual_tokens"], vision)] if "visual_tokens" in grid else []
         written = plots.cost_curves(result.rows, fields[0], out / f"cost_vs_{fields[0]}",
                                     scope=scope.value, convention=convention.value,
-                                    hue=fields[1] if len(fields) > 1 else None)
+                                    hue=fields[1] if len(fields) > 1 else None, note="; ".join(notes))
         err_console.print(f"wrote {len(written)} plot files")
     if db is not None and len(result.rows):
         new = result.rows[result.rows["sweep_key"].isin(result.new_keys)]

@@ -8,6 +8,7 @@ import typer
 from mllm_bench.reports import train_cost as budget
 
 from mllm_bench.config import ConfigError
+from mllm_bench.presets import vision_preset
 from mllm_bench.results import atomic_write_text, write_rows
 
 from .common import (
@@ -41,7 +42,11 @@ def train_cost(
     vision: Opt.Vision = "clip-vit-l-336",
     option: Opt.ArchOptions = None,
     device: str = typer.Option("a100", help=f"Device whose peak sets GPU-hours: {', '.join(budget.DEVICE_PEAKS)}."),
-    mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed for every stage (0-1]."),
+    mfu: str = typer.Option("0.4", help="MFU in (0, 1] for every architecture (0.4), or per architecture "
+                            "(llava=0.47,saisa=0.32; a bare number sets the rest). Used for both stages."),
+    measured: Path = typer.Option(None, help="Result file(s) with measured train_step mfu rows (e.g. "
+                                  "results/gpu/nvidia-h200/rows.csv): each arch's finetune MFU at the workload's "
+                                  "visual-token count, unless --mfu names the arch."),
     pretrain_samples: int = typer.Option(558_000, min=1, help="Stage-1 samples (LCS-558K)."),
     finetune_samples: int = typer.Option(665_000, min=1, help="Stage-2 samples (LLaVA-1.5 mix 665K)."),
     pretrain_text: str = typer.Option("1,32", help="Stage-1 text tokens BEFORE,AFTER the image (BOS + caption)."),
@@ -57,10 +62,14 @@ def train_cost(
     budget.peak_flops(device)  # an unknown device is bad usage, before any counting
     recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,
                                    "finetune-text"), pretrain_samples, finetune_samples)
+    utilisation = budget.parse_mfu(mfu, archs)
+    if measured is not None:
+        utilisation, _ = budget.measured_mfu(measured, archs, llm, vision_preset(vision).tokens_per_image,
+                                             given=utilisation)
     profile = get_profile()
     with progress_bar(len(archs) * len(recipe), "counting training FLOPs") as advance:
-        table, rows = budget.train_cost(archs, profile, recipe, llm, vision, options, device, mfu, scope.value,
-                                        convention.value, baseline, advance)
+        table, rows = budget.train_cost(archs, profile, recipe, llm, vision, options, device, utilisation,
+                                        scope.value, convention.value, baseline, advance)
     break_even = {}
     if {"llava", "saisa"} <= set(archs) and llm in budget.LLAVA_REPORTED_HOURS:
         break_even[llm] = budget.finetune_text_for_reduction(profile, recipe, llm, vision, scope=scope.value,

@@ -111,12 +111,21 @@ def inference_markdown(table: pd.DataFrame, claim: bool) -> str:
 
 
 def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] = PAPER_LLMS,
-               archs: Sequence[str] = PAPER_ARCHS, mfu: float = 0.4, device: str = "a100",
+               archs: Sequence[str] = PAPER_ARCHS, mfu: float | train_cost.MFU = 0.4, device: str = "a100",
                on_step: Callable[[str], None] | None = None, command: str = "mllm-bench paper",
                vision: str = PAPER_VISION, workload: Workload = PAPER_WORKLOAD,
-               options: dict[str, dict] | None = None) -> PaperResult:
-    """Profile what the tables need and write everything under ``out_dir``."""
+               options: dict[str, dict] | None = None, measured: str | Path | pd.DataFrame | None = None,
+               ) -> PaperResult:
+    """Profile what the tables need and write everything under ``out_dir``.
+
+    ``measured``: result rows with measured train-step MFU (see :func:`train_cost.measured_mfu`; rows of any
+    LLM, so a 7B measurement also serves 13B, as the notes say). Options are checked before any profiling.
+    """
     out = Path(out_dir)
+    mfu = mfu if isinstance(mfu, train_cost.MFU) else train_cost.MFU(float(mfu))
+    train_cost.peak_flops(device)
+    if measured is not None:
+        mfu, _ = train_cost.measured_mfu(measured, archs, None, vision_preset(vision).tokens_per_image, given=mfu)
     frames = []
     for llm in llms:
         for arch in archs:
@@ -158,27 +167,53 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
             y = inf["tflops_counted"].iloc[0]
             points.append({"arch": arch, "group": llm.replace("vicuna-", "").upper(), "x": bud["gpu_hours"].iloc[0],
                            "y": y if not math.isnan(y) else inf["tflops_analytic"].iloc[0]})
-    foot = (f"x: LLaVA-1.5 recipe (558K + 665K samples) at {device.upper()} peak × MFU {mfu}, total scope, "
-            "effective attention; y: prefill, 576 visual + 64 text tokens, language scope, dense attention; "
-            "FLOP = 2·MAC")
+    foot = tradeoff_assumptions(budget, workload, vision)
     files += plots.tradeoff(pd.DataFrame(points), out / "tradeoff",
                             x_label=f"training budget ({device.upper()} GPU-hours)",
                             y_label="inference TFLOPs (paper convention)", footnote=foot)
     for llm in llms:
         files += plots.flops_by_component(all_rows[all_rows["llm"] == llm], out / f"flops_by_component_{llm}",
                                           "total", "effective")
-    readme = paper_readme(paper_conv, total_eff, budget, notes, all_rows, command, mfu, device)
+    readme = paper_readme(paper_conv, total_eff, budget, notes, all_rows, command, workload, vision)
     files.append(atomic_write_text(out / "README.md", readme))
     return PaperResult(paper_conv, budget, all_rows, files)
 
 
+def tradeoff_assumptions(budget: pd.DataFrame, workload: Workload, vision: str = PAPER_VISION) -> str:
+    """What the trade-off figure's axes are, in one paragraph (its footnote and the README's text)."""
+    a = budget.attrs
+    archs = list(dict.fromkeys(budget["arch"]))
+    return (f"x: GPU-hours of the LLaVA-1.5 recipe (558K + 665K samples, one epoch) at {a['device'].upper()} dense "
+            f"bf16 peak × {a['mfu'].describe(archs)}, FLOPs of {a['hours_scope']} scope, {a['hours_convention']} "
+            f"attention; y: prefill FLOPs, {vision_preset(vision).tokens_per_image * workload.images_per_sample} "
+            f"visual + {workload.num_text_tokens} text tokens, language scope, dense attention (the paper's "
+            "convention); FLOP = 2·MAC")
+
+
+def _component_workloads(rows: pd.DataFrame) -> str:
+    """Each FLOPs-by-component panel's workload, as the plots' footnotes give it."""
+    inf = rows[(rows["metric"] == "prefill_flops") & (rows["stage"] == "inference")]
+    fin = rows[(rows["metric"] == "train_step_flops") & (rows["stage"] == "finetune")]
+    return (f"prefill panel: {plots.panel_workload(inf)} (the paper's workload); training-step panel: "
+            f"{plots.panel_workload(fin)} (one finetune sample of the budget recipe)")
+
+
 def paper_readme(paper_conv: pd.DataFrame, total_eff: pd.DataFrame, budget: pd.DataFrame, budget_notes: list[str],
-                 rows: pd.DataFrame, command: str, mfu: float, device: str) -> str:
+                 rows: pd.DataFrame, command: str, workload: Workload = PAPER_WORKLOAD,
+                 vision: str = PAPER_VISION) -> str:
     saisa7 = paper_conv[(paper_conv["arch"] == "saisa") & (paper_conv["llm"] == "vicuna-7b")]
     headline = ""
     if len(saisa7):
         headline = (f"SAISA-7B needs {abs(saisa7['vs_llava'].iloc[0]) * 100:.1f}% fewer inference FLOPs than "
                     "LLaVA-1.5-7B under the paper's convention (paper: 66%).")
+    a = budget.attrs
+    archs = list(dict.fromkeys(budget["arch"]))
+    mfu: train_cost.MFU = a["mfu"]
+    measured = any(v != "given" for v in mfu.origin.values())
+    paper_source = "counted" if paper_conv["tflops_counted"].notna().all() else "analytic where not counted"
+    eff_source = "counted" if total_eff["tflops_counted"].notna().all() else "analytic only"
+    budget_source = "/".join(sorted(set("/".join(budget["flops_source"]).split("/")) - {""}))
+    mfu_source = ("measured (see the notes under the table)" if measured else "assumed")
     return f"""# SAISA paper efficiency claims, recomputed
 
 Regenerate with:
@@ -187,9 +222,16 @@ Regenerate with:
 {command}
 ```
 
-Every number below comes from the implementations in this repository: counted with
-`torch.utils.flop_counter` on meta tensors (no weights allocated) and cross-checked against the closed-form
-analytic model. {headline}
+All FLOPs below come from the implementations in this repository, each table from its own source:
+
+- Inference FLOPs, the paper's convention: **{paper_source}** with `torch.utils.flop_counter` on meta tensors
+  (no weights allocated), cross-checked against the closed-form analytic model and the paper's formula.
+- Inference FLOPs, total scope and effective attention: **{eff_source}** (closed-form model; the counter sees
+  dense attention only, so no counted number exists for the effective convention).
+- Training budget: FLOPs **{budget_source}** (total scope, effective attention); GPU-hours = FLOPs ÷ (peak × MFU)
+  with {mfu.describe(archs)}, **{mfu_source}**. No training run was timed for this table.
+
+{headline}
 
 ## Inference FLOPs, the paper's convention
 
@@ -213,9 +255,14 @@ latents of the preceding image).
 
 ![training budget vs inference FLOPs](tradeoff.png)
 
-FLOPs by component (total scope, effective attention): `flops_by_component_vicuna-7b.png`,
-`flops_by_component_vicuna-13b.png` (prefill: the paper's workload; training step: one finetune sample of
-the budget recipe, 40 + 216 text tokens).
+Each point is one architecture at one LLM size (marker). Lower-left is better on both axes. Assumptions:
+{tradeoff_assumptions(budget, workload, vision)}. The x axis inherits every assumption of the training budget
+above (text lengths, one image per sample, no text-only samples, MFU); the y axis is the first table.
+
+## FLOPs by component
+
+`flops_by_component_vicuna-7b.png`, `flops_by_component_vicuna-13b.png` (total scope, effective attention). The
+two panels use different workloads, as their footnotes say: {_component_workloads(rows)}.
 
 ## Assumptions
 
@@ -229,13 +276,14 @@ the budget recipe, 40 + 216 text tokens).
 - Training: what each stage trains is the architecture's own stage definition (LLaVA: projector | projector +
   LLM; SAISA: projectors | projectors + LLM; Flamingo: resampler + cross-attention in both stages, LLM frozen,
   as OpenFlamingo trains it); vision tower frozen and run forward; one epoch; batch 1 per sample (FLOPs are
-  linear in batch; padding not modelled); optimizer-step FLOPs not counted.
+  linear in batch; padding not modelled); every sample carries one image (the 665K mix's text-only samples are
+  not modelled); optimizer-step FLOPs not counted.
 - The budget compares the same recipe (same data, one epoch) for every architecture. Flamingo-style comes out
   cheapest per sample because its LLM stays frozen and its visual input is 64 latents; the paper's point that
   cross-attention alignment is "inefficient in training" is about the far larger data it needs to train its
   new parameters (OpenFlamingo used billions of tokens), which a per-recipe FLOPs count does not capture.
-- GPU-hours assume {device.upper()} dense bf16 peak and MFU {mfu} for every architecture and stage; the paper
-  reports measured GPU-hours, so compare the reductions, not the hours.
+- GPU-hours assume {a['device'].upper()} dense bf16 peak and {mfu.describe(archs)} for both stages
+  ({mfu_source}); the paper reports measured GPU-hours, so compare the reductions, not the hours.
 
 ## Files
 

@@ -137,7 +137,22 @@ def flops_by_component(
     fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.55), frameon=False, fontsize=8.5)
     fig.suptitle("FLOPs by component", fontsize=11, fontweight="bold")
     fig.tight_layout()
-    return save(fig, stem, footnote_for(scope, convention))
+    workloads = "; ".join(f"{title}: {panel_workload(rows)}" for title, rows in data)
+    return save(fig, stem, footnote_for(scope, convention, workloads))
+
+
+def panel_workload(rows: pd.DataFrame) -> str:
+    """The workload behind a panel's rows, e.g. "576 visual + 40 + 216 text tokens, batch 1"."""
+    def values(col: str) -> list[str]:
+        if col not in rows.columns:
+            return []
+        return sorted({str(int(float(v))) for v in rows[col] if str(v) not in ("", "nan")}, key=int)
+
+    visual, before, after, batch = (values(c) for c in ("visual_tokens", "text_before", "text_after", "batch_size"))
+    if not visual or len(visual) > 1 or len(before) > 1 or len(after) > 1:
+        return "workload differs by model" if visual else "workload not recorded"
+    text = f" + {before[0]} + {after[0]} text tokens" if before and after else ""
+    return f"{visual[0]} visual{text}" + (f", batch {'/'.join(batch)}" if batch else "")
 
 
 # ----- cost curves with crossovers ---------------------------------------------------------------------
@@ -165,11 +180,12 @@ def crossovers(x: Sequence[float], a: Sequence[float], b: Sequence[float], rtol:
 def cost_curves(
     df: pd.DataFrame, x: str, stem: str | Path,
     panels: Sequence[tuple[str, dict[str, str], str]] = (),
-    scope: str = "language", convention: str = "dense", hue: str | None = None,
+    scope: str = "language", convention: str = "dense", hue: str | None = None, note: str = "",
 ) -> list[Path]:
     """One panel per metric: cost vs ``x`` per model, crossovers between models marked and labelled.
 
-    ``panels`` are (metric, where, title); ``hue`` (a second varied field) draws one line style per value.
+    ``panels`` are (metric, where, title); ``hue`` (a second varied field) draws one line style per value;
+    ``note`` is added to the footnote (e.g. how visual-token counts map to images).
     """
     df = normalise(df)
     panels = panels or default_curve_panels(scope, convention)
@@ -224,7 +240,7 @@ def cost_curves(
     fig.suptitle(f"Cost vs {X_NAMES.get(x, x)}", fontsize=11, fontweight="bold")
     fig.tight_layout()
     fig.subplots_adjust(bottom=0.22 + 0.05 * ((len(names) - 1) // 4))
-    return save(fig, stem, footnote_for(scope, convention, "× = crossover"))
+    return save(fig, stem, footnote_for(scope, convention, "× = crossover" + (f"; {note}" if note else "")))
 
 
 def _sort_key(v: object) -> float | str:

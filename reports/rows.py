@@ -15,26 +15,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from mllm_bench.config import ConfigError
+from mllm_bench.results import normalise as normalise  # the core one, re-exported for the reports
 
 IDENTITY: tuple[str, ...] = ("arch", "llm", "vision", "options")
 SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
-# Columns of the row schema that may be blank; used to fill frames that lack some of them.
-TEXT_COLUMNS: tuple[str, ...] = (
-    "arch", "llm", "vision", "options", "metric", "unit", "source", "scope", "convention", "component", "role",
-    "stage", "phase", "dtype", "device", "device_name", "attention_backend", "torch_version",
-    "transformers_version", "mllm_bench_version", "git_commit", "timestamp", "note",
-)
-
-
-def normalise(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy with every schema text column present, blanks as "" (CSV/SQLite round trips give NaN)."""
-    out = df.reset_index(drop=True)
-    for col in TEXT_COLUMNS:
-        if col not in out.columns:
-            out[col] = ""
-        out[col] = out[col].astype(object).where(out[col].notna(), "").astype(str)
-    out["value"] = pd.to_numeric(out["value"], errors="coerce")
-    return out
 
 
 def _rank(values: pd.Series, preferred: Sequence[str]) -> pd.Series:

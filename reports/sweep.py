@@ -167,7 +167,7 @@ class SweepResult:
     rows: pd.DataFrame
     done: int = 0
     skipped: int = 0
-    oom: list[str] = field(default_factory=list)
+    oom: list[str] = field(default_factory=list)  # every point out of memory, in this run or an earlier one
     new_keys: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -202,8 +202,11 @@ def run_sweep(
     for point in list(points)[rank::world_size]:
         path = out / "points" / f"{point.key}.json"
         if path.exists():
-            frames.append(_read_point(path))
+            rows, status = _read_point(path)
+            frames.append(rows)
             result.skipped += 1
+            if status == "oom":  # finished earlier as out of memory: still part of the sweep's outcome
+                result.oom.append(point.key)
             if on_point:
                 on_point(point, "skipped")
             continue
@@ -236,19 +239,35 @@ def run_sweep(
     return result
 
 
-def _read_point(path: Path) -> pd.DataFrame:
-    return pd.DataFrame.from_records(json.loads(path.read_text())["rows"])
+def _read_point(path: Path) -> tuple[pd.DataFrame, str]:
+    """A finished point's rows and status (ok or oom)."""
+    data = json.loads(path.read_text())
+    return pd.DataFrame.from_records(data["rows"]), data.get("status", "ok")
+
+
+def visual_tokens_note(tokens: Sequence[int], vision: str | VisionConfig) -> str:
+    """How each swept visual-token count was realised, e.g. "2304 = 4 images × 336 px" (rule: module docstring)."""
+    vcfg = vision if isinstance(vision, VisionConfig) else vision_preset(vision)
+    parts = []
+    for n in tokens:
+        images, size = visual_tokens_to_workload(n, vcfg)
+        parts.append(f"{n} = {images} image{'s' if images > 1 else ''} × {size} px")
+    return (f"visual tokens per sample ({vcfg.name}): " + ", ".join(parts) + f"; multiples of {vcfg.tokens_per_image}"
+            " are several images at the preset's resolution (not one larger image)")
 
 
 def write_sweep(result: SweepResult, out_dir: str | Path, vary: dict[str, list[Any]], archs: Sequence[str],
-                base: Workload) -> list[Path]:
-    """The combined tidy rows (JSON + CSV) and a manifest naming what was varied."""
+                base: Workload, vision: str | VisionConfig) -> list[Path]:
+    """The combined tidy rows (JSON + CSV) and a manifest naming what was varied (and, for visual tokens,
+    how each count was realised). ``oom`` lists every point out of memory, whether it ran now or earlier."""
     out = Path(out_dir)
     paths = []
     if len(result.rows):
         paths += [write_rows(result.rows, out / "results.json"), write_rows(result.rows, out / "results.csv")]
     manifest = {"vary": vary, "archs": list(archs), "base_workload": dataclasses.asdict(base),
-                "points_done": result.done, "points_skipped": result.skipped, "oom": result.oom,
-                "errors": [m for _, m in result.errors]}
+                "points_finished": result.done + result.skipped, "points_done": result.done,
+                "points_skipped": result.skipped, "oom": result.oom, "errors": [m for _, m in result.errors]}
+    if "visual_tokens" in vary:
+        manifest["visual_tokens_mapping"] = visual_tokens_note(vary["visual_tokens"], vision)
     paths.append(atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=1) + "\n"))
     return paths

@@ -113,6 +113,56 @@ def test_train_cost_command(fake, tmp_path):
     assert "paper reports 26%" in (tmp_path / "train_cost.md").read_text()
 
 
+def test_train_cost_with_measured_mfu(fake, tmp_path):
+    from tests.test_train_cost import mfu_rows
+
+    measured = tmp_path / "gpu.csv"
+    mfu_rows({"llava": 0.5, "saisa": 0.25}).to_csv(measured, index=False)
+    result = invoke("train-cost", "--arch", "llava,saisa", "--llm", "tiny-llm", "--vision", "tiny-clip",
+                    "--measured", str(measured), "--device", "h100", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "train_cost.csv").set_index(["arch", "stage"])
+    assert table.loc[("saisa", "finetune"), "mfu"] == 0.25 and table.loc[("llava", "pretrain"), "mfu"] == 0.5
+    assert table.loc[("saisa", "total"), "gpu_hours_vs_baseline"] == pytest.approx(0.0)
+    text = " ".join(result.output.split())
+    assert "MFU saisa 25.0%: measured on NVIDIA H200: finetune train step, batch 12, 16 visual + 8 text" in text
+    assert "below in GPU-hours at the MFUs above" in text
+    override = invoke("train-cost", "--arch", "llava,saisa", "--llm", "tiny-llm", "--vision", "tiny-clip",
+                      "--measured", str(measured), "--mfu", "saisa=0.5", "--format", "csv")
+    assert override.exit_code == 0 and "0.5," in override.stdout and "0.25," not in override.stdout
+    missing = invoke("train-cost", "--arch", "llava,flamingo", "--llm", "tiny-llm", "--vision", "tiny-clip",
+                     "--measured", str(measured))
+    assert missing.exit_code == 2 and "--mfu flamingo=VALUE" in " ".join(missing.output.split())
+    assert not [c for c in fake if c[0] == "flamingo"]  # rejected before any counting
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mfu", "0"], "--mfu: default must be in (0, 1], got 0.0"),
+    (["--mfu", "saisa=1.5"], "--mfu: saisa must be in (0, 1]"),
+    (["--mfu", "gpt=0.3"], "'gpt' is not being run"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--measured", "/nonexistent/rows.csv"], "does not exist"),
+])
+def test_paper_rejects_bad_options_before_profiling(monkeypatch, tmp_path, args, message):
+    def no_profiling():
+        raise AssertionError("the profiler must not be reached with bad options")
+
+    monkeypatch.setattr("mllm_bench.cli.paper.get_profile", no_profiling)
+    monkeypatch.setattr("mllm_bench.reports.paper.regenerate", lambda *a, **k: pytest.fail("regenerate called"))
+    result = invoke("paper", "--out", str(tmp_path), *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_names_the_llms_of_the_unfiltered_input(fake, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("compare", *TINY, "--arch", "llava", "--format", "csv", "--out", str(out)).exit_code == 0
+    result = invoke("report", str(out / "results.json"), "--llm", "vicuna-7b")
+    assert result.exit_code == 2
+    assert "--llm 'vicuna-7b': no rows; the inputs hold ['tiny-llm']" in " ".join(result.output.split())
+
+
 # ----- end to end with the real profiler (tiny presets; FLOPs counted on meta tensors) -------------------
 MHA = ["--llm", "tiny-llm-mha", "--vision", "tiny-clip", "--device", "cpu", "--dtype", "float32"]
 TINY_FLAMINGO = ["-o", "flamingo.num_latents=4", "-o", "flamingo.resampler_depth=1", "-o",

@@ -147,6 +147,11 @@ def test_paper_regeneration_on_tiny_presets(tmp_path):
             "inference_flops_total_effective.md", "rows.csv"} <= names
     readme = (tmp_path / "README.md").read_text()
     assert "mllm-bench paper" in readme and "## Assumptions" in readme and "26%" in readme
+    assert "total scope and effective attention: **analytic only**" in readme  # each table names its source
+    tradeoff = readme.split("## Trade-off")[1].split("## ")[0]
+    assert "tradeoff.png" in tradeoff and "| LLM |" not in tradeoff and "x: GPU-hours" in tradeoff
+    assert "prefill panel: 16 visual + 4 + 4 text tokens" in readme  # each component panel's workload
+    assert "training-step panel: 16 visual + 40 + 216 text tokens" in readme
     budget = result.budget.set_index(["arch", "stage"])
     assert budget.loc[("saisa", "total"), "gpu_hours"] == pytest.approx(
         budget.loc[("saisa", "pretrain"), "gpu_hours"] + budget.loc[("saisa", "finetune"), "gpu_hours"])

@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from mllm_bench.reports.sweep import expand, parse_vary, run_sweep, visual_tokens_to_workload, write_sweep
+from mllm_bench.reports.sweep import (
+    expand,
+    parse_vary,
+    run_sweep,
+    visual_tokens_note,
+    visual_tokens_to_workload,
+    write_sweep,
+)
 
 from mllm_bench.config import ConfigError
 from mllm_bench.presets import vision_preset
@@ -63,7 +70,7 @@ def test_sweep_resumes_and_records_oom(tmp_path):
               & (rows["component"] == "all")]
     got = {(r.arch, r.visual_tokens): r.value for r in ok.itertuples()}
     assert got["saisa", 64] == PER_TOKEN["saisa"] * (64 + 8)  # numbers come through unchanged
-    write_sweep(first, tmp_path, grid, ["llava", "saisa"], base)
+    write_sweep(first, tmp_path, grid, ["llava", "saisa"], base, "tiny-clip")
     manifest = json.loads((tmp_path / "sweep.json").read_text())
     assert manifest["points_done"] == 5 and "kaput" in manifest["errors"][0]
     for f in (tmp_path / "points").iterdir():  # every point file is complete JSON
@@ -74,6 +81,16 @@ def test_sweep_resumes_and_records_oom(tmp_path):
     assert calls == [("saisa", "tiny-llm", 32, 8, "inference")]  # only the failed point is retried
     assert second.skipped == 5 and second.done == 1 and not second.errors
     assert len(second.rows[second.rows["metric"] == "oom"]) == 1  # the OOM point stays recorded, not redone
+    assert second.oom == first.oom  # ... and still counts as out of memory
+    write_sweep(second, tmp_path, grid, ["llava", "saisa"], base, "tiny-clip")
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
+    assert manifest["oom"] == first.oom and manifest["points_finished"] == 6 and manifest["errors"] == []
+    assert manifest["visual_tokens_mapping"].startswith("visual tokens per sample (tiny-clip): 16 = 1 image × 32 px")
+
+
+def test_visual_tokens_note_states_the_mapping():
+    note = visual_tokens_note([144, 576, 2304], "clip-vit-l-336")
+    assert "144 = 1 image × 168 px" in note and "2304 = 4 images × 336 px" in note and "not one larger" in note
 
 
 def test_interrupted_sweep_resumes(tmp_path):

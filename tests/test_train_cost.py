@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 from mllm_bench.reports import train_cost as tc
 
 from mllm_bench.config import ConfigError
-from tests.reports_fakes import PER_TOKEN, fake_profile
+from tests.reports_fakes import PER_TOKEN, fake_profile, row
 
 
 def test_budget_arithmetic():
@@ -24,8 +25,11 @@ def test_budget_arithmetic():
     assert t.loc[("saisa", "finetune"), "flops"] == pytest.approx(fin * 500)
     total = t.loc[("saisa", "total"), "gpu_hours"]
     assert total == pytest.approx(t.loc[("saisa", "pretrain"), "gpu_hours"] + t.loc[("saisa", "finetune"), "gpu_hours"])
-    assert t.loc[("saisa", "total"), "vs_baseline"] == pytest.approx(total / t.loc[("llava", "total"), "gpu_hours"] - 1)
-    assert math.isnan(t.loc[("llava", "total"), "vs_baseline"])
+    assert t.loc[("saisa", "total"), "gpu_hours_vs_baseline"] == pytest.approx(
+        total / t.loc[("llava", "total"), "gpu_hours"] - 1)
+    assert t.loc[("saisa", "total"), "flops_vs_baseline"] == pytest.approx(
+        t.loc[("saisa", "total"), "flops"] / t.loc[("llava", "total"), "flops"] - 1)
+    assert math.isnan(t.loc[("llava", "total"), "gpu_hours_vs_baseline"])
     notes = tc.budget_notes(table, recipe)
     text = "\n".join(notes)
     assert "26%" in text and "1 token(s) before" in text and "MFU 0.50" in text
@@ -60,8 +64,63 @@ def test_break_even_text_length_brackets_the_target():
     def reduction(after: int) -> float:
         r = tc.llava15_recipe((1, 7), (4, after), pretrain_samples=100, finetune_samples=100)
         table, _ = tc.train_cost(["llava", "saisa"], profile, r, "tiny-llm-mha", "tiny-clip")
-        return -table.set_index(["arch", "stage"]).loc[("saisa", "total"), "vs_baseline"]
+        return -table.set_index(["arch", "stage"]).loc[("saisa", "total"), "flops_vs_baseline"]
 
     assert reduction(tokens) <= 0.3 < reduction(max(tokens - 8, 1))
     assert tc.finetune_text_for_reduction(profile, recipe, "tiny-llm-mha", "tiny-clip", target=0.01,
                                           max_tokens=512) is None  # never that small within the window
+
+
+def test_parse_mfu():
+    assert tc.parse_mfu("0.5").of("saisa") == 0.5 and tc.parse_mfu("0.5").uniform()
+    mfu = tc.parse_mfu("llava=0.47, saisa=0.32", ["llava", "saisa", "flamingo"])
+    assert (mfu.of("llava"), mfu.of("saisa"), mfu.of("flamingo")) == (0.47, 0.32, tc.DEFAULT_MFU)
+    assert tc.parse_mfu("0.3,saisa=0.2").of("llava") == 0.3 and not tc.parse_mfu("0.3,saisa=0.2").uniform()
+    for bad, message in (("0", "in \\(0, 1\\]"), ("saisa=fast", "ARCH=NUMBER"), ("", "empty"),
+                         ("gpt=0.3", "'gpt' is not being run")):
+        with pytest.raises(ConfigError, match=message):
+            tc.parse_mfu(bad, ["llava", "saisa"])
+
+
+def mfu_rows(values: dict[str, float], visual: int = 16, **fields) -> pd.DataFrame:
+    """Measured train-step MFU rows as the GPU benchmark writes them (total scope, dense FLOPs)."""
+    base = dict(source="measured", stage="finetune", phase="train_step", scope="total", convention="dense",
+                unit="ratio", visual_tokens=visual, text_tokens=8, batch_size=12, device_name="NVIDIA H200")
+    return pd.DataFrame([row(a, "mfu", v, **{**base, **fields}) for a, v in values.items()])
+
+
+def test_measured_mfu_picks_the_matching_rows_and_gpu_hours_use_their_flops():
+    rows = pd.concat([mfu_rows({"llava": 0.5, "saisa": 0.25}),
+                      mfu_rows({"llava": 0.9, "saisa": 0.9}, visual=64),  # another visual-token count
+                      mfu_rows({"llava": 0.8}, phase="prefill", stage="inference"),  # not a train step
+                      mfu_rows({"llava": 0.7}, llm="vicuna-7b")])  # another LLM
+    mfu, used = tc.measured_mfu(rows, ["llava", "saisa"], "tiny-llm", 16)
+    assert (mfu.of("llava"), mfu.of("saisa")) == (0.5, 0.25) and len(used) == 2
+    assert (mfu.scope, mfu.convention) == ("total", "dense") and "NVIDIA H200" in mfu.origin["saisa"]
+    given = tc.measured_mfu(rows, ["llava", "saisa"], "tiny-llm", 16, given=tc.parse_mfu("saisa=0.4"))[0]
+    assert given.of("saisa") == 0.4 and given.origin["saisa"] == "given"
+    with pytest.raises(ConfigError, match="no finetune train_step mfu for flamingo"):
+        tc.measured_mfu(rows, ["llava", "flamingo"], "tiny-llm", 16)
+    with pytest.raises(ConfigError, match="with tiny-llm at 576 visual tokens"):
+        tc.measured_mfu(rows, ["llava"], "tiny-llm", 576)
+
+    recipe = tc.llava15_recipe((1, 7), (4, 12), pretrain_samples=1000, finetune_samples=500)
+    table, _ = tc.train_cost(["llava", "saisa"], fake_profile(), recipe, "tiny-llm", "tiny-clip", device="h100",
+                             mfu=mfu, scope="total", convention="effective")
+    t = table.set_index(["arch", "stage"])
+    # the fake's effective FLOPs are half its dense ones; GPU-hours divide the dense ones, the MFU's basis
+    dense = 3 * PER_TOKEN["saisa"] * (16 + 16) * 2 * 500
+    assert t.loc[("saisa", "finetune"), "flops"] == pytest.approx(dense / 2)
+    assert t.loc[("saisa", "finetune"), "gpu_hours"] == pytest.approx(dense / (989e12 * 0.25) / 3600)
+    assert t.loc[("saisa", "total"), "flops_vs_baseline"] == pytest.approx(-0.5)
+    assert t.loc[("saisa", "total"), "gpu_hours_vs_baseline"] == pytest.approx(0.0)  # half the FLOPs at half the MFU
+    text = "\n".join(tc.budget_notes(table, recipe))
+    assert "50.0% below LLaVA-1.5's by FLOPs and 0.0% below in GPU-hours" in text
+    assert "MFU saisa 25.0%: measured on NVIDIA H200" in text and "total-scope dense FLOPs" in text
+    assert "| 25.0% |" in tc.to_markdown(table)
+
+
+def test_break_even_beyond_the_training_length_is_out_of_reach():
+    finetune = tc.llava15_recipe()[1]
+    assert "beyond LLaVA-1.5's 2,048-token training length" in tc.break_even_text(1453, finetune, "clip-vit-l-336")
+    assert "within LLaVA-1.5's" in tc.break_even_text(400, finetune, "clip-vit-l-336")
