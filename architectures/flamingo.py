@@ -29,6 +29,8 @@ Parameter names map onto OpenFlamingo's: ``perceiver.layers.N.attn`` = ``perceiv
 
 Training stages: ``pretrain`` trains the resampler and the cross-attention blocks; ``finetune`` the same,
 plus the LLM (decoder and lm_head) when ``train_llm_in_finetune``. The vision tower is always frozen.
+OpenFlamingo also unfreezes the LM's input embeddings (for its new ``<image>``/``<|endofchunk|>``
+tokens); we add no tokens, so they stay frozen here.
 """
 
 from __future__ import annotations
@@ -263,6 +265,10 @@ class Flamingo(MLLM):
         """Keys/values each image contributes to cross-attention."""
         return self.options.num_latents
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The resampler and each gated cross-attention block are FSDP2 units of their own."""
+        return [self.perceiver, *self.gated_cross_attn_layers.values()]
+
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
         connector = ("perceiver.", "gated_cross_attn_layers.")
         if stage == "finetune" and self.options.train_llm_in_finetune:
@@ -347,6 +353,7 @@ class Flamingo(MLLM):
         ``cache.extra["cross_attn_kv"]`` maps block key -> (K, V) of shape (B, H, num_latents, D): every
         image precedes the generated tokens, so the latest image (the last one) is all decode needs.
         """
+        self.check_prompt(batch)
         x, positions, mask, media = self._prompt(batch)
         kv = self.media_kv(batch)
         cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)

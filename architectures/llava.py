@@ -96,6 +96,7 @@ class LLaVA(MLLM):
         return ModelOutput(logits, loss)
 
     def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
+        self.check_prompt(batch)
         x, layout = self.embed(batch)
         cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
         mask = self.sequence_mask(layout)

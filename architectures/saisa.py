@@ -78,6 +78,10 @@ class SAISA(MLLM):
             MLPProjector(vision.hidden_size, llm.hidden_size) for _ in range(llm.num_layers)
         )
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Each layer's projector is its own FSDP2 unit (0.67B parameters at 7B would crowd the root)."""
+        return list(self.mm_projectors)
+
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
         if stage == "pretrain":
             return ("mm_projectors.",)
@@ -131,6 +135,7 @@ class SAISA(MLLM):
 
     def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
         """Logits of the last text token and a cache with every layer's visual and text keys/values."""
+        self.check_prompt(batch)
         cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, batch.input_ids.device)
         hidden = self._run(batch, cache)
         return self.lm_head(hidden[:, -1]), cache

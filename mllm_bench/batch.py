@@ -64,6 +64,8 @@ class MultimodalBatch:
         require(ids.dim() == 2, f"input_ids must be (batch, text_tokens), got shape {tuple(ids.shape)}")
         require(ids.dtype == torch.long, f"input_ids must be torch.long, got {ids.dtype}")
         b, t = ids.shape
+        require(t > 0, "input_ids must hold at least one text token per sample, got 0")
+        require(pos.dtype == torch.long, f"image_positions must be torch.long (text indices), got {pos.dtype}")
         require(
             pos.dim() == 2 and pos.shape[0] == b,
             f"image_positions must be (batch={b}, images), got {tuple(pos.shape)}",
@@ -77,6 +79,7 @@ class MultimodalBatch:
             f"pixel_values holds {tuple(pix.shape[:2])} (batch, images) but image_positions gives "
             f"{tuple(pos.shape)}: every image needs exactly one position and every position one image",
         )
+        require(pix.shape[2] == 3, f"pixel_values must have 3 (RGB) channels, got {pix.shape[2]}")
         require(
             tuple(pix.shape[-2:]) == (image_size, image_size),
             f"pixel_values images must be {image_size}x{image_size} for this vision tower, got {tuple(pix.shape[-2:])}",
@@ -87,6 +90,10 @@ class MultimodalBatch:
                 f"{name} must have the shape of input_ids {(b, t)}, "
                 f"got {None if other is None else tuple(other.shape)}",
             )
+        require(
+            self.labels is None or self.labels.dtype == torch.long,
+            f"labels must be torch.long token ids (-100 = ignored), got {getattr(self.labels, 'dtype', None)}",
+        )
         if ids.device.type == "meta":
             return
         if pos.numel():
@@ -146,6 +153,21 @@ def splice_layout(batch: MultimodalBatch, tokens_per_image: int) -> SplicedLayou
     return SplicedLayout(text_index, visual_index, positions, valid, is_visual, length)
 
 
+def check_prompt(batch: MultimodalBatch) -> None:
+    """A prompt to prefill/generate from: left padding, and text after the last image.
+
+    Generation continues from the last *text* token in every architecture (SAISA's and Flamingo's visual
+    tokens have no output), so an image may not be the end of the prompt.
+    """
+    check_left_padded(batch)
+    pos = batch.image_positions
+    if pos.numel() and pos.device.type != "meta" and bool((pos >= batch.num_text).any()):
+        raise ConfigError(
+            f"image_positions {pos.tolist()}: a prompt must end with text; put at least one text token after the "
+            f"last image (positions must be < {batch.num_text} for prefill/generate)"
+        )
+
+
 def check_left_padded(batch: MultimodalBatch) -> None:
     """Generation appends tokens at the end, so padding must be on the left."""
     mask = batch.text_mask()
@@ -171,9 +193,11 @@ def shifted_targets(batch: MultimodalBatch, adjacent: torch.Tensor | None = None
         raise ConfigError("labels are required for a training forward; pass MultimodalBatch(labels=...)")
     targets = torch.full_like(batch.labels, IGNORE_INDEX)
     nxt = batch.labels[:, 1:]
+    keep = batch.text_mask()
+    keep = keep[:, :-1] & keep[:, 1:]  # neither the predicting token nor its target is padding
     if adjacent is not None:
-        nxt = torch.where(adjacent, nxt, torch.full_like(nxt, IGNORE_INDEX))
-    targets[:, :-1] = nxt
+        keep = keep & adjacent
+    targets[:, :-1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE_INDEX))
     return targets
 
 

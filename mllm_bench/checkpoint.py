@@ -16,15 +16,17 @@ from torch import nn
 from .config import ConfigError
 from .vision import unused_vision_keys
 
+# Applied in order, each to the result of the ones before (a key may need several).
 _RENAMES: tuple[tuple[str, str], ...] = (
-    # transformers 4 LLaVA
-    ("language_model.model.", "language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "vision_tower."),
-    # transformers 5 LLaVA
+    # transformers >= 4.52 and 5 LLaVA
     ("model.language_model.", "language_model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    # transformers < 4.52 LLaVA
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    # CLIP/SigLIP vision models of transformers 4 nest a `vision_model`
+    ("vision_tower.vision_model.", "vision_tower."),
     # LlamaForCausalLM
     ("model.", "language_model."),
 )
@@ -37,7 +39,6 @@ def to_mllm_bench_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         for old, new in _RENAMES:
             if key.startswith(old):
                 key = new + key[len(old):]
-                break
         out[key] = value
     return out
 
@@ -64,6 +65,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in checkpoints: rebuild the ones a meta-built model still lacks."""
+    for name, buf in list(model.named_buffers()):
+        if buf.device.type != "meta":
+            continue
+        if not name.endswith("position_ids"):  # the vision embeddings' arange is the only one we have
+            raise ConfigError(f"buffer {name!r} is still on the meta device after loading; build the model on cpu")
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(buf.shape),
+                              persistent=False)
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
     """Load a (transformers-named) state dict into ``model``; returns the keys it did not set.
 
@@ -75,7 +88,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: 
     if vision_cfg is not None:
         for key in unused_vision_keys(vision_cfg, list(state)):
             del state[key]
-    result = model.load_state_dict(state, strict=False)
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    result = model.load_state_dict(state, strict=False, assign=on_meta)  # a meta model takes the tensors
+    if on_meta:
+        _materialise_buffers(model, next(iter(state.values())).device if state else torch.device("cpu"))
     llm_cfg = getattr(model, "llm_config", None)
     tied = bool(llm_cfg is not None and llm_cfg.tie_word_embeddings)
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

@@ -26,7 +26,7 @@ def require(condition: bool, message: str) -> None:
 
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
+        value = getattr(obj, name)  # bool is an int subclass: refused explicitly
         require(
             isinstance(value, int) and not isinstance(value, bool) and value > 0,
             f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}",
@@ -111,6 +111,13 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         require(self.kind in ("clip", "siglip"), f"VisionConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
+        from transformers.activations import ACT2FN
+
+        require(
+            self.hidden_act in ACT2FN,
+            f"VisionConfig.hidden_act {self.hidden_act!r} is not an activation transformers knows; "
+            f"e.g. {sorted(a for a in ACT2FN if 'gelu' in a)}",
+        )
         _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size")
         require(
             self.hidden_size % self.num_heads == 0,
@@ -155,52 +162,94 @@ def _read_json(path: str | Path) -> dict[str, Any]:
         return json.load(f)
 
 
+def _hf_config(cls: Any, raw: dict[str, Any], path: str | Path) -> Any:
+    """transformers' own config class over ``raw``, so fields a file leaves out get transformers' defaults
+    (llava-hf configs list only what differs from Llama's)."""
+    fields = {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{path}: transformers cannot read this {cls.__name__}: {err}") from err
+
+
+def _rope(hf: Any, path: str | Path) -> float:
+    """RoPE theta from a transformers 4 (``rope_theta``/``rope_scaling``) or 5 (``rope_parameters``) config."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    scaling = getattr(hf, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    require(
+        rope_type == "default",
+        f"{path}: RoPE type {rope_type!r} is not supported; only plain RoPE (rope_type 'default') is implemented",
+    )
+    return float(params.get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0)
+
+
 def llm_config_from_hf(path: str | Path, name: str | None = None) -> LLMConfig:
     """An :class:`LLMConfig` from a local Llama/Vicuna/LLaVA ``config.json`` (never downloads)."""
+    from transformers import LlamaConfig
+
     raw = _read_json(path)
     if "text_config" in raw:  # a LLaVA config: take its language model
         raw = raw["text_config"]
-    scaling = raw.get("rope_scaling")
+    declared = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    rope_type = declared.get("rope_type") or declared.get("type") or "default"
     require(
-        not scaling,
-        f"rope_scaling {scaling!r} in {path} is not supported: only plain RoPE (rope_scaling null) is implemented",
+        rope_type == "default",
+        f"{path}: RoPE type {rope_type!r} (rope_scaling) is not supported; only plain RoPE is implemented",
     )
-    heads = raw["num_attention_heads"]
+    hf = _hf_config(LlamaConfig, raw, path)
+    heads = hf.num_attention_heads
+    head_dim = raw.get("head_dim")
+    require(
+        head_dim in (None, hf.hidden_size // heads),
+        f"{path}: head_dim {head_dim} differs from hidden_size / num_attention_heads; not supported",
+    )
+    require(not getattr(hf, "attention_bias", False), f"{path}: attention_bias=true is not supported (Llama has none)")
+    act = getattr(hf, "hidden_act", "silu")
+    require(act == "silu", f"{path}: hidden_act must be 'silu' (SwiGLU), got {act!r}")
     return LLMConfig(
         name=name or raw.get("_name_or_path") or Path(path).stem,
-        hidden_size=raw["hidden_size"],
-        num_layers=raw["num_hidden_layers"],
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        intermediate_size=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
-        rope_theta=raw.get("rope_theta", 10000.0),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        num_kv_heads=hf.num_key_value_heads or heads,
+        intermediate_size=hf.intermediate_size,
+        vocab_size=hf.vocab_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        rms_norm_eps=hf.rms_norm_eps,
+        rope_theta=_rope(hf, path),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
     )
 
 
 def vision_config_from_hf(path: str | Path, name: str | None = None, feature_layer: int = -2) -> VisionConfig:
     """A :class:`VisionConfig` from a local CLIP/SigLIP (vision or full) or LLaVA ``config.json``."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
     raw = _read_json(path)
     if "vision_feature_layer" in raw:
         feature_layer = raw["vision_feature_layer"]
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    require(
+        strategy == "default",
+        f"{path}: vision_feature_select_strategy {strategy!r} is not supported; only 'default' (CLS dropped)",
+    )
+    require(isinstance(feature_layer, int), f"{path}: vision_feature_layer must be one integer, got {feature_layer!r}")
     if "vision_config" in raw:
         raw = raw["vision_config"]
-    model_type = raw.get("model_type", "")
-    kind: VisionKind = "siglip" if "siglip" in model_type else "clip"
+    kind: VisionKind = "siglip" if "siglip" in raw.get("model_type", "") else "clip"
+    hf = _hf_config(CLIPVisionConfig if kind == "clip" else SiglipVisionConfig, raw, path)
     return VisionConfig(
         name=name or raw.get("_name_or_path") or Path(path).stem,
         kind=kind,
-        hidden_size=raw["hidden_size"],
-        num_layers=raw["num_hidden_layers"],
-        num_heads=raw["num_attention_heads"],
-        intermediate_size=raw["intermediate_size"],
-        image_size=raw["image_size"],
-        patch_size=raw["patch_size"],
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size,
+        image_size=hf.image_size,
+        patch_size=hf.patch_size,
         feature_layer=feature_layer,
-        allow_partial_patches=raw["image_size"] % raw["patch_size"] != 0,
-        layer_norm_eps=raw.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6),
-        hidden_act=raw.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh"),
+        allow_partial_patches=hf.image_size % hf.patch_size != 0,
+        layer_norm_eps=hf.layer_norm_eps,
+        hidden_act=hf.hidden_act,
     )

@@ -206,7 +206,8 @@ class LlamaDecoder(nn.Module):
         """Run layer ``index`` (with activation checkpointing when enabled and training)."""
         layer = self.layers[index]
         layer_cache = None if cache is None else cache.layers[index]
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        # recomputation would append to the cache a second time, so cached calls are never checkpointed
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
             return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, use_reentrant=False)
         return layer(x, rope, mask, layer_cache, kv_only, self.attention_backend)
 

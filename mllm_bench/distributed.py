@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -74,5 +76,5 @@ def shard_model(model: nn.Module, device_type: str = "cpu") -> nn.Module:
 def shard_points(points: Sequence[T], rank: int, world_size: int) -> list[T]:
     """This rank's share of a sweep's points (round-robin, so costly neighbours spread out)."""
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
     return [p for i, p in enumerate(points) if i % world_size == rank]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import IGNORE_INDEX, MultimodalBatch, check_left_padded
+from .batch import IGNORE_INDEX, MultimodalBatch, check_prompt
 from .config import ConfigError, LLMConfig, VisionConfig
 from .decoder import KVCache, LlamaDecoder
 from .vision import build_vision_tower
@@ -136,15 +136,22 @@ class MLLM(nn.Module, ABC):
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over positions whose target is not ignored."""
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        """Mean cross-entropy over positions whose target is not ignored (0, still differentiable, if none)."""
+        flat = targets.flatten()
+        if flat.device.type != "meta" and not bool((flat != IGNORE_INDEX).any()):
+            return logits.float().sum() * 0.0
+        return F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=IGNORE_INDEX)
+
+    def check_prompt(self, batch: MultimodalBatch) -> None:
+        """Validate a prefill/generate prompt (shapes, left padding, text after the last image)."""
+        self.check_batch(batch)
+        check_prompt(batch)
 
     @torch.no_grad()
     def generate(self, batch: MultimodalBatch, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding with the KV cache: new tokens (B, max_new_tokens). Needs left padding."""
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_left_padded(batch)
         logits, cache = self.prefill(batch)
         tokens = [logits.argmax(-1)]
         for _ in range(max_new_tokens - 1):

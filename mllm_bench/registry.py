@@ -6,6 +6,7 @@ third-party plugin, and :func:`register` adds one at run time (tests, notebooks)
 
 from __future__ import annotations
 
+import dataclasses
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -58,6 +59,16 @@ def build_model(
 ) -> MLLM:
     """Build architecture ``arch`` with the given presets/configs; on ``meta`` no memory is allocated."""
     cls = get_architecture(arch)
+    if not isinstance(llm, str | LLMConfig):
+        raise ConfigError(f"llm must be a preset name or an LLMConfig, got {type(llm).__name__}")
+    if not isinstance(vision, str | VisionConfig):
+        raise ConfigError(f"vision must be a preset name or a VisionConfig, got {type(vision).__name__}")
+    if options is not None and not (isinstance(options, dict) or dataclasses.is_dataclass(options)):
+        raise ConfigError(f"options must be a dict of {arch!r} connector settings, got {type(options).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} is not a torch device (e.g. meta, cpu, cuda, cuda:1)") from err
     llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
     vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
     torch_dtype = parse_dtype(dtype)

@@ -61,15 +61,20 @@ class Workload:
     def __post_init__(self) -> None:
         for name in ("batch_size",):
             value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"Workload.{name} must be a positive integer, got {value!r}")
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    f"Workload.{name} must be a positive integer, got {value!r}")
         for name in ("images_per_sample", "text_before", "text_after", "text_between", "generate_tokens"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 0, f"Workload.{name} must be an integer >= 0, got {value!r}")
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"Workload.{name} must be an integer >= 0, got {value!r}")
         require(
             self.image_size is None or (isinstance(self.image_size, int) and self.image_size > 0),
             f"Workload.image_size must be a positive integer or None, got {self.image_size!r}",
         )
-        require(self.num_text_tokens > 0, "Workload must have at least one text token (text_before + text_after > 0)")
+        require(
+            self.num_text_tokens > 0,
+            "Workload must have at least one text token (text_before + text_between + text_after > 0)",
+        )
         require(self.stage in STAGES, f"Workload.stage must be one of {list(STAGES)}, got {self.stage!r}")
         parse_dtype(self.dtype)
         try:

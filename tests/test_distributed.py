@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mllm_bench.config import ConfigError
 from mllm_bench.distributed import init_distributed, shard_model, shard_points
 
 from .helpers import random_batch, tiny_model
@@ -53,7 +54,7 @@ def test_shard_points_round_robin():
     shares = [shard_points(points, r, 3) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
     assert sorted(sum(shares, [])) == points
-    with pytest.raises(ValueError, match="rank must be in"):
+    with pytest.raises(ConfigError, match="rank must be in"):
         shard_points(points, 3, 3)
 
 
