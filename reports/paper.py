@@ -213,7 +213,8 @@ def paper_readme(paper_conv: pd.DataFrame, total_eff: pd.DataFrame, budget: pd.D
     paper_source = "counted" if paper_conv["tflops_counted"].notna().all() else "analytic where not counted"
     eff_source = "counted" if total_eff["tflops_counted"].notna().all() else "analytic only"
     budget_source = "/".join(sorted(set("/".join(budget["flops_source"]).split("/")) - {""}))
-    mfu_source = ("measured (see the notes under the table)" if measured else "assumed")
+    mfu_source = ("measured (see the notes under the table; a measurement with one LLM serves every LLM size)"
+                  if measured else "assumed")
     return f"""# SAISA paper efficiency claims, recomputed
 
 Regenerate with:
