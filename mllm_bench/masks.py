@@ -53,8 +53,13 @@ class AttentionMask:
         """Boolean (B, 1, Tq, Tk), True where attention is allowed.
 
         Padding queries are allowed everything so no softmax row is empty (their outputs are never
-        used); padding keys are never allowed.
+        used); padding keys are never allowed. Built once per mask (memoised): every layer reuses it.
         """
+        if "dense" not in self.memo:
+            self.memo["dense"] = self._build_dense()
+        return self.memo["dense"]
+
+    def _build_dense(self) -> torch.Tensor:
         allowed = self.k_pos.unsqueeze(1) <= self.q_pos.unsqueeze(2)
         allowed = allowed & self.k_valid.unsqueeze(1)
         if not self.visual_to_visual:
@@ -69,6 +74,11 @@ class AttentionMask:
         in position order 0..T-1, with no padding and no extra rule (so ``is_causal=True`` applies)."""
         if self.q_pos.device.type == "meta":  # values unknown (and unreadable): trust the builder
             return self.meta_plain_causal
+        if "plain_causal" not in self.memo:  # reads values (a device sync): once per mask, not per layer
+            self.memo["plain_causal"] = self._check_plain_causal()
+        return self.memo["plain_causal"]
+
+    def _check_plain_causal(self) -> bool:
         if not self.visual_to_visual and bool(self.q_visual.any()):
             return False
         if self.num_queries != self.num_keys:

@@ -162,3 +162,15 @@ def test_loss_without_any_target_is_zero_not_nan():
     loss = model(batch).loss
     assert float(loss) == 0.0
     loss.backward()  # still a graph
+
+
+def test_masks_are_built_once_per_forward_not_per_layer():
+    from mllm_bench.masks import causal_mask
+
+    pos = torch.arange(6).expand(2, 6)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False
+    mask = causal_mask(pos, valid)
+    assert mask.dense() is mask.dense()  # every layer reuses one tensor
+    assert mask.is_plain_causal() is False and "plain_causal" in mask.memo
+    assert bool(mask.dense()[0, 0, 3, 4]) is False and bool(mask.dense()[0, 0, 4, 3]) is True
