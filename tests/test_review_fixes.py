@@ -150,7 +150,7 @@ def test_bad_input_is_named_not_a_torch_error():
     from mllm_bench.config import replace
     from mllm_bench.presets import vision_preset
 
-    with pytest.raises(ConfigError, match="hidden_act 'relu6x'"):
+    with pytest.raises(ConfigError, match="hidden_act 'relu6x' is not supported; choose one of"):
         replace(vision_preset("tiny-clip"), hidden_act="relu6x")
 
 
