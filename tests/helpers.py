@@ -22,7 +22,7 @@ def tiny_model(arch: str, llm: str = "tiny-llm", vision: str = "tiny-clip", seed
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-            elif "gate" in name and p.dim() == 1 or name.endswith("gate"):
+            elif name.endswith(("attn_gate", "ff_gate")):  # Flamingo's tanh gates start closed
                 p.fill_(0.0)
     return model.eval()
 
