@@ -99,23 +99,6 @@ class AttentionMask:
             self.memo["structure"] = infer_structure(self)
         return self.memo["structure"]
 
-    def is_bottom_right_causal(self) -> bool:
-        """True when queries are the last Tq of Tk keys in position order with no padding and no extra
-        rule: a decode step over a full cache, or a prefix-free chunk (``causal`` aligned bottom-right)."""
-        if self.q_pos.device.type == "meta":
-            return False
-        if not self.visual_to_visual and bool(self.q_visual.any()):
-            return False
-        tq, tk = self.num_queries, self.num_keys
-        expected_k = torch.arange(tk, device=self.k_pos.device)
-        return (
-            tq <= tk
-            and bool(self.q_valid.all())
-            and bool(self.k_valid.all())
-            and bool((self.k_pos == expected_k).all())
-            and bool((self.q_pos == expected_k[tk - tq:]).all())
-        )
-
 
 def causal_mask(
     positions: torch.Tensor,
