@@ -285,17 +285,28 @@ class CostModel:
         return g
 
     # ----- decoder ---------------------------------------------------------------------------------
-    def _prompt_len(self, visual_in_cache: bool) -> int:
-        return self.text + (self.visual if visual_in_cache else 0)
+    @property
+    def _q_width(self) -> int:
+        return self.llm.num_heads * self.llm.head_dim
 
-    def _decode_context(self, visual_in_cache: bool) -> int:
-        return self.context_len if self.context_len is not None else self._prompt_len(visual_in_cache)
+    def _decode_layers(self, layers: int, visual_in_cache: bool) -> None:
+        """One decode step through ``layers`` decoder layers: the new text token over the cache and itself.
+
+        The cache holds ``context_len`` tokens, by default the prompt (its visual tokens only when
+        ``visual_in_cache``). Gradients play no part in decode.
+        """
+        ctx = self.context_len
+        if ctx is None:
+            ctx = self.text + (self.visual if visual_in_cache else 0)
+        b, width = self.batch, self._q_width
+        self._layer_linears("decode", {"text": b}, {"text": b}, False, False, count=layers)
+        self.scores("decode", "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=layers)
 
     def _layer_linears(self, phase: str, rows: dict[str, float], kv_rows: dict[str, float], trainable: bool,
                        grad_in: bool, kv_grad: dict[str, bool] | None = None, count: int = 1) -> None:
         """Q/O and the FFN on ``rows``; K/V on ``kv_rows`` (GQA: width kv_dim)."""
-        c, h, kv, m = self.llm, self.llm.hidden_size, self.llm.kv_dim, self.llm.intermediate_size
-        q_width = c.num_heads * c.head_dim
+        h, kv, m = self.llm.hidden_size, self.llm.kv_dim, self.llm.intermediate_size
+        q_width = self._q_width
         for role, n in rows.items():
             self.linear(phase, "attn_proj", role, n, h, q_width, trainable, grad_in, count)
         for role, n in kv_rows.items():
@@ -324,21 +335,18 @@ class CostModel:
         ``visual_to_visual`` False removes attention among visual tokens (each still sees itself)
         in the effective convention; the dense convention counts what the kernel computes.
         """
-        c = self.llm
-        L = c.num_layers if num_layers is None else num_layers
-        width = c.num_heads * c.head_dim
+        L = self.llm.num_layers if num_layers is None else num_layers
+        width = self._q_width
         b, rows = self.batch, rows_by_role(self.segments)
         n = sum(rows.values())
+        batch_rows = {r: b * k for r, k in rows.items()}
         g = grad_in or trainable
         for phase in self.phases:
             if phase == "decode":
-                ctx = self._decode_context(True)
-                self._layer_linears(phase, {"text": b}, {"text": b}, trainable, g, count=L)
-                self.scores(phase, "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=L)
+                self._decode_layers(L, visual_in_cache=True)
                 continue
             start = len(self.cost.terms)
-            self._layer_linears(phase, {r: b * k for r, k in rows.items()}, {r: b * k for r, k in rows.items()},
-                                trainable, g, count=L)
+            self._layer_linears(phase, batch_rows, batch_rows, trainable, g, count=L)
             eff = causal_pairs(self.segments, visual_to_visual=visual_to_visual)
             for role, k in rows.items():
                 self.scores(phase, "attn_scores", role, b * k * n, b * eff.get(role, 0), width, width, g, g, L)
@@ -355,15 +363,12 @@ class CostModel:
         Layer 0's text rows need gradients only if ``grad_in`` or ``trainable``; later layers' do as
         soon as anything upstream (including the visual keys/values) is trained.
         """
-        c = self.llm
-        L = c.num_layers if num_layers is None else num_layers
-        width = c.num_heads * c.head_dim
+        L = self.llm.num_layers if num_layers is None else num_layers
+        width = self._q_width
         b, t, v = self.batch, self.text, self.visual
         for phase in self.phases:
             if phase == "decode":
-                ctx = self._decode_context(True)
-                self._layer_linears(phase, {"text": b}, {"text": b}, trainable, grad_in or trainable, count=L)
-                self.scores(phase, "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=L)
+                self._decode_layers(L, visual_in_cache=True)
                 continue
             eff = causal_pairs(self.segments, query_roles=("text",)).get("text", 0)
             kv_rows = {"text": b * t} | ({"visual": b * v} if v else {})
@@ -391,17 +396,14 @@ class CostModel:
 
     def text_decoder_layers(self, layers: int, trainable: bool = False, grad_in: bool = False) -> bool:
         """``layers`` plain causal decoder layers over the text tokens only (no visual tokens)."""
-        c = self.llm
-        width = c.num_heads * c.head_dim
+        width = self._q_width
         b, t = self.batch, self.text
         g = grad_in or trainable
         if not layers:
             return g
         for phase in self.phases:
             if phase == "decode":
-                ctx = self._decode_context(False)
-                self._layer_linears(phase, {"text": b}, {"text": b}, trainable, g, count=layers)
-                self.scores(phase, "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=layers)
+                self._decode_layers(layers, visual_in_cache=False)
                 continue
             start = len(self.cost.terms)
             self._layer_linears(phase, {"text": b * t}, {"text": b * t}, trainable, g, count=layers)
