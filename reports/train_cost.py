@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from mllm_bench.config import ConfigError
+from mllm_bench.devices import peak_flops as device_peak_flops
 from mllm_bench.presets import vision_preset
 from mllm_bench.results import normalise, read_results
 from mllm_bench.workload import Workload
@@ -35,8 +36,9 @@ LLAVA_REPORTED_DEVICE = "a100"
 LLAVA_MAX_LENGTH = 2048
 DEFAULT_MFU = 0.4
 
-# Dense bf16 peaks (REFERENCE.md; torchtitan's table); the profiler's device table wins where it has one.
-DEVICE_PEAKS = {"a100": 312e12, "h100": 989e12, "h100-pcie": 756e12, "h200": 989e12}
+# Devices ``--device`` accepts for GPU-hours, and their dense bf16 peaks (from mllm_bench.devices).
+DEVICE_PEAKS = {name: device_peak_flops(name.replace("-", " "), "bfloat16")
+                for name in ("a100", "h100", "h100-pcie", "h200")}
 
 
 def peak_flops(device: str) -> float:
@@ -44,11 +46,7 @@ def peak_flops(device: str) -> float:
     key = device.lower()
     if key not in DEVICE_PEAKS:
         raise ConfigError(f"unknown device {device!r} for peak FLOP/s; choose one of {sorted(DEVICE_PEAKS)}")
-    try:
-        from mllm_bench.devices import peak_flops as device_table
-    except ImportError:
-        return DEVICE_PEAKS[key]
-    return device_table(key.replace("-", " "), "bfloat16") or DEVICE_PEAKS[key]
+    return DEVICE_PEAKS[key]
 
 
 @dataclass(frozen=True)
@@ -239,7 +237,7 @@ def implied_mfu(table: pd.DataFrame, llm: str) -> dict[str, float]:
     if llm not in LLAVA_REPORTED_HOURS:
         return {}
     hours = dict(zip(("pretrain", "finetune"), LLAVA_REPORTED_HOURS[llm], strict=True))
-    peak = DEVICE_PEAKS[LLAVA_REPORTED_DEVICE]
+    peak = peak_flops(LLAVA_REPORTED_DEVICE)
     out = {}
     for stage, h in hours.items():
         sel = table[(table["arch"] == "llava") & (table["stage"] == stage)]
