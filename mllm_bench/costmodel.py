@@ -482,17 +482,3 @@ def stage_trains(model: Any, prefix: str, stage: str) -> bool:
     """Whether ``stage`` trains any parameter of ``model`` whose name starts with ``prefix``."""
     return any(name.startswith(prefix) for name in model.trainable_parameters(stage))
 
-
-def paper_dense_layer_flops(n: int, h: int, m: int) -> float:
-    """REFERENCE.md: one dense decoder layer over n tokens, 2n(4h+3m)h + 4n²h (MHA)."""
-    return 2 * n * (4 * h + 3 * m) * h + 4 * n * n * h
-
-
-def paper_kv_only_layer_flops(t: int, v: int, h: int, m: int) -> float:
-    """REFERENCE.md: a layer where v visual tokens are keys/values only: 2t(4h+3m)h + 4vh² + 4t(t+v)h."""
-    return 2 * t * (4 * h + 3 * m) * h + 4 * v * h * h + 4 * t * (t + v) * h
-
-
-def paper_layer_projector_flops(v: int, d_v: int, h: int) -> float:
-    """REFERENCE.md: SAISA's per-layer projector, 2v(d_v·h + h²)."""
-    return 2 * v * (d_v * h + h * h)
