@@ -42,13 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mllm_bench.batch import MultimodalBatch, shifted_targets, text_adjacency
+from mllm_bench.batch import MultimodalBatch
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask, causal_mask
 from mllm_bench.model import MLLM, ModelOutput
-from mllm_bench.vision import encode_images
 from mllm_bench.workload import Workload
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -298,9 +297,8 @@ class Flamingo(MLLM):
     # ----- the model -------------------------------------------------------------------------------
     def media_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Resampled latents (B, K * num_latents, vision width) of images (B, K, C, H, W)."""
-        b, k = pixel_values.shape[:2]
-        feats = encode_images(self.vision_tower, self.vision_config, pixel_values.flatten(0, 1))
-        return self.perceiver(feats).reshape(b, k * self.options.num_latents, -1)
+        return self.perceiver(self.encode(pixel_values)).reshape(pixel_values.shape[0], -1,
+                                                                 self.vision_config.hidden_size)
 
     def media_kv(self, batch: MultimodalBatch) -> dict[str, KV] | None:
         """Each cross-attention block's keys/values over all the batch's latents (None without images)."""
@@ -341,11 +339,7 @@ class Flamingo(MLLM):
     def forward(self, batch: MultimodalBatch) -> ModelOutput:
         x, positions, mask, media = self._prompt(batch)
         hidden = self.run_decoder(x, positions, mask, self.media_kv(batch), media)
-        logits = self.lm_head(hidden)
-        loss = None
-        if batch.labels is not None:
-            loss = self.loss(logits, shifted_targets(batch, text_adjacency(batch)))
-        return ModelOutput(logits, loss)
+        return self.text_output(batch, self.lm_head(hidden))
 
     def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
         """Latents once, the prompt's self-attention cache, and each block's K/V of the latest image.

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
+from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import LLMConfig, VisionConfig
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
-from mllm_bench.vision import encode_images
 from mllm_bench.workload import Workload
 
 
@@ -66,9 +65,8 @@ class LLaVA(MLLM):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (B, K*V, h) of images (B, K, C, H, W)."""
-        b, k = pixel_values.shape[:2]
-        feats = encode_images(self.vision_tower, self.vision_config, pixel_values.flatten(0, 1))
-        return self.multi_modal_projector(feats).reshape(b, k * feats.shape[1], -1)
+        return self.multi_modal_projector(self.encode(pixel_values)).reshape(pixel_values.shape[0], -1,
+                                                                             self.llm_config.hidden_size)
 
     def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
         """The spliced input sequence (B, T + K*V, h) and its layout."""
@@ -89,11 +87,7 @@ class LLaVA(MLLM):
     def forward(self, batch: MultimodalBatch) -> ModelOutput:
         x, layout = self.embed(batch)
         hidden = self.language_model(x, layout.positions, self.sequence_mask(layout))
-        logits = self.lm_head(gather_rows(hidden, layout.text_index))
-        loss = None
-        if batch.labels is not None:
-            loss = self.loss(logits, shifted_targets(batch, text_adjacency(batch)))
-        return ModelOutput(logits, loss)
+        return self.text_output(batch, self.lm_head(gather_rows(hidden, layout.text_index)))
 
     def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
         self.check_prompt(batch)

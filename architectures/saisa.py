@@ -28,14 +28,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mllm_bench.batch import MultimodalBatch, SplicedLayout, shifted_targets, splice_layout, text_adjacency
+from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import LLMConfig, VisionConfig
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
-from mllm_bench.vision import encode_images
 from mllm_bench.workload import Workload
 
 
@@ -100,9 +99,7 @@ class SAISA(MLLM):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision features (B, K*V, vision_dim) of images (B, K, C, H, W), before any projector."""
-        b, k = pixel_values.shape[:2]
-        feats = encode_images(self.vision_tower, self.vision_config, pixel_values.flatten(0, 1))
-        return feats.reshape(b, k * feats.shape[1], feats.shape[-1])
+        return self.encode(pixel_values).reshape(pixel_values.shape[0], -1, self.vision_config.hidden_size)
 
     def _run(self, batch: MultimodalBatch, cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, h) of the text tokens; fills ``cache`` when given."""
@@ -127,11 +124,7 @@ class SAISA(MLLM):
         return lm.norm(x)
 
     def forward(self, batch: MultimodalBatch) -> ModelOutput:
-        logits = self.lm_head(self._run(batch))
-        loss = None
-        if batch.labels is not None:
-            loss = self.loss(logits, shifted_targets(batch, text_adjacency(batch)))
-        return ModelOutput(logits, loss)
+        return self.text_output(batch, self.lm_head(self._run(batch)))
 
     def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
         """Logits of the last text token and a cache with every layer's visual and text keys/values."""

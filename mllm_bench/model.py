@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import IGNORE_INDEX, MultimodalBatch, check_prompt
+from .batch import IGNORE_INDEX, MultimodalBatch, check_prompt, shifted_targets, text_adjacency
 from .config import ConfigError, LLMConfig, VisionConfig
 from .decoder import KVCache, LlamaDecoder
-from .vision import build_vision_tower
+from .vision import build_vision_tower, encode_images
 from .workload import STAGES, Workload
 
 
@@ -134,6 +134,16 @@ class MLLM(nn.Module, ABC):
     def num_parameters(self, prefix: str = "") -> int:
         """Parameters (each shared tensor once) whose name starts with ``prefix``."""
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision-tower features (B*K, V, vision width) of images (B, K, C, H, W), one row block per image."""
+        return encode_images(self.vision_tower, self.vision_config, pixel_values.flatten(0, 1))
+
+    def text_output(self, batch: MultimodalBatch, logits: torch.Tensor) -> ModelOutput:
+        """``logits`` at every text position, with the next-token loss when the batch has labels."""
+        if batch.labels is None:
+            return ModelOutput(logits)
+        return ModelOutput(logits, self.loss(logits, shifted_targets(batch, text_adjacency(batch))))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over positions whose target is not ignored (0, still differentiable, if none)."""
