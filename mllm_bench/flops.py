@@ -39,7 +39,7 @@ from torch.utils.flop_counter import (
 )
 
 from .config import ConfigError
-from .costmodel import LANGUAGE_COMPONENTS
+from .costmodel import in_scope
 from .decoder import SelfAttention, SwiGLU
 from .workload import Workload
 
@@ -126,9 +126,7 @@ class CountedFlops:
         out = 0.0
         for (module, p), f in self.by_module_pass.items():
             c = self.components.get(module, "other")
-            if scope == "language" and c not in LANGUAGE_COMPONENTS:
-                continue
-            if (component is None or c == component) and (pass_ is None or p == pass_):
+            if in_scope(c, scope) and (component is None or c == component) and (pass_ is None or p == pass_):
                 out += f
         return out
 
@@ -136,7 +134,7 @@ class CountedFlops:
         out: dict[str, float] = defaultdict(float)
         for (module, p), f in self.by_module_pass.items():
             c = self.components.get(module, "other")
-            if (scope == "total" or c in LANGUAGE_COMPONENTS) and (pass_ is None or p == pass_):
+            if in_scope(c, scope) and (pass_ is None or p == pass_):
                 out[c] += f
         return dict(out)
 
@@ -217,14 +215,10 @@ def count_call(model: nn.Module, fn: Callable[[], Any]) -> CountedFlops:
     return counter.result()
 
 
-def _batch(model: Any, workload: Workload) -> Any:
-    return model.example_batch(workload)
-
-
 def count_prefill(model: Any, workload: Workload) -> CountedFlops:
     """Prefill of ``workload``'s prompt (vision, connector, decoder, last-token logits)."""
     model.set_stage("inference")
-    batch = _batch(model, workload.replace(stage="inference"))
+    batch = model.example_batch(workload.replace(stage="inference"))
     with torch.no_grad():
         return count_call(model, lambda: model.prefill(batch))
 
@@ -240,14 +234,14 @@ def count_inference(model: Any, workload: Workload,
     wl = workload.replace(stage="inference")
     with torch.no_grad():
         holder: dict[str, Any] = {}
-        prefill = count_call(model, lambda: holder.setdefault("out", model.prefill(_batch(model, wl))))
+        prefill = count_call(model, lambda: holder.setdefault("out", model.prefill(model.example_batch(wl))))
         cache = holder["out"][1]
         if context_len is not None and context_len != cache.length:
             delta = context_len - cache.length
             if wl.text_after + delta < 0 or wl.num_text_tokens + delta < 1:
                 raise ConfigError(f"context_len {context_len} is shorter than the prompt's non-text part")
             wl = wl.replace(text_after=wl.text_after + delta)
-            _, cache = model.prefill(_batch(model, wl))
+            _, cache = model.prefill(model.example_batch(wl))
         length = cache.length
         token = torch.zeros(wl.batch_size, dtype=torch.long, device=torch.device(wl.device))
         decode = count_call(model, lambda: model.decode(token, cache))
@@ -268,7 +262,7 @@ def count_train_step(model: Any, workload: Workload, stage: str | None = None) -
     wl = workload.replace(stage=stage)
     trainable = model.set_stage(stage)
     model.set_gradient_checkpointing(wl.gradient_checkpointing)
-    batch = _batch(model, wl)
+    batch = model.example_batch(wl)
 
     def step() -> None:
         out = model(batch)
