@@ -138,14 +138,13 @@ def roofline_if_measured(rows: pd.DataFrame, stem: Path) -> list[Path]:
     return plots.roofline(rows, stem, peak, bandwidth, device)
 
 
-# Peak dense bf16 FLOP/s and HBM bandwidth (vendor data sheets) for the roofline.
-ROOFS = {"h200": (989e12, 4.8e12), "h100 pcie": (756e12, 2.0e12), "h100": (989e12, 3.35e12),
-         "a100": (312e12, 2.04e12)}
+# HBM bandwidth (vendor data sheets) for the roofline; the peak is mllm_bench.devices' dense bf16 one.
+BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 PCIe": 2.0e12, "NVIDIA H100 SXM": 3.35e12, "NVIDIA A100": 2.04e12}
 
 
 def device_roofs(device_name: str) -> tuple[float, float]:
-    name = device_name.lower()
-    for key, roof in ROOFS.items():
-        if key in name:
-            return roof
-    return 0.0, 0.0
+    """(peak FLOP/s, bandwidth B/s) of ``device_name``; (0, 0) when either is unknown."""
+    from mllm_bench.devices import canonical_device, peak_flops
+
+    bandwidth = BANDWIDTH.get(canonical_device(device_name) or "", 0.0)
+    return (peak_flops(device_name) or 0.0, bandwidth) if bandwidth else (0.0, 0.0)

@@ -274,3 +274,11 @@ def test_shared_parsing_helpers():
         default_device(), "float32", 3, "finetune")
     with pytest.raises(ConfigError, match="--dtype: unknown dtype 'int4'"):
         make_workload("int4", "cpu")
+
+
+def test_roofline_roofs_use_the_device_table():
+    from mllm_bench.cli.compare import device_roofs
+
+    assert device_roofs("NVIDIA H100 PCIe") == (756e12, 2.0e12)  # data sheet: 756 TFLOP/s bf16, 2.0 TB/s
+    assert device_roofs("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)  # SXM
+    assert device_roofs("NVIDIA L4") == (0.0, 0.0) and device_roofs("cpu") == (0.0, 0.0)  # no bandwidth: no roof
