@@ -9,6 +9,7 @@ always; wall-clock, measured memory, achieved FLOP/s and MFU when ``measure`` sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from .config import ConfigError, LLMConfig, VisionConfig
 from .costmodel import COMPONENTS, CostBreakdown
-from .devices import PEAK_FLOPS, peak_flops
+from .devices import peak_flops
 from .environment import environment
 from .flops import CountedFlops, count_inference, count_train_step
 from .memory import analytic_memory, measure_peak
@@ -29,9 +30,8 @@ from .timing import time_fn
 from .vision import encode_images
 from .workload import PAPER_WORKLOAD, Workload, dtype_name
 
-__all__ = ["DEVICE_PEAK_FLOPS", "profile", "should_measure"]
+__all__ = ["profile", "should_measure"]
 
-DEVICE_PEAK_FLOPS = {name: peaks["bfloat16"] for name, peaks in PEAK_FLOPS.items() if "bfloat16" in peaks}
 # Models at most this large are measured on CPU under ``measure="auto"``.
 CPU_AUTO_MEASURE_PARAMS = 50_000_000
 PHASE_METRIC = {"prefill": "prefill_flops", "decode": "decode_flops_per_token", "train_step": "train_step_flops"}
@@ -55,15 +55,14 @@ def should_measure(measure: bool | str, device: str, num_params: int) -> bool:
 
 
 def _options_json(model: MLLM) -> str:
-    import dataclasses
-
     defaults = type(model.options)()
     changed = {f.name: getattr(model.options, f.name) for f in dataclasses.fields(model.options)
                if getattr(model.options, f.name) != getattr(defaults, f.name)}
     return json.dumps(changed, sort_keys=True) if changed else ""
 
 
-def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str, context_len: int | str) -> dict:
+def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str) -> dict:
+    """Identity, workload and environment fields (``context_len`` is set per row, decode rows only)."""
     v = model.vision_config
     return {
         "arch": arch, "llm": model.llm_config.name, "vision": v.name, "options": _options_json(model),
@@ -72,7 +71,7 @@ def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str,
         "visual_tokens": workload.images_per_sample * model.tokens_per_image,
         "text_tokens": workload.num_text_tokens, "text_before": workload.text_before,
         "text_after": workload.text_after, "generate_tokens": workload.generate_tokens,
-        "context_len": context_len, "dtype": dtype_name(workload.torch_dtype), "device": device,
+        "context_len": "", "dtype": dtype_name(workload.torch_dtype), "device": device,
         **environment(device, backend),
     }
 
@@ -243,7 +242,7 @@ def profile(
             counted["prefill"], counted["decode"], ctx = count_inference(meta_model, meta_wl, context_len)
         else:
             counted["train_step"] = count_train_step(meta_model, meta_wl, stage)
-    base = _base(arch, meta_model, workload, out_device, attention_backend, "")
+    base = _base(arch, meta_model, workload, out_device, attention_backend)
 
     rows = [make_row(base, "params", num_params, "counted", component="all", role="all", stage="inference")]
     if stage != "inference":

@@ -41,7 +41,7 @@ def test_profile_inference_rows(arch: str) -> None:
                                                    convention="dense", component="all", role="all"))
     assert _one(df, metric="kv_cache_bytes", role="all") > _one(df, metric="kv_cache_bytes", role="text")
     assert _one(df, metric="params") > 0
-    assert df[df.metric == "decode_flops_per_token"].context_len.eq(24).all()
+    assert df[df.metric == "decode_flops_per_token"].context_len.eq(3 + 5 + 16).all()  # the prompt: text + visual
 
 
 def test_profile_training_rows_and_measurement_on_cpu() -> None:
