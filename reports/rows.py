@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from mllm_bench.config import ConfigError
-from mllm_bench.results import normalise as normalise  # the core one, re-exported for the reports
+from mllm_bench.results import IDENTITY as IDENTITY  # the core ones, re-exported for the reports
+from mllm_bench.results import normalise as normalise
 
-IDENTITY: tuple[str, ...] = ("arch", "llm", "vision", "options")
 SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
 
 
@@ -191,9 +190,3 @@ def workload_line(df: pd.DataFrame) -> str:
             if values:
                 parts.append(f"{name} {'/'.join(values[:4])}{'…' if len(values) > 4 else ''}")
     return "Workload: " + ", ".join(parts) + "." if parts else "Workload: not recorded."
-
-
-def require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
-    missing = sorted(set(columns) - set(df.columns))
-    if missing:
-        raise ConfigError(f"{what} lacks column(s) {missing}; result rows need {sorted(columns)}")

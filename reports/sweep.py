@@ -126,11 +126,11 @@ def expand(
     """Every (architecture × grid point), validated before anything runs."""
     options = options or {}
     names = list(vary)
+    vcfg = vision_preset(vision)
     points = []
     for combo in itertools.product(*(vary[n] for n in names)):
         values = dict(zip(names, combo, strict=True))
         point_llm = values.get("llm", llm)
-        vcfg = vision_preset(vision)
         changes: dict[str, Any] = {}
         for name, value in values.items():
             if name == "visual_tokens":

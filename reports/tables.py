@@ -18,6 +18,7 @@ from mllm_bench.config import ConfigError
 
 from .rows import (
     IDENTITY,
+    SOURCE_ORDER,
     Conventions,
     fmt_change,
     fmt_number,
@@ -39,7 +40,7 @@ class Quantity:
     label: str
     metric: str
     where: tuple[tuple[str, str], ...] = ()
-    sources: tuple[str, ...] = ("counted", "analytic", "measured")
+    sources: tuple[str, ...] = SOURCE_ORDER
 
 
 def compare_quantities(scope: str = "language", convention: str = "dense",
