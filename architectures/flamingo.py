@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mllm_bench.batch import MultimodalBatch
+from mllm_bench.batch import MultimodalBatch, rope_positions
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
@@ -331,7 +331,7 @@ class Flamingo(MLLM):
     def _prompt(self, batch: MultimodalBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMask, MediaMask]:
         self.check_batch(batch)
         valid = batch.text_mask()
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        positions = rope_positions(valid)
         x = self.language_model.embed_tokens(batch.input_ids)
         media = media_mask(batch.image_positions, batch.num_text, self.options.num_latents)
         return x, positions, causal_mask(positions, valid), media

@@ -119,7 +119,7 @@ class SplicedLayout:
 
     ``text_index`` (B, T) and ``visual_index`` (B, K*V) index the full sequence of length
     T + K*V; ``positions`` (B, T+K*V) are the RoPE positions (padding skipped); ``valid`` and
-    ``is_visual`` (B, T+K*V) mark real and visual tokens; ``image_of`` gives each visual token's image.
+    ``is_visual`` (B, T+K*V) mark real and visual tokens.
     """
 
     text_index: torch.Tensor
@@ -127,7 +127,15 @@ class SplicedLayout:
     positions: torch.Tensor
     valid: torch.Tensor
     is_visual: torch.Tensor
-    length: int
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+
+def rope_positions(valid: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, L) of a sequence whose real tokens are ``valid``: padding is skipped."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def splice_layout(batch: MultimodalBatch, tokens_per_image: int) -> SplicedLayout:
@@ -149,8 +157,7 @@ def splice_layout(batch: MultimodalBatch, tokens_per_image: int) -> SplicedLayou
     if k:
         is_visual.scatter_(1, visual_index, True)
     valid.scatter_(1, text_index, batch.text_mask())
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    return SplicedLayout(text_index, visual_index, positions, valid, is_visual, length)
+    return SplicedLayout(text_index, visual_index, rope_positions(valid), valid, is_visual)
 
 
 def check_prompt(batch: MultimodalBatch) -> None:

@@ -39,3 +39,12 @@ def random_batch(model: MLLM, batch: int = 2, text: int = 10, positions: list[li
     pixels = torch.randn(batch, k, 3, size, size, generator=gen)
     pos = torch.tensor(positions, dtype=torch.long).reshape(batch, k)
     return MultimodalBatch(ids, pixels, pos, None, ids.clone() if labels else None)
+
+
+def assert_gradients_reach_exactly(model: MLLM, trainable: dict) -> None:
+    """Every trainable parameter got a non-zero gradient, every other one none at all."""
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name

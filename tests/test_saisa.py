@@ -12,7 +12,7 @@ from mllm_bench import PAPER_WORKLOAD, MultimodalBatch, build_model
 from mllm_bench.batch import splice_layout
 from mllm_bench.masks import causal_mask
 
-from .helpers import random_batch, tiny_model
+from .helpers import assert_gradients_reach_exactly, random_batch, tiny_model
 
 
 def naive_saisa_logits(model: SAISA, batch: MultimodalBatch) -> torch.Tensor:
@@ -136,11 +136,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(stage):
     assert sum(p.numel() for p in trainable.values()) == sum(model.num_parameters(p) for p in expected)
     batch = random_batch(model, batch=2, text=10, positions=[[3], [5]], labels=True)
     model(batch).loss.backward()
-    for name, p in model.named_parameters():
-        if name in trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
+    assert_gradients_reach_exactly(model, trainable)
 
 
 def test_no_images_is_the_text_only_llm():
