@@ -30,15 +30,15 @@ def paper(
     if device not in DEVICE_PEAKS:
         raise ConfigError(f"--device: unknown device {device!r}; choose one of {sorted(DEVICE_PEAKS)}")
     utilisation = parse_mfu(mfu, PAPER_ARCHS)
-    if measured is not None:
-        measured_mfu(measured, PAPER_ARCHS, None, vision_preset(PAPER_VISION).tokens_per_image, given=utilisation)
+    if measured is not None:  # any LLM's rows: a 7B measurement serves 13B too
+        utilisation, _ = measured_mfu(measured, PAPER_ARCHS, None, vision_preset(PAPER_VISION).tokens_per_image,
+                                      given=utilisation)
     profile = get_profile()
     steps = len(PAPER_LLMS) * len(PAPER_ARCHS) * 3
     command = "mllm-bench paper" + (f" --out {out}" if out != Path("results/paper") else "")
     command += (f" --device {device}" if device != "a100" else "") + (f" --mfu {mfu}" if mfu != "0.4" else "")
     command += f" --measured {measured}" if measured is not None else ""
     with progress_bar(steps, "regenerating paper results") as advance:
-        result = regenerate(out, profile, mfu=utilisation, device=device, on_step=advance, command=command,
-                            measured=measured)
+        result = regenerate(out, profile, mfu=utilisation, device=device, on_step=advance, command=command)
     typer.echo(inference_markdown(result.inference, claim=True), nl=False)
     err_console.print(f"wrote {len(result.files)} files under {out}")

@@ -114,18 +114,15 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
                archs: Sequence[str] = PAPER_ARCHS, mfu: float | train_cost.MFU = 0.4, device: str = "a100",
                on_step: Callable[[str], None] | None = None, command: str = "mllm-bench paper",
                vision: str = PAPER_VISION, workload: Workload = PAPER_WORKLOAD,
-               options: dict[str, dict] | None = None, measured: str | Path | pd.DataFrame | None = None,
-               ) -> PaperResult:
+               options: dict[str, dict] | None = None) -> PaperResult:
     """Profile what the tables need and write everything under ``out_dir``.
 
-    ``measured``: result rows with measured train-step MFU (see :func:`train_cost.measured_mfu`; rows of any
-    LLM, so a 7B measurement also serves 13B, as the notes say). Options are checked before any profiling.
+    ``mfu``: one value, or a :class:`train_cost.MFU` (e.g. :func:`train_cost.measured_mfu` of measured rows,
+    read with ``llm=None`` so that a 7B measurement also serves 13B, as the notes say).
     """
     out = Path(out_dir)
     mfu = mfu if isinstance(mfu, train_cost.MFU) else train_cost.MFU(float(mfu))
     train_cost.peak_flops(device)
-    if measured is not None:
-        mfu, _ = train_cost.measured_mfu(measured, archs, None, vision_preset(vision).tokens_per_image, given=mfu)
     frames = []
     for llm in llms:
         for arch in archs:
