@@ -43,6 +43,8 @@ def parse_options(options_cls: type, arch: str, given: dict[str, Any] | Any | No
         return options_cls()
     if isinstance(given, options_cls):
         return given
+    if not isinstance(given, dict):
+        raise ConfigError(f"options must be a dict of {arch!r} connector settings, got {type(given).__name__}")
     allowed = sorted(f.name for f in dataclasses.fields(options_cls))
     unknown = sorted(set(given) - set(allowed))
     if unknown:

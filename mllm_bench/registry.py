@@ -6,7 +6,6 @@ third-party plugin, and :func:`register` adds one at run time (tests, notebooks)
 
 from __future__ import annotations
 
-import dataclasses
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -63,8 +62,6 @@ def build_model(
         raise ConfigError(f"llm must be a preset name or an LLMConfig, got {type(llm).__name__}")
     if not isinstance(vision, str | VisionConfig):
         raise ConfigError(f"vision must be a preset name or a VisionConfig, got {type(vision).__name__}")
-    if options is not None and not (isinstance(options, dict) or dataclasses.is_dataclass(options)):
-        raise ConfigError(f"options must be a dict of {arch!r} connector settings, got {type(options).__name__}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
