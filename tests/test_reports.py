@@ -10,7 +10,6 @@ from mllm_bench.reports import plots, tables
 from mllm_bench.reports.collect import collect
 from mllm_bench.reports.rows import fmt_change, normalise, pick, scale_for
 
-from mllm_bench import results as store
 from mllm_bench.config import ConfigError
 from mllm_bench.workload import Workload
 from tests.reports_fakes import fake_profile, row
@@ -72,21 +71,6 @@ def test_formatting():
     assert scale_for("bytes", [3 * 2**20]) == (2**20, "MiB")
     assert scale_for("s", [0.004]) == (1e-3, "ms")
     assert fmt_change(-0.6612) == "−66.1%" and fmt_change(float("nan")) == "—"
-
-
-def test_store_round_trips(tmp_path):
-    df = pd.DataFrame([row("llava", "params", 7.0, "params"), row("saisa", "params", 8.0, "params", scope="")])
-    for name in ("r.json", "r.csv"):
-        store.write_rows(df, tmp_path / name)
-        back = store.read_results(tmp_path / name)
-        assert back["value"].tolist() == [7.0, 8.0] and back["scope"].tolist() == ["", ""]
-    assert store.append_sqlite(df, tmp_path / "r.db") == 2
-    store.append_sqlite(df.assign(extra_col=1), tmp_path / "r.db")  # new columns are added
-    assert len(store.read_results(tmp_path / "r.db")) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.db", "r.json"]  # no temp files left
-    assert len(store.read_results(tmp_path)) == 4  # a folder: every rows file in it
-    with pytest.raises(ConfigError, match="suffix"):
-        store.read_results(tmp_path / "r.db").pipe(lambda d: store.write_rows(d, tmp_path / "x.txt"))
 
 
 def test_collect_dedupes_rows_repeated_across_stages():

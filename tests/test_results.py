@@ -57,6 +57,7 @@ def test_files_keep_extra_columns_and_nan(tmp_path, name):
     assert not math.isfinite(back["value"].iloc[2])  # inf: null in JSON (NaN), inf in CSV
     assert back["git_commit"].tolist()[0] == "0012345"  # text columns stay text (no leading zeros lost)
     assert back["scope"].tolist() == ["language", "", "", ""]  # blanks are "" again, not NaN
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # written atomically: no temporary file left
 
 
 def test_sqlite_append_adds_columns(tmp_path):
