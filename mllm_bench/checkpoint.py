@@ -65,18 +65,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers are not in checkpoints: rebuild the ones a meta-built model still lacks."""
-    for name, buf in list(model.named_buffers()):
-        if buf.device.type != "meta":
-            continue
-        if not name.endswith("position_ids"):  # the vision embeddings' arange is the only one we have
-            raise ConfigError(f"buffer {name!r} is still on the meta device after loading; build the model on cpu")
-        owner = model.get_submodule(name.rsplit(".", 1)[0])
-        owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(buf.shape),
-                              persistent=False)
-
-
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
     """Load a (transformers-named) state dict into ``model``; returns the keys it did not set.
 
@@ -90,8 +78,6 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: 
             del state[key]
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     result = model.load_state_dict(state, strict=False, assign=on_meta)  # a meta model takes the tensors
-    if on_meta:
-        _materialise_buffers(model, next(iter(state.values())).device if state else torch.device("cpu"))
     llm_cfg = getattr(model, "llm_config", None)
     tied = bool(llm_cfg is not None and llm_cfg.tie_word_embeddings)
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

@@ -45,15 +45,14 @@ class VisionEmbeddings(nn.Module):
         self.has_cls = cfg.has_cls_token
         if self.has_cls:
             self.class_embedding = nn.Parameter(torch.randn(d))
-        positions = cfg.num_patches + int(self.has_cls)
-        self.position_embedding = nn.Embedding(positions, d)
-        self.register_buffer("position_ids", torch.arange(positions).expand(1, -1), persistent=False)
+        # one learned vector per position; used whole (transformers gathers it with an arange buffer)
+        self.position_embedding = nn.Embedding(cfg.num_patches + int(self.has_cls), d)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         if self.has_cls:
             patches = torch.cat([self.class_embedding.expand(patches.shape[0], 1, -1), patches], dim=1)
-        return patches + self.position_embedding(self.position_ids)
+        return patches + self.position_embedding.weight
 
 
 class VisionAttention(nn.Module):
