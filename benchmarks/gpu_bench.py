@@ -15,7 +15,7 @@ its static-structure paths, ``flex`` for NAAViT's block-sparse mask):
   state, no fp32 master copy).
 
 Timing: CUDA events (perf_counter on CPU), warm-up, repeats until a minimum count and a minimum
-duration, median and IQR. FLOPs are counted with ``torch.utils.flop_counter`` on a meta copy of the
+duration, median and IQR. FLOPs are counted with ``mllm_bench.flops`` (torch's formulas) on a meta copy of the
 same model and inputs (SDPA backend: dense attention convention), so MFU and the FLOP-predicted
 speedups cover exactly what is timed. ``prefill_speedup_vs_flops`` = (measured prefill speedup over
 llava) / (llava FLOPs / arch FLOPs), per scope. When the full depth does not fit (training with
@@ -45,15 +45,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from mllm_bench import Workload, architecture_names, build_model
 from mllm_bench.attention import describe_paths, record_paths
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
 from mllm_bench.devices import peak_flops
 from mllm_bench.environment import environment
+from mllm_bench.flops import count_prefill, count_train_step
+from mllm_bench.memory import measure_peak
 from mllm_bench.model import MLLM
 from mllm_bench.presets import llm_preset, vision_preset
+from mllm_bench.results import make_row, to_frame, write_rows
 from mllm_bench.timing import Timing, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,29 +180,25 @@ def sync(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: int | None = None,
-            max_repeats: int | None = None) -> Timing:
-    """Warm up, then time ``fn`` until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing)."""
+            max_repeats: int | None = None) -> tuple[Timing, dict[str, float]]:
+    """Warm up, then time ``fn`` until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing); on CUDA
+    also the peak allocated/reserved bytes over all those calls (mllm_bench.memory; none on CPU)."""
     limit = s.max_repeats if max_repeats is None else max_repeats
-    return time_fn(fn, device, warmup=s.warmup if warmup is None else warmup, min_repeats=min(s.min_repeats, limit),
-                   min_seconds=s.min_seconds, max_repeats=limit)
+
+    def timing() -> Timing:
+        return time_fn(fn, device, warmup=s.warmup if warmup is None else warmup,
+                       min_repeats=min(s.min_repeats, limit), min_seconds=s.min_seconds, max_repeats=limit)
+
+    if device.type != "cuda":
+        return timing(), {}
+    torch.cuda.empty_cache()
+    result, mem = measure_peak(timing, device)
+    return result, {"peak_memory_bytes": mem.peak, "reserved_memory_bytes": mem.reserved}
 
 
 def batch_for(tokens_per_sample: int, token_budget: int, cap: int = 16) -> int:
     """Samples per batch so a batch holds about ``token_budget`` tokens (at least 1, at most ``cap``)."""
     return max(1, min(cap, token_budget // tokens_per_sample))
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
-    """Peak allocated/reserved CUDA bytes inside the block (empty on CPU)."""
-    out: dict[str, int] = {}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    yield out
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["reserved_memory_bytes"] = torch.cuda.max_memory_reserved(device)
 
 
 # ----- the language scope: vision features computed once, outside the timed region ---------------
@@ -235,31 +233,22 @@ def vision_precomputed(model: MLLM) -> Iterator[None]:
 # ----- FLOPs counted on a meta copy ---------------------------------------------------------------
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, workload: Workload,
             prefill_batches: tuple[int, ...], train_batch: int) -> dict[str, int]:
     """Prefill FLOPs (total and language scope, per batch size) and finetune train-step FLOPs, counted on
     meta tensors with the SDPA backend (dense attention convention)."""
     model = build_model(arch, llm, vision, options_for(s, arch), device="meta", dtype=s.dtype)
-    model.set_stage("inference")  # no parameter requires grad (FlopCounterMode's module tracker needs that)
     model.set_attention_backend("sdpa")
     meta = workload.replace(device="meta")
     out: dict[str, int] = {}
-    with torch.no_grad():
-        for b in prefill_batches:
-            batch = model.example_batch(meta.replace(batch_size=b))
-            out[f"prefill_total_{b}"] = count_flops(lambda batch=batch: model.prefill(batch))
-            with vision_precomputed(model):
-                model.prefill(batch)  # the features, outside the count
-                out[f"prefill_language_{b}"] = count_flops(lambda batch=batch: model.prefill(batch))
-    model.set_stage("finetune")
-    train = model.example_batch(meta.replace(stage="finetune", batch_size=train_batch))
-    out["train_step"] = count_flops(lambda: model(train).loss.backward())
+    for b in prefill_batches:
+        at = meta.replace(batch_size=b)
+        out[f"prefill_total_{b}"] = int(count_prefill(model, at).total)
+        with vision_precomputed(model):
+            with torch.no_grad():
+                model.prefill(model.example_batch(at))  # the features, outside the count
+            out[f"prefill_language_{b}"] = int(count_prefill(model, at).total)
+    out["train_step"] = int(count_train_step(model, meta.replace(batch_size=train_batch), "finetune").total)
     return out
 
 
@@ -279,21 +268,15 @@ def run_environment(device: torch.device, s: Settings) -> dict[str, Any]:
 
 
 class Rows:
-    """Tidy result rows (one metric per row; the columns of the results schema)."""
+    """Tidy result rows (one metric per row, :func:`mllm_bench.results.make_row`), each with the run's environment."""
 
     def __init__(self, env: dict[str, Any]) -> None:
         self.env = env
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, point: dict[str, Any], metric: str, value: float, unit: str, source: str = "measured",
-            **fields: Any) -> None:
-        row = {"arch": "", "llm": "", "vision": "", "options": "", "metric": metric, "value": float(value),
-               "unit": unit, "source": source, "scope": "", "convention": "", "component": "all", "role": "all",
-               "stage": "inference", "phase": "", "attention_backend": ""}
-        row.update(point)
-        row.update(fields)
-        row.update({k: v for k, v in self.env.items() if k not in row or row[k] == ""})
-        self.rows.append(row)
+    def add(self, point: dict[str, Any], metric: str, value: float, source: str = "measured", **fields: Any) -> None:
+        base = {**self.env, "component": "all", "role": "all", "stage": "inference", **point}
+        self.rows.append(make_row(base, metric, value, source, **fields))
 
 
 # ----- one point ----------------------------------------------------------------------------------
@@ -326,9 +309,9 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     peak = peak_flops(rows.env["device_name"], s.dtype) if device.type == "cuda" else None
     for b in prefill_batches:
         for scope in ("total", "language"):
-            rows.add({**point, "batch_size": b}, "prefill_flops", flops[f"prefill_{scope}_{b}"], "FLOP", "counted",
+            rows.add({**point, "batch_size": b}, "prefill_flops", flops[f"prefill_{scope}_{b}"], "counted",
                      scope=scope, convention="dense", phase="prefill")
-    rows.add({**point, "batch_size": train_batch}, "train_step_flops", flops["train_step"], "FLOP", "counted",
+    rows.add({**point, "batch_size": train_batch}, "train_step_flops", flops["train_step"], "counted",
              scope="total", convention="dense", stage="finetune", phase="train_step")
     t_count = time.perf_counter() - t0
 
@@ -340,20 +323,20 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
             layer.compile(dynamic=None)
     batch = model.example_batch(workload)
 
-    def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, int], flop: int | None,
+    def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, float], flop: int | None,
               stage: str = "inference", scope: str = "", batch: int = s.batch_size, **extra: Any) -> None:
         tag = dict(phase=phase, stage=stage, scope=scope, attention_backend=f"{backend}[{describe_paths(paths)}]",
                    **extra)
         at = {**point, "batch_size": batch}
-        rows.add(at, metric, timing.median, "s", **tag)
-        rows.add(at, "latency_iqr_s", timing.iqr, "s", **tag)
+        rows.add(at, metric, timing.median, **tag)
+        rows.add(at, "latency_iqr_s", timing.iqr, **tag)
         for name, value in mem.items():
-            rows.add(at, name, value, "bytes", **tag)
+            rows.add(at, name, value, **tag)
         if flop:
             rate = flop / timing.median
-            rows.add(at, "achieved_flops_per_s", rate, "FLOP/s", convention="dense", **tag)
+            rows.add(at, "achieved_flops_per_s", rate, convention="dense", **tag)
             if peak:
-                rows.add(at, "mfu", rate / peak, "ratio", convention="dense", **tag)
+                rows.add(at, "mfu", rate / peak, convention="dense", **tag)
 
     summary = []
     with torch.no_grad():
@@ -362,8 +345,8 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 prefill_batch = model.example_batch(workload.replace(batch_size=b))
                 for scope in ("total", "language"):
                     ctx = vision_precomputed(model) if scope == "language" else contextlib.nullcontext()
-                    with ctx, peak_memory(device) as mem, record_paths() as paths:
-                        timing = measure(lambda pb=prefill_batch: model.prefill(pb), device, s)
+                    with ctx, record_paths() as paths:
+                        timing, mem = measure(lambda pb=prefill_batch: model.prefill(pb), device, s)
                     timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}_{b}"],
                           scope=scope, batch=b)
                     summary.append(f"prefill[b{b},{scope}] {timing.median * 1e3:.2f} ms "
@@ -380,11 +363,12 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 _, cache = model.decode(token, cache)
                 steps[0] += 1
 
-            with peak_memory(device) as mem, record_paths() as paths:
-                timing = measure(step, device, s, warmup=max(s.warmup, 3), max_repeats=max(s.max_repeats // 2, 2))
+            with record_paths() as paths:
+                timing, mem = measure(step, device, s, warmup=max(s.warmup, 3),
+                                      max_repeats=max(s.max_repeats // 2, 2))
             context = workload.num_text_tokens + (visual_tokens if arch != "flamingo" else 0) + steps[0] // 2
             timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context)
-            rows.add(point, "tokens_per_s", s.batch_size / timing.median, "1/s", phase="decode",
+            rows.add(point, "tokens_per_s", s.batch_size / timing.median, phase="decode",
                      context_len=context, attention_backend=f"{backend}[{describe_paths(paths)}]")
             summary.append(f"decode {timing.median * 1e3:.2f} ms/token")
             del cache
@@ -400,15 +384,15 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 model(train_inputs).loss.backward()
                 optimizer.step()
 
-            with peak_memory(device) as mem, record_paths() as paths:
-                timing = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
+            with record_paths() as paths:
+                timing, mem = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
             timed("train_step_latency_s", "train_step", timing, paths, mem, flops["train_step"], stage="finetune",
                   scope="total", batch=train_batch)
             summary.append(f"train[b{train_batch}] {timing.median * 1e3:.1f} ms")
             del optimizer
         except torch.OutOfMemoryError:
             summary.append("train OOM")
-            rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"), "s",
+            rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"),
                      stage="finetune", phase="train_step", scope="total", attention_backend=f"{backend}[oom]")
     log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} | " + " | ".join(summary)
         + f" | counted in {t_count:.1f}s, point {time.perf_counter() - t0:.1f}s")
@@ -437,28 +421,23 @@ def add_speedups(rows: Rows, baseline: str = "llava") -> list[str]:
         measured, predicted = base_t / row["value"], base_f / arch_f
         point = {k: row[k] for k in ("arch", "llm", "vision", "options", "batch_size", "images_per_sample",
                                      "image_size", "visual_tokens", "text_tokens", "text_before", "text_after")}
-        rows.add(point, "prefill_speedup_vs_flops", measured / predicted, "ratio", scope=row["scope"],
+        rows.add(point, "prefill_speedup_vs_flops", measured / predicted, scope=row["scope"],
                  convention="dense", phase="prefill", attention_backend=row["attention_backend"])
         lines.append(f"| {row['arch']} | {row['visual_tokens']} | {row['batch_size']} | {row['scope']} "
                      f"| {measured:.3f} | {predicted:.3f} | {measured / predicted:.3f} |")
     return lines
 
 
-def write_rows(rows: Rows, out: Path) -> Any:
-    """rows.csv and rows.json, each written to a temporary file and renamed (atomic)."""
-    import pandas as pd
-
-    out.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(rows.rows)
-    for name, text in (("rows.csv", df.to_csv(index=False)), ("rows.json", df.to_json(orient="records", indent=1))):
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+def save_rows(rows: Rows, out: Path) -> Any:
+    """rows.csv and rows.json (atomic writes, mllm_bench.results); returns the rows as a DataFrame."""
+    df = to_frame(rows.rows)
+    for name in ("rows.csv", "rows.json"):
+        write_rows(df, out / name)
     return df
 
 
 def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes: list[str]) -> None:
-    df = write_rows(rows, out)
+    df = save_rows(rows, out)
     lines = [f"# GPU benchmark: {rows.env['device_name']}", "",
              f"LLM {s.llm} ({llm_for_run(s).num_layers} layers), vision {s.vision}, batch {s.batch_size}, "
              f"text {s.text_before}+{s.text_after}, dtype {s.dtype}, torch {rows.env['torch_version']}, "
@@ -500,10 +479,8 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
 
 
 def plot(df: Any, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from mllm_bench.reports.plots import save  # selects the Agg backend
 
     panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total, batch 1), ms", 1e3),
               ("prefill_latency_s", {"scope": "language"}, "prefill (language, batch 1), ms", 1e3),
@@ -511,7 +488,7 @@ def plot(df: Any, out: Path) -> None:
               ("mfu", {"phase": "train_step"}, "train-step MFU, %", 100),
               ("prefill_speedup_vs_flops", {"scope": "language"},
                "prefill speedup / FLOP-predicted\n(language, throughput batch)", 1)]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=150)
     archs = list(dict.fromkeys(df["arch"]))
     visual = sorted(set(df["visual_tokens"]))
     for ax, (metric, match, title, scale) in zip(axes.flat, panels, strict=True):
@@ -532,9 +509,7 @@ def plot(df: Any, out: Path) -> None:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{df['device_name'].iloc[0]}: measured cost per architecture", fontsize=11)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"gpu_bench.{ext}", dpi=150)
-    plt.close(fig)
+    save(fig, out / "gpu_bench")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -578,7 +553,7 @@ def main(argv: list[str] | None = None) -> Path:
         for arch in s.archs:
             run_point(arch, visual_tokens, s, rows, device, log)
             free(device)
-            write_rows(rows, out)  # after every point: an interrupted run keeps what it measured
+            save_rows(rows, out)  # after every point: an interrupted run keeps what it measured
     speedups = add_speedups(rows)
     notes = [f"Total run time {time.perf_counter() - start:.0f} s."]
     if s.layers is not None and s.layers != llm_preset(s.llm).num_layers:
