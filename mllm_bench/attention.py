@@ -190,8 +190,7 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         _note("flex:dense_cpu_backward")  # torch has no FlexAttention backward on CPU
         return _sdpa(q, k, v, attn_mask=mask.dense())
     _note("flex:block_mask")
-    out = _flex_fn(q.device)(q, k, v, block_mask=block_mask(mask, q.device), enable_gqa=q.shape[1] != k.shape[1])
-    return out
+    return _flex_fn(q.device)(q, k, v, block_mask=block_mask(mask, q.device), enable_gqa=q.shape[1] != k.shape[1])
 
 
 register_backend("sdpa", sdpa_attention)

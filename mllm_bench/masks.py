@@ -111,8 +111,9 @@ def causal_mask(
         valid = torch.ones_like(positions, dtype=torch.bool)
     if visual is None:
         visual = torch.zeros_like(positions, dtype=torch.bool)
-    plain = visual_to_visual or not bool(visual.any()) if visual.device.type != "meta" else visual_to_visual
-    return AttentionMask(positions, positions, valid, valid, visual, visual, visual_to_visual, meta_plain_causal=plain)
+    # meta_plain_causal is read on meta tensors only (elsewhere the values are checked), so no host sync here
+    return AttentionMask(positions, positions, valid, valid, visual, visual, visual_to_visual,
+                         meta_plain_causal=visual_to_visual)
 
 
 # ----- static structure: what fused kernels need, decided once per mask ---------------------------
@@ -165,14 +166,11 @@ class MaskStructure:
         """Boolean (Tq, Tk), True where allowed (to check a structure against ``AttentionMask.dense``)."""
         out = torch.zeros(self.num_queries, self.num_keys, dtype=torch.bool, device=device)
         for blk in self.blocks:
-            keys = torch.cat([torch.arange(s, e, device=device) for s, e in blk.k_ranges]) if blk.k_ranges else None
-            if keys is None:
+            if not blk.k_ranges:
                 continue
-            n_q, n_k = blk.num_queries, blk.num_keys
-            rows = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-            if blk.causal:
-                rows = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
-            out[blk.q_start:blk.q_end, keys] = rows
+            keys = torch.cat([torch.arange(s, e, device=device) for s, e in blk.k_ranges])
+            rows = torch.ones(blk.num_queries, blk.num_keys, dtype=torch.bool, device=device)
+            out[blk.q_start:blk.q_end, keys] = rows.tril(blk.num_keys - blk.num_queries) if blk.causal else rows
         return out
 
 
