@@ -8,14 +8,13 @@ median step time. Use ``--llm tiny-llm --vision tiny-clip`` on a CPU-only machin
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 from mllm_bench import Workload, build_model
 from mllm_bench.distributed import init_distributed, shard_model
+from mllm_bench.timing import time_fn
 
 
 def main() -> None:
@@ -37,22 +36,19 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     workload = Workload(batch_size=args.batch_per_rank, device=str(env.device), dtype=dtype, stage=args.stage)
     batch = model.example_batch(workload, seed=env.rank)
-    times = []
-    for _ in range(args.steps):
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = model(batch).loss
-        loss.backward()
+
+    def step() -> None:
+        model(batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+
+    warmup = 1 if args.steps > 1 else 0  # the first step (allocations, lazy init) is not timed
+    timed = args.steps - warmup
+    timing = time_fn(step, env.device, warmup=warmup, min_repeats=timed, min_seconds=0.0, max_repeats=timed)
     if env.is_main:
         n_trainable = sum(p.numel() for p in trainable.values())
         print(f"{args.arch} {args.llm} {args.stage}: world={env.world_size} trainable={n_trainable / 1e6:.1f}M "
-              f"median step {statistics.median(times[1:] or times):.3f}s over {len(times)} steps")
+              f"median step {timing.median:.3f}s over {args.steps} steps ({warmup} warm-up)")
     if dist.is_initialized():
         dist.destroy_process_group()
 
