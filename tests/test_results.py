@@ -97,3 +97,12 @@ def test_bad_files(tmp_path):
         write_rows(rows(), tmp_path / "r.txt")
     with pytest.raises(ConfigError, match="does not exist"):
         read_results(tmp_path / "missing.json")
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    from mllm_bench.results import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
