@@ -32,12 +32,34 @@ from .config import ConfigError
 from .masks import AttentionMask, mask_mod
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMask], torch.Tensor]
+PrepareFn = Callable[[AttentionMask], None]
 _BACKENDS: dict[str, AttentionFn] = {}
+_PREPARE: dict[str, PrepareFn] = {}
 
 
-def register_backend(name: str, fn: AttentionFn) -> None:
-    """Make ``fn(q, k, v, mask)`` available as attention backend ``name``."""
+def register_backend(name: str, fn: AttentionFn, prepare: PrepareFn | None = None) -> None:
+    """Make ``fn(q, k, v, mask)`` available as attention backend ``name``; ``prepare(mask)`` computes, once
+    per mask, whatever ``fn`` reads from it (see :func:`prepare_mask`)."""
     _BACKENDS[name] = fn
+    if prepare is not None:
+        _PREPARE[name] = prepare
+
+
+def prepare_mask(mask: AttentionMask, backend: str) -> None:
+    """Resolve what ``backend`` reads from ``mask`` (dense tensor, static structure, block mask) now.
+
+    Decoders call this before each layer, outside the layer's (possibly compiled) code: value reads
+    (host syncs) and Python-side decisions happen here, once per mask, so a compiled layer traces
+    only tensor operations and memo lookups, without graph breaks.
+    """
+    if backend not in _BACKENDS:
+        raise ConfigError(f"unknown attention backend {backend!r}; choose one of {available_backends()}")
+    if mask.memo.get("prepared_for") == backend:
+        return
+    prepare = _PREPARE.get(backend)
+    if prepare is not None:
+        prepare(mask)
+    mask.memo["prepared_for"] = backend
 
 
 def available_backends() -> list[str]:
@@ -56,10 +78,8 @@ def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "sdpa"
 ) -> torch.Tensor:
     """Multi-head attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D) under ``mask``."""
-    fn = _BACKENDS.get(backend)
-    if fn is None:
-        raise ConfigError(f"unknown attention backend {backend!r}; choose one of {available_backends()}")
-    return fn(q, k, v, mask)
+    prepare_mask(mask, backend)  # a memo lookup when the decoder prepared it already (the usual case)
+    return _BACKENDS[backend](q, k, v, mask)
 
 
 _RECORDERS: list[Counter[str]] = []
@@ -94,6 +114,15 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     _note("sdpa:dense")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+
+
+def _prepare_sdpa(mask: AttentionMask) -> None:
+    if not mask.is_plain_causal():
+        mask.dense()
+
+
+def _prepare_dense(mask: AttentionMask) -> None:
+    mask.dense()
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
@@ -140,10 +169,44 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
         elif blk.num_queries == blk.num_keys:
             outs.append(_sdpa(qb, kb, vb, is_causal=True))
         else:
-            from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: load when used
-
-            outs.append(_sdpa(qb, kb, vb, attn_mask=causal_lower_right(blk.num_queries, blk.num_keys)))
+            outs.append(_lower_right_causal(qb, kb, vb, mask))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _flash_kernel_fits(q: torch.Tensor) -> bool:
+    """Whether the CUDA flash kernel takes q's dtype and head size (fp16/bf16, D a multiple of 8 up to 256)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+def _lower_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Causal attention aligned to the bottom right (query r of n sees the first Tk - n + r + 1 keys).
+
+    On CUDA the flash kernel itself: its ``is_causal`` is bottom-right aligned, which is what
+    ``torch.nn.attention.bias.causal_lower_right`` calls too, but called directly so a compiled layer
+    traces it (that helper's tensor subclass is a graph break). Elsewhere SDPA with the block's boolean
+    mask, built by :func:`prepare_mask` and reused by every layer.
+    """
+    if _flash_kernel_fits(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1]))[0]
+    return _sdpa(q, k, v, attn_mask=mask.memo[_lower_right_key(q.shape[2], k.shape[2])])
+
+
+def _lower_right_key(num_queries: int, num_keys: int) -> str:
+    return f"lower_right_{num_queries}x{num_keys}"
+
+
+def _prepare_flash(mask: AttentionMask) -> None:
+    structure = mask.static_structure() if mask.num_queries > 1 else None
+    if structure is None:
+        mask.dense()  # a decode row or a mask without static structure
+        return
+    for blk in structure.blocks:  # boolean lower-right masks for devices without the flash kernel (tiny)
+        if blk.k_ranges and blk.causal and 1 < blk.num_queries != blk.num_keys:
+            key = _lower_right_key(blk.num_queries, blk.num_keys)
+            if key not in mask.memo:
+                ones = torch.ones(blk.num_queries, blk.num_keys, dtype=torch.bool, device=mask.q_pos.device)
+                mask.memo[key] = ones.tril(blk.num_keys - blk.num_queries)
 
 
 _compiled_flex: Callable[..., torch.Tensor] | None = None
@@ -159,8 +222,13 @@ def _eager_flex(*args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def _flex_fn(device: torch.device) -> Callable[..., torch.Tensor]:
-    """FlexAttention compiled once on CUDA (a fused kernel); torch's unfused reference elsewhere."""
+    """FlexAttention compiled once on CUDA (a fused kernel); torch's unfused reference elsewhere. Inside a
+    compiled layer, the plain function: the layer's compilation fuses it."""
     global _compiled_flex
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention
     if device.type != "cuda":
         return _eager_flex
     if _compiled_flex is None:
@@ -180,6 +248,14 @@ def block_mask(mask: AttentionMask, device: torch.device) -> Any:
     return mask.memo["block_mask"]
 
 
+def _prepare_flex(mask: AttentionMask) -> None:
+    device = mask.q_pos.device
+    if mask.num_queries == 1 or device.type != "cuda":  # decode rows; CPU backward falls back to dense
+        mask.dense()
+    if mask.num_queries > 1 and device.type != "meta":
+        block_mask(mask, device)
+
+
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """FlexAttention with a block mask from the description (see module docstring)."""
     if q.shape[2] == 1:
@@ -193,7 +269,7 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return _flex_fn(q.device)(q, k, v, block_mask=block_mask(mask, q.device), enable_gqa=q.shape[1] != k.shape[1])
 
 
-register_backend("sdpa", sdpa_attention)
-register_backend("math", math_attention)
-register_backend("flash", flash_attention)
-register_backend("flex", flex_attention_backend)
+register_backend("sdpa", sdpa_attention, _prepare_sdpa)
+register_backend("math", math_attention, _prepare_dense)
+register_backend("flash", flash_attention, _prepare_flash)
+register_backend("flex", flex_attention_backend, _prepare_flex)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend
+from .attention import attend, prepare_mask
 from .config import LLMConfig
 from .masks import AttentionMask
 
@@ -206,6 +206,7 @@ class LlamaDecoder(nn.Module):
         """Run layer ``index`` (with activation checkpointing when enabled and training)."""
         layer = self.layers[index]
         layer_cache = None if cache is None else cache.layers[index]
+        prepare_mask(mask, self.attention_backend)  # host-side work here, not inside a compiled layer
         # recomputation would append to the cache a second time, so cached calls are never checkpointed
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
             return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, use_reentrant=False)
