@@ -20,6 +20,7 @@ from torch import nn
 from .batch import IGNORE_INDEX, MultimodalBatch, check_prompt, shifted_targets, text_adjacency
 from .config import ConfigError, LLMConfig, VisionConfig
 from .decoder import KVCache, LlamaDecoder
+from .static_decode import DECODE_MODES, decode_steps
 from .vision import build_vision_tower, encode_images
 from .workload import STAGES, Workload
 
@@ -160,15 +161,22 @@ class MLLM(nn.Module, ABC):
         check_prompt(batch)
 
     @torch.no_grad()
-    def generate(self, batch: MultimodalBatch, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the KV cache: new tokens (B, max_new_tokens). Needs left padding."""
+    def generate(self, batch: MultimodalBatch, max_new_tokens: int, decode_mode: str = "dynamic") -> torch.Tensor:
+        """Greedy decoding with the KV cache: new tokens (B, max_new_tokens). Needs left padding.
+
+        ``decode_mode``: ``dynamic`` (growing cache), ``static`` (preallocated cache) or ``graph`` (static
+        cache + CUDA graph, CUDA only); see :mod:`mllm_bench.static_decode`. All give the same tokens.
+        """
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if decode_mode not in DECODE_MODES:
+            raise ConfigError(f"decode_mode must be one of {list(DECODE_MODES)}, got {decode_mode!r}")
         logits, cache = self.prefill(batch)
         tokens = [logits.argmax(-1)]
-        for _ in range(max_new_tokens - 1):
-            logits, cache = self.decode(tokens[-1], cache)
-            tokens.append(logits.argmax(-1))
+        if max_new_tokens > 1:
+            step, _ = decode_steps(self, cache, max_new_tokens - 1, decode_mode)
+            for _ in range(max_new_tokens - 1):
+                tokens.append(step(tokens[-1]).argmax(-1))
         return torch.stack(tokens, dim=1)
 
     def example_batch(self, workload: Workload, seed: int = 0) -> MultimodalBatch:

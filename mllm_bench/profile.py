@@ -26,6 +26,7 @@ from .memory import analytic_memory, measure_peak
 from .model import MLLM
 from .registry import build_model, get_architecture
 from .results import make_row, to_frame
+from .static_decode import DECODE_MODES, decode_steps
 from .timing import time_fn
 from .vision import encode_images
 from .workload import PAPER_WORKLOAD, Workload, dtype_name
@@ -132,7 +133,7 @@ def _memory_rows(base: dict, model: MLLM, cost: CostBreakdown, workload: Workloa
 
 
 def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flops: dict[str, float],
-                   timing: dict[str, Any]) -> list[dict]:
+                   timing: dict[str, Any], decode_mode: str) -> list[dict]:
     """Time and measure memory of each phase on ``workload.device`` (weights randomly initialised)."""
     device = workload.device
     rows: list[dict] = []
@@ -141,14 +142,14 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
     b = workload.batch_size
 
     def record(phase: str, metric: str, fn: Callable[[], Any], tokens: float, phase_flops: float | None,
-               **timing_overrides: Any) -> None:
+               how: str = "", **timing_overrides: Any) -> None:
         _, mem = measure_peak(fn, device)
         t = time_fn(fn, device, **{**timing, **timing_overrides})
         common = dict(component="all", role="all", stage=stage, phase=phase, note=mem.method)
         rows.append(make_row(base, "peak_memory_bytes", mem.peak, "measured", **common))
         if mem.reserved is not None:
             rows.append(make_row(base, "reserved_memory_bytes", mem.reserved, "measured", **common))
-        common["note"] = "cuda_events" if torch.device(device).type == "cuda" else "perf_counter"
+        common["note"] = ("cuda_events" if torch.device(device).type == "cuda" else "perf_counter") + how
         rows.append(make_row(base, metric, t.median, "measured", **common))
         rows.append(make_row(base, "latency_iqr_s", t.iqr, "measured", **common))
         if tokens:
@@ -174,9 +175,11 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
             _, cache = model.prefill(batch)
             token = torch.zeros(b, dtype=torch.long, device=device)
             room = model.llm_config.max_position_embeddings - cache.length - 1
-            steps = max(1, min(timing.get("max_repeats", 1000), room - timing.get("warmup", 2)))
-            record("decode", "decode_latency_s", lambda: model.decode(token, cache), b, flops.get("decode"),
-                   max_repeats=steps)
+            extra_calls = timing.get("warmup", 2) + 1  # warm-up and the memory measurement's call
+            steps = max(1, min(timing.get("max_repeats", 1000), room - extra_calls))
+            step, cache = decode_steps(model, cache, steps + extra_calls, decode_mode)
+            record("decode", "decode_latency_s", lambda: step(token), b, flops.get("decode"),
+                   how=f"; decode={decode_mode}", max_repeats=steps)
             kv = cache.nbytes()
             media = getattr(model, "cross_attn_cache_nbytes", None)  # an architecture's own cached state
             if media is not None:
@@ -211,14 +214,19 @@ def profile(
     context_len: int | None = None,
     attention_backend: str = "sdpa",
     timing: dict[str, Any] | None = None,
+    decode_mode: str | None = None,
 ) -> pd.DataFrame:
     """Profile ``arch`` on ``workload`` and return tidy result rows (see :mod:`mllm_bench.results`).
 
     ``measure``: False/``never``, True/``always`` or ``auto`` (CUDA always, CPU for small models);
     measurement runs on ``workload.device`` (``meta`` means CUDA when available, else CPU) with
     random weights. ``timing`` passes ``warmup``/``min_repeats``/``min_seconds``/``max_repeats``.
+    ``decode_mode`` (:mod:`mllm_bench.static_decode`): how decode steps run when measured; default
+    ``graph`` (static cache + CUDA graph) on CUDA, ``dynamic`` elsewhere. Rows note which ran.
     """
     get_architecture(arch)  # a clear error for an unknown name before any work
+    if decode_mode is not None and decode_mode not in DECODE_MODES:
+        raise ConfigError(f"decode_mode must be one of {list(DECODE_MODES)}, got {decode_mode!r}")
     stage = workload.stage
     meta_model = build_model(arch, llm, vision, options, device="meta", dtype=workload.torch_dtype)
     meta_model.set_attention_backend(attention_backend)
@@ -263,6 +271,7 @@ def profile(
         model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
         model.set_attention_backend(attention_backend)
         timing_opts = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.5, "max_repeats": 1000, **(timing or {})}
-        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, timing_opts)
+        mode = decode_mode or ("graph" if torch.device(run_device).type == "cuda" else "dynamic")
+        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, timing_opts, mode)
         del model
     return to_frame(rows)

@@ -1,5 +1,6 @@
 """CUDA checks of the attention fast paths (skipped without a GPU): equality with SDPA in bf16, forward
-and backward, compiled FlexAttention, no host-device syncs on the flash path, whole models."""
+and backward, compiled FlexAttention, no host-device syncs on the flash path, whole models, CUDA-graph
+decoding, compiled SAISA layers."""
 
 from __future__ import annotations
 
@@ -84,3 +85,33 @@ def test_models_on_cuda_bf16_match_sdpa(arch: str) -> None:
             logits, cache = model.prefill(batch)
             step, _ = model.decode(logits.argmax(-1), cache)
             assert torch.isfinite(step).all()
+
+
+@pytest.mark.parametrize("arch", ("llava", "naavit", "saisa", "flamingo"))
+def test_cuda_graph_decode_generates_the_same_tokens(arch: str) -> None:
+    model = tiny_model(arch).to(CUDA)
+    batch = random_batch(model, batch=2, text=12).to(CUDA)
+    dynamic = model.generate(batch, 6)
+    graph = model.generate(batch, 6, decode_mode="graph")
+    assert torch.equal(graph, dynamic)
+
+
+def test_compiled_saisa_layers_match_eager_on_cuda_without_graph_breaks() -> None:
+    import torch._dynamo
+
+    from tests.test_compile import layer_calls
+
+    model = tiny_model("saisa").to(CUDA, torch.bfloat16)
+    model.set_attention_backend("flash")
+    batch = random_batch(model, batch=2, text=12).to(CUDA)
+    batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(batch).logits.float()
+        args, kwargs = layer_calls(model, lambda: model(batch))[0]
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.language_model.layers[0])(*args, **kwargs)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        for layer in model.language_model.layers:
+            layer.compile()
+        out = model(batch).logits.float()
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)

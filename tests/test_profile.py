@@ -64,9 +64,24 @@ def test_profile_inference_measurement_phases() -> None:
     for metric in ("vision_encode_latency_s", "prefill_latency_s", "decode_latency_s"):
         assert _one(df, metric=metric) > 0
     assert set(df[df.metric == "latency_iqr_s"].phase) == {"vision_encode", "prefill", "decode"}
+    assert df[df.metric == "decode_latency_s"].note.tolist() == ["perf_counter; decode=dynamic"]  # CPU default
+
+
+def test_profile_static_decode_holds_the_same_cache() -> None:
+    """A static cache decodes the same steps: the cache bytes reported after the timed steps agree."""
+    kw = dict(llm="tiny-llm", vision="tiny-clip", measure="always",
+              timing={"min_seconds": 0.0, "min_repeats": 3, "max_repeats": 3, "warmup": 1})
+    dynamic = profile("llava", WL, **kw)
+    static = profile("llava", WL, decode_mode="static", **kw)
+    assert static[static.metric == "decode_latency_s"].note.iloc[0] == "perf_counter; decode=static"
+    kv = {name: df[df.metric == "kv_cache_bytes"].set_index("role").value.to_dict() for name, df in
+          (("dynamic", dynamic), ("static", static))}
+    assert kv["static"] == kv["dynamic"] and kv["static"]["all"] > 0
 
 
 def test_profile_bad_input() -> None:
+    with pytest.raises(ConfigError, match="decode_mode must be one of"):
+        profile("llava", WL, llm="tiny-llm", vision="tiny-clip", decode_mode="cuda")
     with pytest.raises(ConfigError, match="unknown architecture"):
         profile("llava2", WL, llm="tiny-llm", vision="tiny-clip")
     with pytest.raises(ConfigError, match="measure must be one of"):
