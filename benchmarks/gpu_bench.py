@@ -2,15 +2,24 @@
 
     python benchmarks/gpu_bench.py            # the full measurement (GPU): 7B width, 576 and 2304 visual tokens
     python benchmarks/gpu_bench.py --quick    # a smoke run: 8 layers, few repeats
+    python benchmarks/gpu_bench.py --eager    # without torch.compile
     python benchmarks/gpu_bench.py --tiny     # end to end on CPU with tiny presets (what the tests run)
 
-Every point builds the model in bf16 with random weights (timing does not depend on their values) and
-measures, with the attention backend chosen per architecture (``--backend``; defaults: ``flash`` with
-its static-structure paths, ``flex`` for NAAViT's block-sparse mask):
+Every point builds the model in bf16 with random weights (timing does not depend on their values),
+compiles each decoder layer (``torch.compile``; a point whose compilation fails runs eager and its rows
+say so) and measures, with the attention backend chosen per architecture (``--backend``; defaults:
+``flash`` with its static-structure paths, ``flex`` for NAAViT's block-sparse mask):
 
-- ``prefill`` (time to first token, batch 1) in two scopes: ``total`` (vision tower + connector +
-  decoder + last-token lm_head) and ``language`` (vision features precomputed: connector + decoder);
-- ``decode`` (time per output token, KV-cached, context = prompt);
+- ``prefill`` (time to first token) in two scopes: ``total`` (vision tower + connector + decoder +
+  last-token lm_head) and ``language`` (vision features precomputed: connector + decoder); at batch 1
+  (latency) and at a throughput batch (``--prefill-batch``, default 32 samples). The FLOP ratio bounds
+  the speedup only where prefill is compute-bound: SAISA's text-only GEMMs have batch x text rows (64
+  per sample here), which need ~2048 rows to leave the weight-bandwidth-bound regime on an H100/H200 —
+  so 32 samples, not a token budget (a 16K-token budget gave 6 samples = 384 rows at 2304 visual tokens);
+  the batch is halved until a conservative memory estimate fits;
+- ``decode`` (time per output token, KV-cached, context = prompt) in each ``--decode-modes`` mode
+  (:mod:`mllm_bench.static_decode`): ``dynamic`` (growing cache, host-bound at batch 1) and ``graph``
+  (static cache + CUDA graph);
 - ``train_step`` (finetune stage: forward, backward, AdamW step; bf16 weights, gradients and AdamW
   state, no fp32 master copy).
 
@@ -45,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 from mllm_bench import Workload, architecture_names, build_model
 from mllm_bench.attention import describe_paths, record_paths
@@ -56,6 +66,7 @@ from mllm_bench.memory import measure_peak
 from mllm_bench.model import MLLM
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.results import make_row, to_frame, write_rows
+from mllm_bench.static_decode import DECODE_MODES, decode_steps
 from mllm_bench.timing import Timing, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +88,9 @@ class Settings:
     text_before: int = 32
     text_after: int = 32
     batch_size: int = 1  # decode batch, and the latency prefill batch
-    prefill_tokens: int = 16384  # the throughput prefill batch holds about this many tokens (cap 16 samples)
+    prefill_batch: int = 32  # the throughput prefill batch (samples; halved while it does not fit)
     train_tokens: int = 8192  # the training batch holds about this many tokens
+    decode_modes: tuple[str, ...] = ("dynamic", "graph")
     commit: str = ""
     dtype: str = "bfloat16"
     device: str = "cuda"
@@ -87,7 +99,7 @@ class Settings:
     min_repeats: int = 10
     min_seconds: float = 1.0
     max_repeats: int = 200
-    compile: bool = False
+    compile: bool = True
     tiny: bool = False
 
     def backend(self, arch: str) -> str:
@@ -99,11 +111,12 @@ def preset_settings(args: argparse.Namespace) -> Settings:
     if args.tiny:
         s = dataclasses.replace(s, llm="tiny-llm", vision="tiny-clip", visual_tokens=(16, 64), device="cpu",
                                 dtype="float32", warmup=1, min_repeats=2, min_seconds=0.0, max_repeats=3, tiny=True,
-                                prefill_tokens=160, train_tokens=0)
+                                prefill_batch=2, train_tokens=0, decode_modes=("dynamic", "static"), compile=False)
     elif args.quick:
         s = dataclasses.replace(s, layers=8, warmup=2, min_repeats=3, min_seconds=0.2, max_repeats=20)
     changes: dict[str, Any] = {}
-    for name in ("llm", "vision", "layers", "device", "dtype", "warmup", "min_repeats", "min_seconds"):
+    for name in ("llm", "vision", "layers", "device", "dtype", "warmup", "min_repeats", "min_seconds",
+                 "prefill_batch"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -119,13 +132,21 @@ def preset_settings(args: argparse.Namespace) -> Settings:
             arch, _, name = item.rpartition("=")
             given.update({a: name for a in ([arch] if arch else ARCHS)})
         changes["backends"] = tuple(given.items())
-    changes["compile"] = args.compile
+    if args.eager:
+        changes["compile"] = False
+    if args.decode_modes:
+        changes["decode_modes"] = tuple(args.decode_modes.split(","))
     if args.commit:
         changes["commit"] = args.commit
     s = dataclasses.replace(s, **changes)
     bad = sorted(set(s.phases) - {"prefill", "decode", "train_step"})
     if bad:
         raise ConfigError(f"--phases has unknown phase(s) {bad}; allowed: prefill, decode, train_step")
+    bad = sorted(set(s.decode_modes) - set(DECODE_MODES))
+    if bad:
+        raise ConfigError(f"--decode-modes has unknown mode(s) {bad}; allowed: {', '.join(DECODE_MODES)}")
+    if s.prefill_batch < 1:
+        raise ConfigError(f"--prefill-batch must be >= 1, got {s.prefill_batch}")
     return s
 
 
@@ -194,6 +215,25 @@ def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: in
     torch.cuda.empty_cache()
     result, mem = measure_peak(timing, device)
     return result, {"peak_memory_bytes": mem.peak, "reserved_memory_bytes": mem.reserved}
+
+
+def prefill_batch_that_fits(s: Settings, visual_tokens: int, device: torch.device) -> int:
+    """``s.prefill_batch``, halved while the largest architecture's bf16 weights + a KV cache of every prompt
+    token in every layer + one layer's activations (~ (4h + 3m) * 2 bytes per token) exceed 90% of the GPU's
+    memory. The same for every architecture at ``visual_tokens``, so speedups compare equal batches."""
+    if device.type != "cuda":
+        return s.prefill_batch
+    total = torch.cuda.get_device_properties(device).total_memory * 0.9
+    llm = llm_for_run(s)
+    vision = vision_for_tokens(vision_preset(s.vision), visual_tokens)
+    weights = max(build_model(arch, llm, vision, options_for(s, arch), device="meta", dtype=s.dtype).num_parameters()
+                  for arch in s.archs) * 2
+    tokens = visual_tokens + s.text_before + s.text_after
+    per_sample = tokens * (llm.num_layers * 2 * llm.kv_dim + 4 * llm.hidden_size + 3 * llm.intermediate_size) * 2
+    b = s.prefill_batch
+    while b > 1 and weights + b * per_sample > total:
+        b //= 2
+    return b
 
 
 def batch_for(tokens_per_sample: int, token_budget: int, cap: int = 16) -> int:
@@ -288,7 +328,16 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: torch.device, log: Callable) -> None:
+def compile_layers(model: MLLM) -> None:
+    """``torch.compile`` every decoder layer (one graph each: masks are prepared outside, see prepare_mask)."""
+    for layer in model.language_model.layers:
+        layer.compile(dynamic=None)
+
+
+def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: torch.device, log: Callable,
+              prefill_batch: int, note: str = "") -> None:
+    """Count, then measure every phase of ``arch`` at ``visual_tokens``; rows go to ``rows``. ``note`` goes
+    into every measured row's note (after ``compiled``/``eager``)."""
     llm = llm_for_run(s)
     vision = vision_for_tokens(vision_preset(s.vision), visual_tokens)
     backend = s.backend(arch)
@@ -302,7 +351,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
              "visual_tokens": visual_tokens, "text_tokens": text_tokens, "text_before": s.text_before,
              "text_after": s.text_after, "generate_tokens": 0, "context_len": ""}
     seq_len = text_tokens + visual_tokens
-    prefill_batches = tuple(dict.fromkeys((s.batch_size, batch_for(seq_len, s.prefill_tokens))))
+    prefill_batches = tuple(dict.fromkeys((s.batch_size, prefill_batch)))
     train_batch = batch_for(seq_len, s.train_tokens)
     t0 = time.perf_counter()
     flops = counted(arch, llm, vision, s, workload, prefill_batches, train_batch)
@@ -319,14 +368,15 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     model = build_model(arch, llm, vision, options, device=str(device), dtype=s.dtype).eval()
     model.set_attention_backend(backend)
     if s.compile:
-        for layer in model.language_model.layers:
-            layer.compile(dynamic=None)
+        compile_layers(model)
+    how = ("compiled" if s.compile else "eager") + (f" ({note})" if note else "")
     batch = model.example_batch(workload)
 
     def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, float], flop: int | None,
-              stage: str = "inference", scope: str = "", batch: int = s.batch_size, **extra: Any) -> None:
+              stage: str = "inference", scope: str = "", batch: int = s.batch_size, mode: str = "",
+              **extra: Any) -> None:
         tag = dict(phase=phase, stage=stage, scope=scope, attention_backend=f"{backend}[{describe_paths(paths)}]",
-                   **extra)
+                   note=how + (f"; decode={mode}" if mode else ""), **extra)
         at = {**point, "batch_size": batch}
         rows.add(at, metric, timing.median, **tag)
         rows.add(at, "latency_iqr_s", timing.iqr, **tag)
@@ -354,25 +404,22 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 del prefill_batch
                 free(device)
         if "decode" in s.phases:
-            _, cache = model.prefill(batch)
-            token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
-            steps = [0]
-
-            def step() -> None:
-                nonlocal cache
-                _, cache = model.decode(token, cache)
-                steps[0] += 1
-
-            with record_paths() as paths:
-                timing, mem = measure(step, device, s, warmup=max(s.warmup, 3),
-                                      max_repeats=max(s.max_repeats // 2, 2))
-            context = workload.num_text_tokens + (visual_tokens if arch != "flamingo" else 0) + steps[0] // 2
-            timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context)
-            rows.add(point, "tokens_per_s", s.batch_size / timing.median, phase="decode",
-                     context_len=context, attention_backend=f"{backend}[{describe_paths(paths)}]")
-            summary.append(f"decode {timing.median * 1e3:.2f} ms/token")
-            del cache
-            free(device)
+            for mode in s.decode_modes:
+                warmup, repeats = max(s.warmup, 3), max(s.max_repeats // 2, 2)
+                token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
+                with record_paths() as paths:  # a graph records its paths once, when captured
+                    _, cache = model.prefill(batch)
+                    step, cache = decode_steps(model, cache, warmup + repeats + 1, mode)
+                    prompt = cache.length
+                    timing, mem = measure(lambda step=step, token=token: step(token), device, s, warmup=warmup,
+                                          max_repeats=repeats)
+                context = prompt + (cache.length - prompt) // 2  # the median step's context
+                timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context, mode=mode)
+                rows.add(point, "tokens_per_s", s.batch_size / timing.median, phase="decode", context_len=context,
+                         attention_backend=f"{backend}[{describe_paths(paths)}]", note=f"{how}; decode={mode}")
+                summary.append(f"decode[{mode}] {timing.median * 1e3:.2f} ms/token")
+                del cache, step
+                free(device)
     if "train_step" in s.phases:
         try:
             params = list(model.set_stage("finetune").values())
@@ -393,9 +440,29 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
         except torch.OutOfMemoryError:
             summary.append("train OOM")
             rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"),
-                     stage="finetune", phase="train_step", scope="total", attention_backend=f"{backend}[oom]")
-    log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} | " + " | ".join(summary)
+                     stage="finetune", phase="train_step", scope="total", attention_backend=f"{backend}[oom]",
+                     note=how)
+    log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} {how} | " + " | ".join(summary)
         + f" | counted in {t_count:.1f}s, point {time.perf_counter() - t0:.1f}s")
+
+
+def measure_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: torch.device, log: Callable,
+                  prefill_batch: int) -> None:
+    """``run_point``; when torch.compile fails for this point, its rows are dropped and it runs eager,
+    every row noting why (the rest of the run stays compiled)."""
+    first = len(rows.rows)
+    try:
+        run_point(arch, visual_tokens, s, rows, device, log, prefill_batch)
+    except TorchDynamoException as err:
+        if not s.compile:
+            raise
+        del rows.rows[first:]
+        reason = f"compile failed: {type(err).__name__}"
+        log(f"{arch} v={visual_tokens}: {reason}: {str(err).splitlines()[0][:200]}; measuring eager")
+        torch._dynamo.reset()
+        free(device)
+        run_point(arch, visual_tokens, dataclasses.replace(s, compile=False), rows, device, log, prefill_batch,
+                  note=reason)
 
 
 # ----- derived rows, outputs ----------------------------------------------------------------------
@@ -441,18 +508,25 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
     lines = [f"# GPU benchmark: {rows.env['device_name']}", "",
              f"LLM {s.llm} ({llm_for_run(s).num_layers} layers), vision {s.vision}, batch {s.batch_size}, "
              f"text {s.text_before}+{s.text_after}, dtype {s.dtype}, torch {rows.env['torch_version']}, "
-             f"commit {rows.env['git_commit']}.", "", "## Medians (relative IQR)", "",
-             "Prefill at batch 1 (latency) and at a throughput batch of about "
-             f"{s.prefill_tokens} tokens; training at about {s.train_tokens} tokens per step (batch in brackets).", "",
-             "| arch | visual | backend paths | prefill total ms (b1) | prefill language ms (b1) "
-             "| prefill language ms (batch) | prefill MFU (batch) | decode ms/token | train step ms (batch) "
-             "| train MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{'compiled decoder layers' if s.compile else 'eager'}, commit {rows.env['git_commit']}.", "",
+             "## Medians (relative IQR)", "",
+             f"Prefill at batch {s.batch_size} (latency) and at a throughput batch (up to {s.prefill_batch} samples, "
+             f"in brackets); decode per mode; training at about {s.train_tokens} tokens per step (batch in brackets).",
+             "", "| arch | visual | backend paths | prefill total ms (b1) | prefill language ms (b1) "
+             "| prefill language ms (batch) | prefill MFU (batch) | "
+             + " | ".join(f"decode ms/token ({m})" for m in s.decode_modes)
+             + " | train step ms (batch) | train MFU |", "|---" * (9 + len(s.decode_modes)) + "|"]
     for arch in s.archs:
         for v in s.visual_tokens:
             def cell(metric: str, arch: str = arch, v: int = v, **m: Any) -> str:
                 med = value(rows.rows, arch=arch, visual_tokens=v, metric=metric, **m)
                 iqr = value(rows.rows, arch=arch, visual_tokens=v, metric="latency_iqr_s", **m)
                 return "" if med is None else f"{med * 1e3:.2f} ({(iqr or 0) / med:.1%})"
+
+            def decode_cell(mode: str, arch: str = arch, v: int = v) -> str:
+                note = next((r["note"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
+                             and r["metric"] == "decode_latency_s" and r["note"].endswith(f"decode={mode}")), None)
+                return "" if note is None else cell("decode_latency_s", note=note)
 
             mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="train_step")
             big = max((r["batch_size"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
@@ -468,23 +542,26 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
                          f"| {cell('prefill_latency_s', scope='total', batch_size=b1)} "
                          f"| {cell('prefill_latency_s', scope='language', batch_size=b1)} "
                          f"| {cell('prefill_latency_s', scope='language', batch_size=big)} [{big}] "
-                         f"| {'' if big_mfu is None else f'{big_mfu:.1%}'} | {cell('decode_latency_s')} "
+                         f"| {'' if big_mfu is None else f'{big_mfu:.1%}'} "
+                         f"| {' | '.join(decode_cell(m) for m in s.decode_modes)} "
                          f"| {cell('train_step_latency_s')} [{train_b}] | {'' if mfu is None else f'{mfu:.1%}'} |")
     lines += ["", "## Prefill speedup over llava: measured vs predicted by counted FLOPs", "",
               "| arch | visual | batch | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
               "|---|---|---|---|---|---|---|",
               *speedups, "", *notes]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot(df, out)
+    plot(df, out, s.decode_modes[-1] if s.decode_modes else "dynamic")
 
 
-def plot(df: Any, out: Path) -> None:
+def plot(df: Any, out: Path, decode_mode: str) -> None:
+    """Six panels; decode shows ``decode_mode`` (the run's last, fastest mode)."""
     import matplotlib.pyplot as plt
     from mllm_bench.reports.plots import save  # selects the Agg backend
 
     panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total, batch 1), ms", 1e3),
               ("prefill_latency_s", {"scope": "language"}, "prefill (language, batch 1), ms", 1e3),
-              ("decode_latency_s", {}, "decode, ms/token", 1e3), ("train_step_latency_s", {}, "train step, ms", 1e3),
+              ("decode_latency_s", {}, f"decode ({decode_mode}), ms/token", 1e3),
+              ("train_step_latency_s", {}, "train step, ms", 1e3),
               ("mfu", {"phase": "train_step"}, "train-step MFU, %", 100),
               ("prefill_speedup_vs_flops", {"scope": "language"},
                "prefill speedup / FLOP-predicted\n(language, throughput batch)", 1)]
@@ -495,6 +572,8 @@ def plot(df: Any, out: Path) -> None:
         sel = df[df["metric"] == metric]
         for k, v in match.items():
             sel = sel[sel[k] == v]
+        if metric == "decode_latency_s":
+            sel = sel[sel["note"].str.endswith(f"decode={decode_mode}")]
         # one bar per (arch, visual): batch 1 for latencies, the throughput batch for the speedup ratio
         sel = sel.sort_values("batch_size", ascending=metric != "prefill_speedup_vs_flops", kind="stable")
         width = 0.8 / max(len(visual), 1)
@@ -525,7 +604,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device"), parser.add_argument("--dtype")
     parser.add_argument("--warmup", type=int), parser.add_argument("--min-repeats", type=int)
     parser.add_argument("--min-seconds", type=float)
-    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--eager", action="store_true", help="no torch.compile (default: compile each decoder layer)")
+    parser.add_argument("--prefill-batch", type=int, help="throughput prefill batch in samples (default 32)")
+    parser.add_argument("--decode-modes", help=f"comma-separated of {','.join(DECODE_MODES)} (default dynamic,graph)")
     parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
     parser.add_argument("--commit", help="git commit to record (when the tree was copied without .git)")
     args = parser.parse_args(argv)
@@ -550,8 +631,9 @@ def main(argv: list[str] | None = None) -> Path:
     log(f"{env['device_name']}: {s.llm} x {llm_for_run(s).num_layers} layers, visual tokens {s.visual_tokens}, "
         f"archs {s.archs}, torch {torch.__version__} -> {out}")
     for visual_tokens in s.visual_tokens:
+        prefill_batch = prefill_batch_that_fits(s, visual_tokens, device)
         for arch in s.archs:
-            run_point(arch, visual_tokens, s, rows, device, log)
+            measure_point(arch, visual_tokens, s, rows, device, log, prefill_batch)
             free(device)
             save_rows(rows, out)  # after every point: an interrupted run keeps what it measured
     speedups = add_speedups(rows)

@@ -1,0 +1,91 @@
+"""benchmarks/gpu_bench.py: end to end on CPU with tiny presets, the eager fallback when torch.compile fails,
+settings validation."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from torch._dynamo.exc import TorchDynamoException
+
+from mllm_bench.config import ConfigError
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_point_whose_compilation_fails_is_measured_eager_and_says_why(monkeypatch) -> None:
+    bench = load_bench()
+    calls = []
+
+    def fake_run_point(arch, visual_tokens, s, rows, device, log, prefill_batch, note=""):
+        calls.append((s.compile, note))
+        rows.add({"arch": arch}, "prefill_latency_s", 1.0, note=note)
+        if s.compile:
+            raise TorchDynamoException("inductor lowering failed")
+
+    monkeypatch.setattr(bench, "run_point", fake_run_point)
+    rows = bench.Rows({"device_name": "test"})
+    logged = []
+    settings = bench.Settings(compile=True)
+    bench.measure_point("saisa", 576, settings, rows, bench.torch.device("cpu"), logged.append, 32)
+    assert calls == [(True, ""), (False, "compile failed: TorchDynamoException")]
+    assert [r["note"] for r in rows.rows] == ["compile failed: TorchDynamoException"]  # the failed try's rows dropped
+    assert "measuring eager" in logged[0]
+
+    def always_failing(*args, **kwargs):
+        raise TorchDynamoException("not a compile problem")
+
+    monkeypatch.setattr(bench, "run_point", always_failing)
+    with pytest.raises(TorchDynamoException):  # an eager run does not hide the error
+        bench.measure_point("saisa", 576, bench.Settings(compile=False), rows, bench.torch.device("cpu"),
+                            logged.append, 32)
+
+
+def test_bad_settings_name_the_flag() -> None:
+    bench = load_bench()
+    with pytest.raises(ConfigError, match="--decode-modes has unknown mode"):
+        bench.main(["--tiny", "--decode-modes", "dynamic,cudagraph"])
+    with pytest.raises(ConfigError, match="--prefill-batch must be >= 1"):
+        bench.main(["--tiny", "--prefill-batch", "0"])
+
+
+def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
+    """benchmarks/gpu_bench.py --tiny: rows with the schema's columns, the speedup row, summary, plots."""
+    out = load_bench().main(["--tiny", "--archs", "llava,saisa", "--visual-tokens", "16", "--out", str(tmp_path)])
+    rows = pd.read_csv(out / "rows.csv", keep_default_na=False)
+    for column in ("arch", "llm", "metric", "value", "unit", "source", "scope", "convention", "stage", "phase",
+                   "visual_tokens", "attention_backend", "device_name", "torch_version", "git_commit"):
+        assert column in rows.columns
+    measured = rows[rows["source"] == "measured"]
+    for metric in ("prefill_latency_s", "decode_latency_s", "train_step_latency_s", "latency_iqr_s"):
+        assert (measured[measured["metric"] == metric]["value"].astype(float) > 0).all(), metric
+    saisa = rows[(rows["arch"] == "saisa") & (rows["metric"] == "prefill_latency_s")]
+    assert set(saisa["attention_backend"]) == {"flash[flash:split]"}
+    assert set(rows[rows["metric"] == "prefill_latency_s"]["batch_size"]) == {1, 2}  # latency and throughput
+    flops = rows[rows["metric"] == "prefill_flops"].set_index(["arch", "scope", "batch_size"])["value"].astype(float)
+    assert flops["saisa", "language", 1] < flops["llava", "language", 1]  # SAISA's FLOP saving is counted
+    assert flops["llava", "language", 2] == 2 * flops["llava", "language", 1]
+    speedup = rows[rows["metric"] == "prefill_speedup_vs_flops"]
+    assert set(speedup["scope"]) == {"total", "language"} and set(speedup["arch"]) == {"saisa"}
+    lat = rows[rows["metric"] == "prefill_latency_s"].set_index(["arch", "scope", "batch_size"])["value"].astype(float)
+    for b in (1, 2):
+        expected = (lat["llava", "language", b] / lat["saisa", "language", b]) / (
+            flops["llava", "language", b] / flops["saisa", "language", b])
+        at = speedup[(speedup["scope"] == "language") & (speedup["batch_size"] == b)]
+        assert abs(float(at["value"].iloc[0]) - expected) < 1e-9 * expected
+    decode = rows[rows["metric"] == "decode_latency_s"]
+    assert sorted(decode["note"]) == ["eager; decode=dynamic"] * 2 + ["eager; decode=static"] * 2  # 2 archs
+    assert set(rows[rows["metric"] == "prefill_latency_s"]["note"]) == {"eager"}
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| saisa |") >= 2 and "decode ms/token (static)" in summary
+    assert (out / "gpu_bench.png").stat().st_size > 10_000
