@@ -6,14 +6,17 @@ what every FLOP counter sees). Faster CUDA paths register here too, each tested 
 
 - ``flash``: fused SDPA calls with no mask tensor, from the mask's static structure
   (:meth:`~mllm_bench.masks.AttentionMask.static_structure`): ``is_causal`` for plain causal, lower-right
-  causal (``causal_lower_right``) for a chunk after earlier keys, and one such call per query block for
-  split masks (SAISA's text segments). Masks without static structure (padding, NAAViT) fall back to a
-  dense mask. A single query (decode) uses its one mask row, which costs nothing and needs no host sync.
+  causal (the CUDA flash kernel's own bottom-right ``is_causal``) for a chunk after earlier keys, and one
+  such call per query block for split masks (SAISA's text segments). Masks without static structure
+  (padding, NAAViT) fall back to a dense mask. A single query (decode) uses its one mask row, which costs
+  nothing and needs no host sync.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block mask built once per mask from its
   description, so blocks with no allowed pair (NAAViT's visual-visual blocks) are skipped. Compiled on
   CUDA; on CPU it runs torch's unfused reference (forward only: CPU backward falls back to dense SDPA).
 
-Which path each call took is counted by :func:`record_paths`, so results can say what ran.
+Which path each call took is counted by :func:`record_paths`, so results can say what ran. Whatever a
+backend derives from a mask (dense tensor, structure, block mask) is built by :func:`prepare_mask` before
+a layer runs, so compiled layers trace tensor work only.
 """
 
 from __future__ import annotations
