@@ -176,9 +176,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def _flash_kernel_fits(q: torch.Tensor) -> bool:
-    """Whether the CUDA flash kernel takes q's dtype and head size (fp16/bf16, D a multiple of 8 up to 256)."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+def _flash_kernel_fits(q: torch.Tensor, mask: AttentionMask) -> bool:
+    """Whether the CUDA flash kernel takes q: a GPU that has it (:func:`_prepare_flash` checked), fp16/bf16,
+    head size a multiple of 8 up to 256."""
+    return (mask.memo.get("flash_gpu", False) and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
 def _lower_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
@@ -189,7 +191,7 @@ def _lower_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     traces it (that helper's tensor subclass is a graph break). Elsewhere SDPA with the block's boolean
     mask, built by :func:`prepare_mask` and reused by every layer.
     """
-    if _flash_kernel_fits(q):
+    if _flash_kernel_fits(q, mask):
         return torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1]))[0]
     return _sdpa(q, k, v, attn_mask=mask.memo[_lower_right_key(q.shape[2], k.shape[2])])
@@ -204,11 +206,13 @@ def _prepare_flash(mask: AttentionMask) -> None:
     if structure is None:
         mask.dense()  # a decode row or a mask without static structure
         return
-    for blk in structure.blocks:  # boolean lower-right masks for devices without the flash kernel (tiny)
+    device = mask.q_pos.device
+    mask.memo["flash_gpu"] = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    for blk in structure.blocks:  # boolean lower-right masks for where the flash kernel does not apply (tiny)
         if blk.k_ranges and blk.causal and 1 < blk.num_queries != blk.num_keys:
             key = _lower_right_key(blk.num_queries, blk.num_keys)
             if key not in mask.memo:
-                ones = torch.ones(blk.num_queries, blk.num_keys, dtype=torch.bool, device=mask.q_pos.device)
+                ones = torch.ones(blk.num_queries, blk.num_keys, dtype=torch.bool, device=device)
                 mask.memo[key] = ones.tril(blk.num_keys - blk.num_queries)
 
 
