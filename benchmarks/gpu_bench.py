@@ -20,8 +20,9 @@ say so) and measures, with the attention backend chosen per architecture (``--ba
 - ``decode`` (time per output token, KV-cached, context = prompt) in each ``--decode-modes`` mode
   (:mod:`mllm_bench.static_decode`): ``dynamic`` (growing cache, host-bound at batch 1) and ``graph``
   (static cache + CUDA graph);
-- ``train_step`` (finetune stage: forward, backward, AdamW step; bf16 weights, gradients and AdamW
-  state, no fp32 master copy).
+- ``train_step`` (finetune stage: forward, backward, optimizer step; bf16 weights and gradients;
+  ``--optimizer adamw`` (default: AdamW state in bf16, no master copy) or ``adamw-fp32-master`` (fp32
+  master weights and moments, LLaVA-1.5's mixed-precision recipe; see :mod:`mllm_bench.optim`)).
 
 Timing: CUDA events (perf_counter on CPU), warm-up, repeats until a minimum count and a minimum
 duration, median and IQR. FLOPs are counted with ``mllm_bench.flops`` (torch's formulas) on a meta copy of the
@@ -64,6 +65,7 @@ from mllm_bench.environment import environment
 from mllm_bench.flops import count_prefill, count_train_step
 from mllm_bench.memory import measure_peak
 from mllm_bench.model import MLLM
+from mllm_bench.optim import OPTIMIZERS, make_optimizer, optimizer_state_bytes
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.results import make_row, to_frame, write_rows
 from mllm_bench.static_decode import DECODE_MODES, decode_steps
@@ -91,6 +93,7 @@ class Settings:
     prefill_batch: int = 32  # the throughput prefill batch (samples; halved while it does not fit)
     train_tokens: int = 8192  # the training batch holds about this many tokens
     decode_modes: tuple[str, ...] = ("dynamic", "graph")
+    optimizer: str = "adamw"
     commit: str = ""
     dtype: str = "bfloat16"
     device: str = "cuda"
@@ -116,7 +119,7 @@ def preset_settings(args: argparse.Namespace) -> Settings:
         s = dataclasses.replace(s, layers=8, warmup=2, min_repeats=3, min_seconds=0.2, max_repeats=20)
     changes: dict[str, Any] = {}
     for name in ("llm", "vision", "layers", "device", "dtype", "warmup", "min_repeats", "min_seconds",
-                 "prefill_batch"):
+                 "prefill_batch", "optimizer"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -145,6 +148,8 @@ def preset_settings(args: argparse.Namespace) -> Settings:
     bad = sorted(set(s.decode_modes) - set(DECODE_MODES))
     if bad:
         raise ConfigError(f"--decode-modes has unknown mode(s) {bad}; allowed: {', '.join(DECODE_MODES)}")
+    if s.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {s.optimizer!r}")
     if s.prefill_batch < 1:
         raise ConfigError(f"--prefill-batch must be >= 1, got {s.prefill_batch}")
     return s
@@ -172,7 +177,7 @@ def options_for(s: Settings, arch: str) -> dict[str, Any]:
 
 def fitting_layers(s: Settings, device: torch.device) -> int | None:
     """The preset's depth when every point's finetune step fits in 90% of the GPU's memory by a conservative
-    estimate (bf16 weights; bf16 gradients and AdamW state of the trainable ones; activations
+    estimate (bf16 weights; gradients and optimizer state of the trainable ones, mllm_bench.optim; activations
     ~ (10h + 4m) * 2 bytes per decoder row and layer), else the largest fitting depth in steps of 8."""
     total = torch.cuda.get_device_properties(device).total_memory * 0.9
     full = llm_preset(s.llm)
@@ -186,7 +191,7 @@ def fitting_layers(s: Settings, device: torch.device) -> int | None:
             trainable = sum(p.numel() for p in model.trainable_parameters("finetune").values())
             train_rows = tokens * batch_for(tokens, s.train_tokens)
             act = layers * train_rows * (10 * llm.hidden_size + 4 * llm.intermediate_size) * 2
-            need = max(need, 2 * model.num_parameters() + 6 * trainable + act)
+            need = max(need, 2 * model.num_parameters() + optimizer_state_bytes(s.optimizer, trainable) + act)
         if need <= total:
             return None if layers == full.num_layers else layers
     return 8
@@ -373,10 +378,10 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     batch = model.example_batch(workload)
 
     def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, float], flop: int | None,
-              stage: str = "inference", scope: str = "", batch: int = s.batch_size, mode: str = "",
+              stage: str = "inference", scope: str = "", batch: int = s.batch_size, detail: str = "",
               **extra: Any) -> None:
         tag = dict(phase=phase, stage=stage, scope=scope, attention_backend=f"{backend}[{describe_paths(paths)}]",
-                   note=how + (f"; decode={mode}" if mode else ""), **extra)
+                   note=how + (f"; {detail}" if detail else ""), **extra)
         at = {**point, "batch_size": batch}
         rows.add(at, metric, timing.median, **tag)
         rows.add(at, "latency_iqr_s", timing.iqr, **tag)
@@ -414,7 +419,8 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                     timing, mem = measure(lambda step=step, token=token: step(token), device, s, warmup=warmup,
                                           max_repeats=repeats)
                 context = prompt + (cache.length - prompt) // 2  # the median step's context
-                timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context, mode=mode)
+                timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context,
+                      detail=f"decode={mode}")
                 rows.add(point, "tokens_per_s", s.batch_size / timing.median, phase="decode", context_len=context,
                          attention_backend=f"{backend}[{describe_paths(paths)}]", note=f"{how}; decode={mode}")
                 summary.append(f"decode[{mode}] {timing.median * 1e3:.2f} ms/token")
@@ -423,7 +429,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     if "train_step" in s.phases:
         try:
             params = list(model.set_stage("finetune").values())
-            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+            optimizer = make_optimizer(s.optimizer, params, lr=1e-5, fused=device.type == "cuda")
             train_inputs = model.example_batch(workload.replace(stage="finetune", batch_size=train_batch))
 
             def train_step() -> None:
@@ -434,14 +440,14 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
             with record_paths() as paths:
                 timing, mem = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
             timed("train_step_latency_s", "train_step", timing, paths, mem, flops["train_step"], stage="finetune",
-                  scope="total", batch=train_batch)
+                  scope="total", batch=train_batch, detail=f"optimizer={s.optimizer}")
             summary.append(f"train[b{train_batch}] {timing.median * 1e3:.1f} ms")
             del optimizer
         except torch.OutOfMemoryError:
             summary.append("train OOM")
             rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"),
                      stage="finetune", phase="train_step", scope="total", attention_backend=f"{backend}[oom]",
-                     note=how)
+                     note=f"{how}; optimizer={s.optimizer}")
     log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} {how} | " + " | ".join(summary)
         + f" | counted in {t_count:.1f}s, point {time.perf_counter() - t0:.1f}s")
 
@@ -606,6 +612,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--min-seconds", type=float)
     parser.add_argument("--eager", action="store_true", help="no torch.compile (default: compile each decoder layer)")
     parser.add_argument("--prefill-batch", type=int, help="throughput prefill batch in samples (default 32)")
+    parser.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adamw: bf16 state)")
     parser.add_argument("--decode-modes", help=f"comma-separated of {','.join(DECODE_MODES)} (default dynamic,graph)")
     parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
     parser.add_argument("--commit", help="git commit to record (when the tree was copied without .git)")
