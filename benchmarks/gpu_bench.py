@@ -33,8 +33,12 @@ AdamW state), every point runs with ``--layers`` fewer layers at full width; per
 same in every layer, so FLOP ratios and MFU carry over and latency extrapolates as
 ``t_32 ~ t_rest + 32/L * (t_L - t_rest)``.
 
-Writes ``rows.csv``/``rows.json`` (tidy result rows), ``summary.md`` and plots (PNG, PDF) under
-``results/gpu/<device>/`` (``--out`` to change).
+Writes ``rows.csv``/``rows.json`` (tidy result rows, saved after every point), ``run.json`` (the
+settings), ``summary.md`` and plots (PNG, PDF) under ``results/gpu/<device>/`` (``--out`` to change).
+``--resume`` keeps the points already in the folder (same settings, else a clear error) and measures
+the rest, so a run longer than one sitting continues where it stopped::
+
+    timeout 540 python benchmarks/gpu_bench.py --resume   # repeat until it finishes
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from mllm_bench.memory import measure_peak
 from mllm_bench.model import MLLM
 from mllm_bench.optim import OPTIMIZERS, make_optimizer, optimizer_state_bytes
 from mllm_bench.presets import llm_preset, vision_preset
-from mllm_bench.results import make_row, to_frame, write_rows
+from mllm_bench.results import atomic_write_text, make_row, to_frame, write_rows
 from mllm_bench.static_decode import DECODE_MODES, decode_steps
 from mllm_bench.timing import Timing, time_fn
 
@@ -471,6 +475,33 @@ def measure_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device
                   note=reason)
 
 
+# ----- resuming ------------------------------------------------------------------------------------
+
+
+def run_settings(s: Settings) -> dict[str, Any]:
+    """What a run's rows depend on: every setting but the points' selection and the recorded commit."""
+    record = dataclasses.asdict(s)
+    for name in ("archs", "visual_tokens", "commit"):
+        record.pop(name)
+    return json.loads(json.dumps(record))  # tuples as lists, as they read back
+
+
+def previous_rows(out: Path, s: Settings) -> list[dict[str, Any]]:
+    """The measured and counted rows of an earlier run in ``out`` with the same settings (derived rows are
+    recomputed); none when ``out`` holds no run. Points are saved whole, so every point found is complete."""
+    if not (out / "run.json").exists() or not (out / "rows.json").exists():
+        return []
+    before = json.loads((out / "run.json").read_text())
+    now = run_settings(s)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise ConfigError(f"--resume: {out} holds a run with other settings ({detail}); use another --out or "
+                          "run without --resume")
+    rows = json.loads((out / "rows.json").read_text())
+    return [r for r in rows if r["metric"] != "prefill_speedup_vs_flops"]
+
+
 # ----- derived rows, outputs ----------------------------------------------------------------------
 
 
@@ -522,8 +553,10 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
              "| prefill language ms (batch) | prefill MFU (batch) | "
              + " | ".join(f"decode ms/token ({m})" for m in s.decode_modes)
              + " | train step ms (batch) | train MFU |", "|---" * (9 + len(s.decode_modes)) + "|"]
-    for arch in s.archs:
-        for v in s.visual_tokens:
+    present = {(r["arch"], r["visual_tokens"]) for r in rows.rows}
+    archs = sorted({a for a, _ in present}, key=lambda a: (ARCHS.index(a) if a in ARCHS else len(ARCHS), a))
+    for arch in archs:
+        for v in sorted({v for a, v in present if a == arch}):
             def cell(metric: str, arch: str = arch, v: int = v, **m: Any) -> str:
                 med = value(rows.rows, arch=arch, visual_tokens=v, metric=metric, **m)
                 iqr = value(rows.rows, arch=arch, visual_tokens=v, metric="latency_iqr_s", **m)
@@ -615,6 +648,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adamw: bf16 state)")
     parser.add_argument("--decode-modes", help=f"comma-separated of {','.join(DECODE_MODES)} (default dynamic,graph)")
     parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the points already measured in OUT (same settings) and measure the rest")
     parser.add_argument("--commit", help="git commit to record (when the tree was copied without .git)")
     args = parser.parse_args(argv)
     s = preset_settings(args)
@@ -630,21 +665,29 @@ def main(argv: list[str] | None = None) -> Path:
     env = run_environment(device, s)
     out = Path(args.out) if args.out else ROOT / "results" / "gpu" / device_slug(env["device_name"])
     rows = Rows(env)
+    if args.resume:
+        rows.rows = previous_rows(out, s)
+    atomic_write_text(out / "run.json", json.dumps(run_settings(s), indent=1) + "\n")
+    done = {(r["arch"], r["visual_tokens"]) for r in rows.rows}
     start = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
     log(f"{env['device_name']}: {s.llm} x {llm_for_run(s).num_layers} layers, visual tokens {s.visual_tokens}, "
-        f"archs {s.archs}, torch {torch.__version__} -> {out}")
+        f"archs {s.archs}, torch {torch.__version__} -> {out}" + (f" (resuming: {len(done)} points kept)"
+                                                                  if args.resume else ""))
     for visual_tokens in s.visual_tokens:
         prefill_batch = prefill_batch_that_fits(s, visual_tokens, device)
         for arch in s.archs:
+            if (arch, visual_tokens) in done:
+                continue
             measure_point(arch, visual_tokens, s, rows, device, log, prefill_batch)
             free(device)
             save_rows(rows, out)  # after every point: an interrupted run keeps what it measured
     speedups = add_speedups(rows)
-    notes = [f"Total run time {time.perf_counter() - start:.0f} s."]
+    notes = [f"Run time {time.perf_counter() - start:.0f} s" + (" (this invocation; earlier points kept by --resume)."
+                                                                if args.resume else ".")]
     if s.layers is not None and s.layers != llm_preset(s.llm).num_layers:
         notes.append(f"Decoder depth reduced to {s.layers} of {llm_preset(s.llm).num_layers} layers (full width): "
                      "FLOP ratios and MFU carry over; latency extrapolates linearly in the layer count.")

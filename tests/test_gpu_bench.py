@@ -93,3 +93,20 @@ def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
     summary = (out / "summary.md").read_text()
     assert summary.count("| saisa |") >= 2 and "decode ms/token (static)" in summary
     assert (out / "gpu_bench.png").stat().st_size > 10_000
+
+
+def test_resume_keeps_measured_points_and_refuses_other_settings(tmp_path) -> None:
+    bench = load_bench()
+    base = ["--tiny", "--visual-tokens", "16", "--phases", "prefill", "--out", str(tmp_path)]
+    bench.main([*base, "--archs", "llava"])
+    first = pd.read_json(tmp_path / "rows.json")
+    llava_stamp = set(first[first["arch"] == "llava"]["timestamp"])
+    bench.main([*base, "--archs", "llava,saisa", "--resume"])
+    rows = pd.read_json(tmp_path / "rows.json")
+    assert set(rows["arch"]) == {"llava", "saisa"}
+    assert set(rows[rows["arch"] == "llava"]["timestamp"]) == llava_stamp  # kept, not measured again
+    assert len(rows[rows["metric"] == "prefill_speedup_vs_flops"]) == 4  # recomputed over both runs' points
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| llava | 16 |" in summary and "| saisa | 16 |" in summary
+    with pytest.raises(ConfigError, match="prefill_batch: 2 there, 3 now"):
+        bench.main([*base, "--archs", "llava", "--resume", "--prefill-batch", "3"])
