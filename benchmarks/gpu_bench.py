@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 from torch._dynamo.exc import TorchDynamoException
 
 from mllm_bench import Workload, architecture_names, build_model
@@ -338,7 +339,12 @@ def free(device: torch.device) -> None:
 
 
 def compile_layers(model: MLLM) -> None:
-    """``torch.compile`` every decoder layer (one graph each: masks are prepared outside, see prepare_mask)."""
+    """``torch.compile`` every decoder layer (one graph each: masks are prepared outside, see prepare_mask).
+
+    All layers share one code object, and one run calls it in several ways (prefill with and without a
+    cache, training, decode with each cache type): torch's default of 8 compiled versions per code object
+    would quietly leave the rest eager, so the limit is raised."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.language_model.layers:
         layer.compile(dynamic=None)
 
