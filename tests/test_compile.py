@@ -1,5 +1,5 @@
-"""Decoder layers compile whole: no graph breaks on any architecture's fast path (prefill and decode), and a
-compiled SAISA matches eager. Host-side mask work happens in ``prepare_mask``, before the layer runs."""
+"""Decoder layers compile whole: no graph breaks on any architecture's fast path (prefill, decode with either
+cache), and a compiled SAISA matches eager. Host-side mask work happens in ``prepare_mask``, before the layer runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch._dynamo
 
 from mllm_bench.attention import record_paths
+from mllm_bench.static_decode import StaticLayerKV, decode_steps
 from tests.helpers import random_batch, tiny_model
 
 BACKENDS = {"llava": "flash", "naavit": "flex", "flamingo": "flash", "saisa": "flash"}
@@ -22,7 +23,9 @@ def layer_calls(model: Any, run: Any) -> list[tuple[tuple, dict]]:
 
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:
         cache = args[3]
-        if cache is not None:  # the layer appends to it: keep a snapshot of what it had
+        if isinstance(cache, StaticLayerKV):  # written in place: keep copies of what it held
+            args = (*args[:3], StaticLayerKV(cache.k.clone(), cache.v.clone(), cache.slot.clone()), *args[4:])
+        elif cache is not None:  # the layer appends to it: keep a snapshot of what it had
             args = (*args[:3], type(cache)(cache.k, cache.v), *args[4:])
         calls.append((args, kwargs))
 
@@ -43,8 +46,10 @@ def test_decoder_layer_traces_without_graph_breaks(arch: str) -> None:
         logits, cache = model.prefill(batch)
         prefill_calls = layer_calls(model, lambda: model.prefill(batch))
         decode_calls = layer_calls(model, lambda: model.decode(logits.argmax(-1), cache))
+        static_step, _ = decode_steps(model, model.prefill(batch)[1], 2, "static")
+        static_calls = layer_calls(model, lambda: static_step(logits.argmax(-1)))
         layer = model.language_model.layers[0]
-        for args, kwargs in (prefill_calls[0], decode_calls[0]):
+        for args, kwargs in (prefill_calls[0], decode_calls[0], static_calls[0]):
             torch._dynamo.reset()
             explained = torch._dynamo.explain(layer)(*args, **kwargs)
             assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
