@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 5 as one resumable script: CUDA tests, then gpu_bench.py point by point.
+#
+#   bash benchmarks/run_on_gpu.sh                 # on a machine with a CUDA GPU and this repo's deps
+#   BENCH_SECONDS=400 ARCHS=llava,saisa bash benchmarks/run_on_gpu.sh
+#   SKIP_CUDA_TESTS=1 bash benchmarks/run_on_gpu.sh --eager    # extra arguments go to gpu_bench.py
+#
+# Every benchmark point is saved when done, and gpu_bench.py --resume skips the points already in
+# results/gpu/<device>/ (same settings), so when the time limit stops it, running the script again
+# (with the results folder carried over) continues where it stopped. When $OUT is set (the device tool's
+# output folder), the test log and the results folder are copied there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install -q -e . --no-deps --no-build-isolation >/dev/null 2>&1 || python -m pip install -q -e . --no-deps
+log_dir=${OUT:-results/gpu}
+mkdir -p "$log_dir"
+
+if [ -z "${SKIP_CUDA_TESTS:-}" ]; then  # set it on a second run, once the tests have passed
+  python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$log_dir/cuda_tests.log"
+fi
+
+args=(--resume)
+if [ -n "${ARCHS:-}" ]; then args+=(--archs "$ARCHS"); fi
+if [ -n "${VISUAL_TOKENS:-}" ]; then args+=(--visual-tokens "$VISUAL_TOKENS"); fi
+timeout "${BENCH_SECONDS:-480}" python benchmarks/gpu_bench.py "${args[@]}" "$@"
+status=$?
+if [ "$status" -eq 124 ]; then echo "gpu_bench stopped by the time limit: run again to continue"; fi
+
+if [ -n "${OUT:-}" ]; then cp -r results/gpu "$OUT/"; fi
+exit "$status"
