@@ -407,16 +407,23 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     with torch.no_grad():
         if "prefill" in s.phases:
             for b in prefill_batches:
-                prefill_batch = model.example_batch(workload.replace(batch_size=b))
+                prompts = model.example_batch(workload.replace(batch_size=b))
                 for scope in ("total", "language"):
                     ctx = vision_precomputed(model) if scope == "language" else contextlib.nullcontext()
-                    with ctx, record_paths() as paths:
-                        timing, mem = measure(lambda pb=prefill_batch: model.prefill(pb), device, s)
+                    try:
+                        with ctx, record_paths() as paths:
+                            timing, mem = measure(lambda pb=prompts: model.prefill(pb), device, s)
+                    except torch.OutOfMemoryError:  # the fit estimate was optimistic: say so, go on
+                        summary.append(f"prefill[b{b},{scope}] OOM")
+                        rows.add({**point, "batch_size": b}, "prefill_latency_s", float("nan"), phase="prefill",
+                                 scope=scope, attention_backend=f"{backend}[oom]", note=how)
+                        free(device)
+                        continue
                     timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}_{b}"],
                           scope=scope, batch=b)
                     summary.append(f"prefill[b{b},{scope}] {timing.median * 1e3:.2f} ms "
                                    f"(IQR {timing.iqr / timing.median:.1%})")
-                del prefill_batch
+                del prompts
                 free(device)
         if "decode" in s.phases:
             for mode in s.decode_modes:
