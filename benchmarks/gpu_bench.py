@@ -344,7 +344,9 @@ def compile_layers(model: MLLM) -> None:
     All layers share one code object, and one run calls it in several ways (prefill with and without a
     cache, training, decode with each cache type): torch's default of 8 compiled versions per code object
     would quietly leave the rest eager, so the limit is raised."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, name, max(getattr(config, name), 64))
     for layer in model.language_model.layers:
         layer.compile(dynamic=None)
 
