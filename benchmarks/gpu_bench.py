@@ -345,7 +345,7 @@ def compile_layers(model: MLLM) -> None:
     cache, training, decode with each cache type): torch's default of 8 compiled versions per code object
     would quietly leave the rest eager, so the limit is raised."""
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
     setattr(config, name, max(getattr(config, name), 64))
     for layer in model.language_model.layers:
         layer.compile(dynamic=None)
