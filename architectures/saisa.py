@@ -46,8 +46,8 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def saisa_mask(layout: SplicedLayout, text_valid: torch.Tensor) -> AttentionMask:
     """Text queries over [visual keys, text keys], causal by LLaVA position (SAISA's attention rule).
 
-    Queries are the text tokens only; keys are all visual tokens, then all text tokens (the order in
-    which :class:`~mllm_bench.decoder.SelfAttention` concatenates ``kv_only`` rows and ``x`` rows).
+    Queries are the text tokens only; keys are all visual tokens, then all text tokens (the row order
+    of :class:`~mllm_bench.decoder.SelfAttention`'s input: key-only rows first).
     Text before an image therefore sees only earlier text; text after it sees earlier text and the
     image. This is the one place SAISA's mask is described, so faster backends can read it here.
     """
@@ -110,13 +110,14 @@ class SAISA(MLLM):
         x = lm.embed_tokens(batch.input_ids)
         rope_text = lm.rope(_rows(layout.positions, layout.text_index), x.dtype)
         mask = saisa_mask(layout, text_valid)
-        feats, rope_visual = None, None
+        feats, rope_keys = None, None
         if batch.images_per_sample:
             feats = self.image_features(batch.pixel_values).to(x.dtype)
             rope_visual = lm.rope(_rows(layout.positions, layout.visual_index), x.dtype)
+            rope_keys = (torch.cat([rope_visual[0], rope_text[0]], 1), torch.cat([rope_visual[1], rope_text[1]], 1))
         for i in range(len(lm.layers)):
             # layer i's visual hidden states are set (not accumulated) from its own projector
-            kv_only = None if feats is None else (self.mm_projectors[i](feats), rope_visual)
+            kv_only = None if feats is None else (self.mm_projectors[i](feats), rope_keys)
             x = lm.run_layer(i, x, rope_text, mask, cache, kv_only=kv_only)
         if cache is not None:
             cache.add_keys(mask.k_pos, mask.k_valid, mask.k_visual)

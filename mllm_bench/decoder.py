@@ -123,11 +123,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def _kv(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(k, rope), v
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(B, T, heads*D) -> (B, heads, T, D)."""
+        return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -135,21 +133,32 @@ class SelfAttention(nn.Module):
         rope: Rope,
         mask: AttentionMask,
         cache: LayerKV | None = None,
-        kv_only: tuple[torch.Tensor, Rope] | None = None,
         backend: str = "sdpa",
+        num_key_rows: int = 0,
+        key_rows: torch.Tensor | None = None,
+        key_rope: Rope | None = None,
     ) -> torch.Tensor:
-        """Queries from ``x``; keys/values from [cache, kv_only rows, x] in that order (``mask``'s key order)."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, rope)
-        k, v = self._kv(x, rope)
-        if kv_only is not None:
-            k_extra, v_extra = self._kv(*kv_only)
-            k, v = torch.cat([k_extra, k], 2), torch.cat([v_extra, v], 2)
+        """Attention output (B, T, h) of the query rows of ``x`` (normed hidden states).
+
+        Rows that give keys and values only (SAISA's visual tokens) come before the query rows' own keys,
+        either inside ``x`` (its first ``num_key_rows`` rows: one K and one V projection for all rows) or
+        apart (``key_rows``: projected on their own, so no gradient is computed for rows that need none).
+        ``rope`` rotates the queries, ``key_rope`` (default ``rope``) all keys. Keys follow the cache:
+        [cache, key-only rows, query rows], ``mask``'s key order.
+        """
+        queries = x[:, num_key_rows:] if num_key_rows else x
+        q = apply_rope(self._heads(self.q_proj(queries), self.num_heads), rope)
+        if key_rows is None:
+            k, v = self.k_proj(x), self.v_proj(x)
+        else:
+            k = torch.cat([self.k_proj(key_rows), self.k_proj(x)], 1)
+            v = torch.cat([self.v_proj(key_rows), self.v_proj(x)], 1)
+        k = apply_rope(self._heads(k, self.num_kv_heads), rope if key_rope is None else key_rope)
+        v = self._heads(v, self.num_kv_heads)
         if cache is not None:
             k, v = cache.append(k, v)
         out = attend(q, k, v, mask, backend)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.num_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
@@ -180,9 +189,28 @@ class DecoderLayer(nn.Module):
         kv_only: tuple[torch.Tensor, Rope] | None = None,
         backend: str = "sdpa",
     ) -> torch.Tensor:
-        """Pre-norm block. ``kv_only`` rows (un-normed hidden states) give keys and values only."""
-        normed_extra = None if kv_only is None else (self.input_layernorm(kv_only[0]), kv_only[1])
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, normed_extra, backend)
+        """Pre-norm block over the rows of ``x``.
+
+        ``kv_only`` = (rows, key rope): hidden states (B, n, h), un-normed, that give keys and values only,
+        and the RoPE tables of all keys, [those rows, x]. They share x's input RMSNorm and K/V projections
+        and have no query, attention output, residual or FFN. Normally they are normed and projected with
+        x's rows in one pass; when a gradient reaches only one of the two (SAISA's first layer in
+        pretraining, where only the visual rows lead to trained weights) they run apart, so no gradient
+        is computed that nothing needs.
+        """
+        if kv_only is None:
+            return self._residual(x, self.self_attn(self.input_layernorm(x), rope, mask, cache, backend))
+        rows, key_rope = kv_only
+        if torch.is_grad_enabled() and rows.requires_grad != x.requires_grad:
+            attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, backend,
+                                  key_rows=self.input_layernorm(rows), key_rope=key_rope)
+        else:
+            attn = self.self_attn(self.input_layernorm(torch.cat([rows, x], 1)), rope, mask, cache, backend,
+                                  num_key_rows=rows.shape[1], key_rope=key_rope)
+        return self._residual(x, attn)
+
+    def _residual(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

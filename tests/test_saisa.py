@@ -139,6 +139,27 @@ def test_gradients_reach_exactly_the_trainable_parameters(stage):
     assert_gradients_reach_exactly(model, trainable)
 
 
+def test_key_only_rows_give_the_same_layer_output_joint_or_apart():
+    """A layer's key-only rows are normed and projected with the text rows in one pass, or apart when only
+    they need a gradient (pretraining's first layer); both give the same output and input gradients."""
+    model = tiny_model("saisa")
+    layer = model.language_model.layers[0]
+    batch = random_batch(model, batch=2, text=10, positions=[[3], [5]])
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda _m, args: calls.append(args))
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    x, rope, mask, _, (rows, key_rope), backend = calls[0]
+    rows = rows.clone().requires_grad_()
+    apart = layer(x, rope, mask, None, (rows, key_rope), backend)  # x needs no gradient, rows do
+    together = layer(x.clone().requires_grad_(), rope, mask, None, (rows, key_rope), backend)
+    torch.testing.assert_close(apart, together, atol=1e-6, rtol=1e-6)
+    (grad_apart,) = torch.autograd.grad(apart.square().sum(), rows)
+    (grad_together,) = torch.autograd.grad(together.square().sum(), rows)
+    torch.testing.assert_close(grad_apart, grad_together, atol=1e-5, rtol=1e-5)
+
+
 def test_no_images_is_the_text_only_llm():
     model = tiny_model("saisa")
     ids = torch.randint(0, 256, (2, 7))
