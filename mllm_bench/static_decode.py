@@ -55,9 +55,9 @@ class StaticKVCache(KVCache):
     @classmethod
     def from_cache(cls, cache: KVCache, capacity: int) -> StaticKVCache:
         """Copy a prefilled cache into buffers of ``capacity`` keys per sample (room for the new tokens)."""
-        n = cache.length
         if isinstance(cache, StaticKVCache):
             raise ConfigError("the cache is static already")
+        n = cache.length
         if capacity <= n:
             raise ConfigError(f"capacity must exceed the cached length {n} (room for new tokens), got {capacity}")
         if any(kv.k is None for kv in cache.layers):
@@ -88,11 +88,15 @@ class StaticKVCache(KVCache):
     def add_keys(self, pos: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
         raise ConfigError("a StaticKVCache is filled by from_cache and decode steps only")
 
-    def step(self) -> tuple[torch.Tensor, AttentionMask]:
-        """Register one new text token per sample in the next slot (in place, no host sync)."""
+    def check_room(self) -> None:
+        """Raise when no slot is left for another token."""
         if self.filled >= self.capacity:
             raise ConfigError(f"the StaticKVCache is full ({self.capacity} keys per sample); build it with a "
                               "larger capacity")
+
+    def step(self) -> tuple[torch.Tensor, AttentionMask]:
+        """Register one new text token per sample in the next slot (in place, no host sync)."""
+        self.check_room()
         self.filled += 1
         self.slot.add_(1)
         pos = self.next_pos.view(-1, 1).clone()
@@ -149,9 +153,7 @@ class DecodeGraph:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of ``tokens`` (B,) appended after the cache (a copy: the graph reuses its output)."""
-        if self.cache.filled >= self.cache.capacity:
-            raise ConfigError(f"the StaticKVCache is full ({self.cache.capacity} keys per sample); build it with a "
-                              "larger capacity")
+        self.cache.check_room()
         self.tokens.copy_(tokens.view(-1))
         self.graph.replay()
         self.cache.filled += 1
