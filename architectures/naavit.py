@@ -14,3 +14,4 @@ class NAAViT(LLaVA):
     name = "naavit"
     description = "LLaVA-1.5 with no attention among visual tokens (SAISA's pilot)"
     visual_to_visual = False
+    fast_attention_backend = "flex"  # a block mask that skips visual-visual blocks

@@ -59,10 +59,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._dynamo
 from torch._dynamo.exc import TorchDynamoException
 
-from mllm_bench import Workload, architecture_names, build_model
+from mllm_bench import Workload, architecture_names, build_model, get_architecture
 from mllm_bench.attention import describe_paths, record_paths
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
 from mllm_bench.devices import peak_flops
@@ -78,7 +77,6 @@ from mllm_bench.timing import Timing, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("llava", "naavit", "flamingo", "saisa")
-DEFAULT_BACKENDS = {"llava": "flash", "naavit": "flex", "flamingo": "flash", "saisa": "flash"}
 TINY_OPTIONS = {"flamingo": {"num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dim_head": 8,
                              "xattn_heads": 2, "xattn_dim_head": 8, "cross_attn_every": 1}}
 
@@ -91,7 +89,7 @@ class Settings:
     layers: int | None = None  # None: the preset's depth
     visual_tokens: tuple[int, ...] = (576, 2304)
     archs: tuple[str, ...] = ARCHS
-    backends: tuple[tuple[str, str], ...] = tuple(DEFAULT_BACKENDS.items())
+    backends: tuple[tuple[str, str], ...] = ()  # (arch, backend) overrides; others use their fast backend
     text_before: int = 32
     text_after: int = 32
     batch_size: int = 1  # decode batch, and the latency prefill batch
@@ -111,7 +109,7 @@ class Settings:
     tiny: bool = False
 
     def backend(self, arch: str) -> str:
-        return dict(self.backends).get(arch, "flash")
+        return dict(self.backends).get(arch) or get_architecture(arch).fast_attention_backend
 
 
 def preset_settings(args: argparse.Namespace) -> Settings:
@@ -135,7 +133,7 @@ def preset_settings(args: argparse.Namespace) -> Settings:
     if args.phases:
         changes["phases"] = tuple(args.phases.split(","))
     if args.backend:
-        given = dict(DEFAULT_BACKENDS)
+        given: dict[str, str] = {}
         for item in args.backend.split(","):
             arch, _, name = item.rpartition("=")
             given.update({a: name for a in ([arch] if arch else ARCHS)})
@@ -338,19 +336,6 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def compile_layers(model: MLLM) -> None:
-    """``torch.compile`` every decoder layer (one graph each: masks are prepared outside, see prepare_mask).
-
-    All layers share one code object, and one run calls it in several ways (prefill with and without a
-    cache, training, decode with each cache type): torch's default of 8 compiled versions per code object
-    would quietly leave the rest eager, so the limit is raised."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
-    setattr(config, name, max(getattr(config, name), 64))
-    for layer in model.language_model.layers:
-        layer.compile(dynamic=None)
-
-
 def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: torch.device, log: Callable,
               prefill_batch: int, note: str = "") -> None:
     """Count, then measure every phase of ``arch`` at ``visual_tokens``; rows go to ``rows``. ``note`` goes
@@ -385,7 +370,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     model = build_model(arch, llm, vision, options, device=str(device), dtype=s.dtype).eval()
     model.set_attention_backend(backend)
     if s.compile:
-        compile_layers(model)
+        model.compile_layers()
     how = ("compiled" if s.compile else "eager") + (f" ({note})" if note else "")
     batch = model.example_batch(workload)
 

@@ -51,6 +51,10 @@ def compare(
     count: Count = typer.Option(Count.inference, help="Count FLOPs on meta tensors for: all calls, inference "
                                 "only (training steps analytic; fast), or none (analytic only)."),
     min_seconds: float = typer.Option(None, min=0.0, help="Timing: minimum seconds per measured phase."),
+    attention_backend: str = typer.Option("sdpa", help="Attention when measuring: sdpa (reference), math, flash, "
+                                          "flex, or fast (each architecture's CUDA fast path: flex for naavit, "
+                                          "flash for the others). FLOPs are counted with sdpa either way."),
+    compile_layers: bool = typer.Option(False, "--compile", help="torch.compile the decoder layers before measuring."),
     baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope: language (paper) or total."),
     convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs: dense (paper) or effective."),
@@ -72,7 +76,7 @@ def compare(
     with progress_bar(steps(archs, stages), "profiling") as advance:
         timing = {"timing": {"min_seconds": min_seconds}} if min_seconds is not None else {}
         rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
-                       count.value, **timing)
+                       count.value, attention_backend=attention_backend, compiled=compile_layers, **timing)
     emit(rows, archs, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}")
 

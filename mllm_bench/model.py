@@ -59,6 +59,8 @@ class MLLM(nn.Module, ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # The attention backend of this architecture's CUDA fast path (what ``attention_backend="fast"`` picks).
+    fast_attention_backend: ClassVar[str] = "flash"
 
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: Any = None) -> None:
         super().__init__()
@@ -113,6 +115,22 @@ class MLLM(nn.Module, ABC):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.language_model.gradient_checkpointing = enabled
+
+    def compile_layers(self) -> None:
+        """``torch.compile`` each decoder layer in place. Masks are prepared outside the layers
+        (:func:`~mllm_bench.attention.prepare_mask`), so each traces to one graph per way it is called.
+
+        All layers share one code object, and one measurement calls it several ways (prefill with and
+        without a cache, training, decode with each cache type): torch's default of 8 compiled versions
+        per code object would quietly leave the rest eager, so the limit is raised to at least 64.
+        """
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
+        setattr(config, name, max(getattr(config, name), 64))
+        for layer in self.language_model.layers:
+            layer.compile(dynamic=None)
 
     def check_batch(self, batch: MultimodalBatch) -> None:
         batch.validate(self.vision_config.image_size, self.llm_config.vocab_size)

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .attention import available_backends
 from .config import ConfigError, LLMConfig, VisionConfig
 from .costmodel import COMPONENTS, CostBreakdown
 from .devices import peak_flops
@@ -133,7 +134,7 @@ def _memory_rows(base: dict, model: MLLM, cost: CostBreakdown, workload: Workloa
 
 
 def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flops: dict[str, float],
-                   timing: dict[str, Any], decode_mode: str) -> list[dict]:
+                   timing: dict[str, Any], decode_mode: str, how: str = "") -> list[dict]:
     """Time and measure memory of each phase on ``workload.device`` (weights randomly initialised)."""
     device = workload.device
     rows: list[dict] = []
@@ -142,14 +143,14 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
     b = workload.batch_size
 
     def record(phase: str, metric: str, fn: Callable[[], Any], tokens: float, phase_flops: float | None,
-               how: str = "", **timing_overrides: Any) -> None:
+               detail: str = "", **timing_overrides: Any) -> None:
         _, mem = measure_peak(fn, device)
         t = time_fn(fn, device, **{**timing, **timing_overrides})
         common = dict(component="all", role="all", stage=stage, phase=phase, note=mem.method)
         rows.append(make_row(base, "peak_memory_bytes", mem.peak, "measured", **common))
         if mem.reserved is not None:
             rows.append(make_row(base, "reserved_memory_bytes", mem.reserved, "measured", **common))
-        common["note"] = ("cuda_events" if torch.device(device).type == "cuda" else "perf_counter") + how
+        common["note"] = ("cuda_events" if torch.device(device).type == "cuda" else "perf_counter") + how + detail
         rows.append(make_row(base, metric, t.median, "measured", **common))
         rows.append(make_row(base, "latency_iqr_s", t.iqr, "measured", **common))
         if tokens:
@@ -179,7 +180,7 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
             steps = max(1, min(timing.get("max_repeats", 1000), room - extra_calls))
             step, cache = decode_steps(model, cache, steps + extra_calls, decode_mode)
             record("decode", "decode_latency_s", lambda: step(token), b, flops.get("decode"),
-                   how=f"; decode={decode_mode}", max_repeats=steps)
+                   detail=f"; decode={decode_mode}", max_repeats=steps)
             kv = cache.nbytes()
             media = getattr(model, "cross_attn_cache_nbytes", None)  # an architecture's own cached state
             if media is not None:
@@ -215,6 +216,7 @@ def profile(
     attention_backend: str = "sdpa",
     timing: dict[str, Any] | None = None,
     decode_mode: str | None = None,
+    compiled: bool = False,
 ) -> pd.DataFrame:
     """Profile ``arch`` on ``workload`` and return tidy result rows (see :mod:`mllm_bench.results`).
 
@@ -222,14 +224,23 @@ def profile(
     measurement runs on ``workload.device`` (``meta`` means CUDA when available, else CPU) with
     random weights. ``timing`` passes ``warmup``/``min_repeats``/``min_seconds``/``max_repeats``.
     ``decode_mode`` (:mod:`mllm_bench.static_decode`): how decode steps run when measured; default
-    ``graph`` (static cache + CUDA graph) on CUDA, ``dynamic`` elsewhere. Rows note which ran.
+    ``graph`` (static cache + CUDA graph) on CUDA, ``dynamic`` elsewhere. ``attention_backend``: one of
+    :func:`~mllm_bench.attention.available_backends` or ``fast`` (the architecture's CUDA fast path,
+    ``flash``, or ``flex`` for NAAViT); it applies to measurement, while FLOPs are counted with ``sdpa``
+    (dense convention). ``compiled``: ``torch.compile`` the decoder layers before measuring. Rows record
+    the backend, and their ``note`` the decode mode and compilation.
     """
-    get_architecture(arch)  # a clear error for an unknown name before any work
+    cls = get_architecture(arch)  # a clear error for an unknown name before any work
+    if attention_backend == "fast":
+        attention_backend = cls.fast_attention_backend
+    if attention_backend not in available_backends():
+        raise ConfigError(f"attention_backend must be 'fast' or one of {available_backends()}, "
+                          f"got {attention_backend!r}")
     if decode_mode is not None and decode_mode not in DECODE_MODES:
         raise ConfigError(f"decode_mode must be one of {list(DECODE_MODES)}, got {decode_mode!r}")
     stage = workload.stage
     meta_model = build_model(arch, llm, vision, options, device="meta", dtype=workload.torch_dtype)
-    meta_model.set_attention_backend(attention_backend)
+    meta_model.set_attention_backend("sdpa")  # counting on meta: the dense convention, every backend alike
     num_params = meta_model.num_parameters()
     run_device = workload.device
     if run_device == "meta":
@@ -270,8 +281,11 @@ def profile(
         flops["vision"] = cost.flops("prefill", component="vision") if stage == "inference" else 0.0
         model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
         model.set_attention_backend(attention_backend)
+        if compiled:
+            model.compile_layers()
         timing_opts = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.5, "max_repeats": 1000, **(timing or {})}
         mode = decode_mode or ("graph" if torch.device(run_device).type == "cuda" else "dynamic")
-        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, timing_opts, mode)
+        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, timing_opts, mode,
+                               "; compiled" if compiled else "")
         del model
     return to_frame(rows)

@@ -41,6 +41,7 @@ def invoke(*args: str):
     (["compare", "--dtype", "int4"], "choose one of ['bf16'"),
     (["compare", "--format", "xml"], "xml"),
     (["compare", "--measure", "sometimes"], "sometimes"),
+    (["compare", "--attention-backend", "fused", *TINY], "attention_backend must be 'fast' or one of"),
     (["sweep", "--vary", "colour=red"], "FIELD one of ['visual_tokens'"),
     (["sweep", "--vary", "visual_tokens=1000", *TINY], "nearest valid"),
     (["train-cost", "--finetune-text", "40"], "expected BEFORE,AFTER"),
@@ -201,8 +202,11 @@ def test_compare_end_to_end_numbers(tmp_path):
 def test_compare_measured_on_cpu(tmp_path):
     out = tmp_path / "m"
     result = invoke("compare", *MHA, "--arch", "llava", "--stage", "finetune", "--measure", "always",
-                    "--min-seconds", "0.01", "--format", "csv", "--out", str(out), "--plots")
+                    "--min-seconds", "0.01", "--format", "csv", "--out", str(out), "--plots",
+                    "--attention-backend", "fast")
     assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert set(rows["attention_backend"]) == {"flash"}  # llava's fast path, recorded in every row
     table = pd.read_csv(out / "comparison.csv").set_index("quantity")
     assert table.loc["prefill latency (TTFT)", "value"] > 0
     assert table.loc["train-step latency (finetune)", "source"] == "measured"

@@ -79,7 +79,20 @@ def test_profile_static_decode_holds_the_same_cache() -> None:
     assert kv["static"] == kv["dynamic"] and kv["static"]["all"] > 0
 
 
+def test_profile_fast_backend_is_the_architectures_and_counting_stays_dense() -> None:
+    kw = dict(llm="tiny-llm", vision="tiny-clip", measure="always",
+              timing={"min_seconds": 0.0, "min_repeats": 1, "max_repeats": 1, "warmup": 0})
+    fast = profile("naavit", WL, attention_backend="fast", **kw)
+    assert set(fast["attention_backend"]) == {"flex"}  # NAAViT's block-sparse path
+    reference = profile("naavit", WL, **kw)
+    counted = {name: df[(df.metric == "prefill_flops") & (df.source == "counted")].value.sum()
+               for name, df in (("fast", fast), ("sdpa", reference))}
+    assert counted["fast"] == counted["sdpa"] > 0
+
+
 def test_profile_bad_input() -> None:
+    with pytest.raises(ConfigError, match="attention_backend must be 'fast' or one of"):
+        profile("llava", WL, llm="tiny-llm", vision="tiny-clip", attention_backend="fused")
     with pytest.raises(ConfigError, match="decode_mode must be one of"):
         profile("llava", WL, llm="tiny-llm", vision="tiny-clip", decode_mode="cuda")
     with pytest.raises(ConfigError, match="unknown architecture"):
