@@ -20,7 +20,8 @@ say so) and measures, with the attention backend chosen per architecture (``--ba
 - ``decode`` (time per output token, KV-cached, context = prompt) in each ``--decode-modes`` mode
   (:mod:`mllm_bench.static_decode`): ``dynamic`` (growing cache, host-bound at batch 1) and ``graph``
   (static cache + CUDA graph);
-- ``train_step`` (finetune stage: forward, backward, optimizer step; bf16 weights and gradients;
+- ``train_step`` (each ``--train-stages`` stage, default finetune; ``pretrain`` trains the connector
+  only, with gradients through the frozen LLM: forward, backward, optimizer step; bf16 weights and gradients;
   ``--optimizer adamw`` (default: AdamW state in bf16, no master copy) or ``adamw-fp32-master`` (fp32
   master weights and moments, LLaVA-1.5's mixed-precision recipe; see :mod:`mllm_bench.optim`)).
 
@@ -101,6 +102,7 @@ class Settings:
     dtype: str = "bfloat16"
     device: str = "cuda"
     phases: tuple[str, ...] = ("prefill", "decode", "train_step")
+    train_stages: tuple[str, ...] = ("finetune",)
     warmup: int = 3
     min_repeats: int = 10
     min_seconds: float = 1.0
@@ -142,12 +144,17 @@ def preset_settings(args: argparse.Namespace) -> Settings:
         changes["compile"] = False
     if args.decode_modes:
         changes["decode_modes"] = tuple(args.decode_modes.split(","))
+    if args.train_stages:
+        changes["train_stages"] = tuple(args.train_stages.split(","))
     if args.commit:
         changes["commit"] = args.commit
     s = dataclasses.replace(s, **changes)
     bad = sorted(set(s.phases) - {"prefill", "decode", "train_step"})
     if bad:
         raise ConfigError(f"--phases has unknown phase(s) {bad}; allowed: prefill, decode, train_step")
+    bad = sorted(set(s.train_stages) - {"pretrain", "finetune"})
+    if bad:
+        raise ConfigError(f"--train-stages has unknown stage(s) {bad}; allowed: pretrain, finetune")
     bad = sorted(set(s.decode_modes) - set(DECODE_MODES))
     if bad:
         raise ConfigError(f"--decode-modes has unknown mode(s) {bad}; allowed: {', '.join(DECODE_MODES)}")
@@ -283,8 +290,8 @@ def vision_precomputed(model: MLLM) -> Iterator[None]:
 
 def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, workload: Workload,
             prefill_batches: tuple[int, ...], train_batch: int) -> dict[str, int]:
-    """Prefill FLOPs (total and language scope, per batch size) and finetune train-step FLOPs, counted on
-    meta tensors with the SDPA backend (dense attention convention)."""
+    """Prefill FLOPs (total and language scope, per batch size) and train-step FLOPs of each training stage,
+    counted on meta tensors with the SDPA backend (dense attention convention)."""
     model = build_model(arch, llm, vision, options_for(s, arch), device="meta", dtype=s.dtype)
     model.set_attention_backend("sdpa")
     meta = workload.replace(device="meta")
@@ -296,7 +303,8 @@ def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, worklo
             with torch.no_grad():
                 model.prefill(model.example_batch(at))  # the features, outside the count
             out[f"prefill_language_{b}"] = int(count_prefill(model, at).total)
-    out["train_step"] = int(count_train_step(model, meta.replace(batch_size=train_batch), "finetune").total)
+    for stage in s.train_stages:
+        out[f"train_step_{stage}"] = int(count_train_step(model, meta.replace(batch_size=train_batch), stage).total)
     return out
 
 
@@ -362,8 +370,9 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
         for scope in ("total", "language"):
             rows.add({**point, "batch_size": b}, "prefill_flops", flops[f"prefill_{scope}_{b}"], "counted",
                      scope=scope, convention="dense", phase="prefill")
-    rows.add({**point, "batch_size": train_batch}, "train_step_flops", flops["train_step"], "counted",
-             scope="total", convention="dense", stage="finetune", phase="train_step")
+    for stage in s.train_stages:
+        rows.add({**point, "batch_size": train_batch}, "train_step_flops", flops[f"train_step_{stage}"], "counted",
+                 scope="total", convention="dense", stage=stage, phase="train_step")
     t_count = time.perf_counter() - t0
 
     torch.manual_seed(0)
@@ -430,28 +439,30 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 summary.append(f"decode[{mode}] {timing.median * 1e3:.2f} ms/token")
                 del cache, step
                 free(device)
-    if "train_step" in s.phases:
+    for stage in s.train_stages if "train_step" in s.phases else ():
         try:
-            params = list(model.set_stage("finetune").values())
+            params = list(model.set_stage(stage).values())
             optimizer = make_optimizer(s.optimizer, params, lr=1e-5, fused=device.type == "cuda")
-            train_inputs = model.example_batch(workload.replace(stage="finetune", batch_size=train_batch))
+            train_inputs = model.example_batch(workload.replace(stage=stage, batch_size=train_batch))
 
-            def train_step() -> None:
+            def train_step(optimizer: Any = optimizer, train_inputs: Any = train_inputs) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 model(train_inputs).loss.backward()
                 optimizer.step()
 
             with record_paths() as paths:
                 timing, mem = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
-            timed("train_step_latency_s", "train_step", timing, paths, mem, flops["train_step"], stage="finetune",
-                  scope="total", batch=train_batch, detail=f"optimizer={s.optimizer}")
-            summary.append(f"train[b{train_batch}] {timing.median * 1e3:.1f} ms")
-            del optimizer
+            timed("train_step_latency_s", "train_step", timing, paths, mem, flops[f"train_step_{stage}"],
+                  stage=stage, scope="total", batch=train_batch, detail=f"optimizer={s.optimizer}")
+            summary.append(f"train[{stage},b{train_batch}] {timing.median * 1e3:.1f} ms")
+            del optimizer, train_inputs
         except torch.OutOfMemoryError:
-            summary.append("train OOM")
+            summary.append(f"train[{stage}] OOM")
             rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"),
-                     stage="finetune", phase="train_step", scope="total", attention_backend=f"{backend}[oom]",
+                     stage=stage, phase="train_step", scope="total", attention_backend=f"{backend}[oom]",
                      note=f"{how}; optimizer={s.optimizer}")
+        model.zero_grad(set_to_none=True)
+        free(device)
     log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} {how} | " + " | ".join(summary)
         + f" | counted in {t_count:.1f}s, point {time.perf_counter() - t0:.1f}s")
 
@@ -548,11 +559,14 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
              f"{'compiled decoder layers' if s.compile else 'eager'}, commit {rows.env['git_commit']}.", "",
              "## Medians (relative IQR)", "",
              f"Prefill at batch {s.batch_size} (latency) and at a throughput batch (up to {s.prefill_batch} samples, "
-             f"in brackets); decode per mode; training at about {s.train_tokens} tokens per step (batch in brackets).",
+             "in brackets); decode per mode; training "
+             + (f"at about {s.train_tokens} tokens per step" if s.train_tokens else "at one sample per step")
+             + " (batch in brackets).",
              "", "| arch | visual | backend paths | prefill total ms (b1) | prefill language ms (b1) "
              "| prefill language ms (batch) | prefill MFU (batch) | "
              + " | ".join(f"decode ms/token ({m})" for m in s.decode_modes)
-             + " | train step ms (batch) | train MFU |", "|---" * (9 + len(s.decode_modes)) + "|"]
+             + "".join(f" | {st} step ms (batch) | {st} MFU" for st in s.train_stages) + " |",
+             "|---" * (7 + len(s.decode_modes) + 2 * len(s.train_stages)) + "|"]
     present = {(r["arch"], r["visual_tokens"]) for r in rows.rows}
     archs = sorted({a for a, _ in present}, key=lambda a: (ARCHS.index(a) if a in ARCHS else len(ARCHS), a))
     for arch in archs:
@@ -562,18 +576,22 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
                 iqr = value(rows.rows, arch=arch, visual_tokens=v, metric="latency_iqr_s", **m)
                 return "" if med is None else f"{med * 1e3:.2f} ({(iqr or 0) / med:.1%})"
 
+            def train_cells(stage: str, arch: str = arch, v: int = v) -> str:
+                mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="train_step", stage=stage)
+                batch = next((r["batch_size"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
+                              and r["metric"] == "train_step_latency_s" and r["stage"] == stage), "")
+                return (f"| {cell('train_step_latency_s', stage=stage)} [{batch}] "
+                        f"| {'' if mfu is None else f'{mfu:.1%}'} ")
+
             def decode_cell(mode: str, arch: str = arch, v: int = v) -> str:
                 note = next((r["note"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
                              and r["metric"] == "decode_latency_s" and r["note"].endswith(f"decode={mode}")), None)
                 return "" if note is None else cell("decode_latency_s", note=note)
 
-            mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="train_step")
             big = max((r["batch_size"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
                        and r["metric"] == "prefill_latency_s"), default=s.batch_size)
             big_mfu = value(rows.rows, arch=arch, visual_tokens=v, metric="mfu", phase="prefill", scope="language",
                             batch_size=big)
-            train_b = next((r["batch_size"] for r in rows.rows if r["arch"] == arch and r["visual_tokens"] == v
-                            and r["metric"] == "train_step_latency_s"), "")
             paths = sorted({r["attention_backend"] for r in rows.rows if r["arch"] == arch
                             and r["visual_tokens"] == v and r["attention_backend"]})
             b1 = s.batch_size
@@ -583,7 +601,7 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
                          f"| {cell('prefill_latency_s', scope='language', batch_size=big)} [{big}] "
                          f"| {'' if big_mfu is None else f'{big_mfu:.1%}'} "
                          f"| {' | '.join(decode_cell(m) for m in s.decode_modes)} "
-                         f"| {cell('train_step_latency_s')} [{train_b}] | {'' if mfu is None else f'{mfu:.1%}'} |")
+                         + "".join(train_cells(st) for st in s.train_stages) + "|")
     lines += ["", "## Prefill speedup over llava: measured vs predicted by counted FLOPs", "",
               "| arch | visual | batch | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
               "|---|---|---|---|---|---|---|",
@@ -600,8 +618,8 @@ def plot(df: Any, out: Path, decode_mode: str) -> None:
     panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total, batch 1), ms", 1e3),
               ("prefill_latency_s", {"scope": "language"}, "prefill (language, batch 1), ms", 1e3),
               ("decode_latency_s", {}, f"decode ({decode_mode}), ms/token", 1e3),
-              ("train_step_latency_s", {}, "train step, ms", 1e3),
-              ("mfu", {"phase": "train_step"}, "train-step MFU, %", 100),
+              ("train_step_latency_s", {"stage": "finetune"}, "finetune step, ms", 1e3),
+              ("mfu", {"phase": "train_step", "stage": "finetune"}, "finetune-step MFU, %", 100),
               ("prefill_speedup_vs_flops", {"scope": "language"},
                "prefill speedup / FLOP-predicted\n(language, throughput batch)", 1)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=150)
@@ -646,6 +664,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--eager", action="store_true", help="no torch.compile (default: compile each decoder layer)")
     parser.add_argument("--prefill-batch", type=int, help="throughput prefill batch in samples (default 32)")
     parser.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adamw: bf16 state)")
+    parser.add_argument("--train-stages", help="comma-separated of pretrain,finetune (default finetune)")
     parser.add_argument("--decode-modes", help=f"comma-separated of {','.join(DECODE_MODES)} (default dynamic,graph)")
     parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
     parser.add_argument("--resume", action="store_true",

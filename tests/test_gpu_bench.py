@@ -55,6 +55,8 @@ def test_bad_settings_name_the_flag() -> None:
     bench = load_bench()
     with pytest.raises(ConfigError, match="--decode-modes has unknown mode"):
         bench.main(["--tiny", "--decode-modes", "dynamic,cudagraph"])
+    with pytest.raises(ConfigError, match="--train-stages has unknown stage"):
+        bench.main(["--tiny", "--train-stages", "sft"])
     with pytest.raises(ConfigError, match="--optimizer must be one of"):
         bench.main(["--tiny", "--optimizer", "sgd"])
     with pytest.raises(ConfigError, match="--prefill-batch must be >= 1"):
@@ -64,7 +66,7 @@ def test_bad_settings_name_the_flag() -> None:
 def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
     """benchmarks/gpu_bench.py --tiny: rows with the schema's columns, the speedup row, summary, plots."""
     out = load_bench().main(["--tiny", "--archs", "llava,saisa", "--visual-tokens", "16", "--out", str(tmp_path),
-                             "--optimizer", "adamw-fp32-master"])
+                             "--optimizer", "adamw-fp32-master", "--train-stages", "pretrain,finetune"])
     rows = pd.read_csv(out / "rows.csv", keep_default_na=False)
     for column in ("arch", "llm", "metric", "value", "unit", "source", "scope", "convention", "stage", "phase",
                    "visual_tokens", "attention_backend", "device_name", "torch_version", "git_commit"):
@@ -89,9 +91,13 @@ def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
     decode = rows[rows["metric"] == "decode_latency_s"]
     assert sorted(decode["note"]) == ["eager; decode=dynamic"] * 2 + ["eager; decode=static"] * 2  # 2 archs
     assert set(rows[rows["metric"] == "prefill_latency_s"]["note"]) == {"eager"}
-    assert set(rows[rows["metric"] == "train_step_latency_s"]["note"]) == {"eager; optimizer=adamw-fp32-master"}
+    train = rows[rows["metric"] == "train_step_latency_s"]
+    assert set(train["note"]) == {"eager; optimizer=adamw-fp32-master"}
+    assert sorted(train["stage"]) == ["finetune", "finetune", "pretrain", "pretrain"]  # 2 archs x 2 stages
+    step_flops = rows[rows["metric"] == "train_step_flops"].set_index(["arch", "stage"])["value"].astype(float)
+    assert step_flops["saisa", "pretrain"] < step_flops["saisa", "finetune"]  # no LLM weight gradients
     summary = (out / "summary.md").read_text()
-    assert summary.count("| saisa |") >= 2 and "decode ms/token (static)" in summary
+    assert summary.count("| saisa |") >= 2 and "decode ms/token (static)" in summary and "pretrain MFU" in summary
     assert (out / "gpu_bench.png").stat().st_size > 10_000
 
 
