@@ -86,10 +86,12 @@ ProfileFn = Callable[..., pd.DataFrame]
 
 @dataclass(frozen=True)
 class MFU:
-    """Model FLOPs utilisation per architecture (both stages), and where each value came from.
+    """Model FLOPs utilisation per architecture, optionally per (architecture, stage), and where each came from.
 
-    ``scope``/``convention`` name the FLOPs the values are a fraction of ("" = the budget table's own):
-    measured MFU is achieved dense FLOP/s ÷ peak, so GPU-hours at a measured MFU divide FLOPs counted the same way.
+    ``per_arch`` applies to both stages unless ``per_stage`` has the (arch, stage) pair (a measured
+    pretrain step). ``scope``/``convention`` name the FLOPs the values are a fraction of ("" = the budget
+    table's own): measured MFU is achieved dense FLOP/s ÷ peak, so GPU-hours at a measured MFU divide
+    FLOPs counted the same way.
     """
 
     default: float = DEFAULT_MFU
@@ -97,17 +99,21 @@ class MFU:
     origin: Mapping[str, str] = field(default_factory=dict)  # arch -> "given" | a description of the measured row
     scope: str = ""
     convention: str = ""
+    per_stage: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    stage_origin: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, value in [("default", self.default), *self.per_arch.items()]:
+        for name, value in [("default", self.default), *self.per_arch.items(), *self.per_stage.items()]:
             if not 0 < value <= 1:
                 raise ConfigError(f"--mfu: {name} must be in (0, 1], got {value}")
 
-    def of(self, arch: str) -> float:
+    def of(self, arch: str, stage: str | None = None) -> float:
+        if stage is not None and (arch, stage) in self.per_stage:
+            return self.per_stage[arch, stage]
         return self.per_arch.get(arch, self.default)
 
     def uniform(self) -> bool:
-        return not self.per_arch or len({*self.per_arch.values(), self.default}) == 1
+        return not self.per_stage and (not self.per_arch or len({*self.per_arch.values(), self.default}) == 1)
 
     def describe(self, archs: Sequence[str]) -> str:
         """``"MFU 0.40"`` or ``"MFU llava 47.0%, saisa 32.2%"``."""
@@ -141,21 +147,32 @@ def parse_mfu(text: str | float | None, archs: Sequence[str] | None = None) -> M
 
 
 def measured_mfu(source: str | Path | pd.DataFrame, archs: Sequence[str], llm: str | None, visual_tokens: int,
-                 stage: str = "finetune", given: MFU | None = None) -> tuple[MFU, pd.DataFrame]:
+                 stage: str = "finetune", given: MFU | None = None,
+                 other_stages: Sequence[str] = ("pretrain",)) -> tuple[MFU, pd.DataFrame]:
     """Per-arch MFU from measured ``mfu`` rows (phase ``train_step``, ``stage``, ``llm``, ``visual_tokens``).
 
     ``llm`` None takes rows of any LLM (the description then names the LLM it was measured with).
     Architectures in ``given.per_arch`` keep their given value; every other one needs a measured row. Where a
-    file holds several matching rows the latest (by timestamp) is used. Returns (MFU, the rows used).
+    file holds several matching rows the latest (by timestamp) is used. Measured rows of ``other_stages``
+    (optional) become per-stage values for those stages. Returns (MFU, the rows used).
     """
     rows = normalise(read_results(source) if not isinstance(source, pd.DataFrame) else source)
     given = given or MFU()
     mfu = rows[(rows["metric"] == "mfu") & (rows["phase"] == "train_step") & (rows["source"] == "measured")]
     if mfu.empty:
         raise ConfigError(f"--measured {source}: no measured train_step mfu rows in the file")
-    want = mfu[(mfu["stage"] == stage) & ((mfu["llm"] == llm) if llm else True)
-               & (pd.to_numeric(mfu["visual_tokens"], errors="coerce") == visual_tokens)]
+    matching = mfu[((mfu["llm"] == llm) if llm else True)
+                   & (pd.to_numeric(mfu["visual_tokens"], errors="coerce") == visual_tokens)]
+    want = matching[matching["stage"] == stage]
     per_arch, origin, used = dict(given.per_arch), dict(given.origin), []
+    per_stage, stage_origin = dict(given.per_stage), dict(given.stage_origin)
+
+    def describe(row: pd.Series) -> str:
+        return (f"measured on {row['device_name'] or row['device']}" + ("" if llm else f" with {row['llm']}")
+                + f": {row['stage']} train step, batch "
+                f"{row['batch_size']}, {row['visual_tokens']} visual + {row['text_tokens']} text tokens"
+                + (f", options {row['options']}" if row["options"] else "") + f" ({row['timestamp']})")
+
     for arch in archs:
         if arch in per_arch:
             continue
@@ -166,19 +183,22 @@ def measured_mfu(source: str | Path | pd.DataFrame, archs: Sequence[str], llm: s
             raise ConfigError(f"--measured {source}: no {stage} train_step mfu for {arch} with {llm or 'any LLM'} at "
                               f"{visual_tokens} visual tokens (the file holds arch, stage, llm, visual tokens: "
                               f"{held}); give it with --mfu {arch}=VALUE")
-        row = sel.iloc[-1]
-        per_arch[arch] = float(row["value"])
-        origin[arch] = (f"measured on {row['device_name'] or row['device']}" + ("" if llm else f" with {row['llm']}")
-                        + f": {stage} train step, batch "
-                        f"{row['batch_size']}, {row['visual_tokens']} visual + {row['text_tokens']} text tokens"
-                        + (f", options {row['options']}" if row["options"] else "") + f" ({row['timestamp']})")
+        per_arch[arch] = float(sel["value"].iloc[-1])
+        origin[arch] = describe(sel.iloc[-1])
         used.append(sel.iloc[[-1]])
+        for other in other_stages:
+            extra = matching[(matching["arch"] == arch) & (matching["stage"] == other)].sort_values(
+                "timestamp", kind="stable")
+            if len(extra):
+                per_stage[arch, other] = float(extra["value"].iloc[-1])
+                stage_origin[arch, other] = describe(extra.iloc[-1])
+                used.append(extra.iloc[[-1]])
     scopes = {r for frame in used for r in frame["scope"]}
     conventions = {r for frame in used for r in frame["convention"]}
     if len(scopes) > 1 or len(conventions) > 1:
         raise ConfigError(f"--measured {source}: the mfu rows mix FLOPs scopes {scopes} / conventions {conventions}")
-    return (MFU(given.default, per_arch, origin, next(iter(scopes), ""), next(iter(conventions), "")),
-            pd.concat(used, ignore_index=True) if used else rows.iloc[:0])
+    return (MFU(given.default, per_arch, origin, next(iter(scopes), ""), next(iter(conventions), ""), per_stage,
+                stage_origin), pd.concat(used, ignore_index=True) if used else rows.iloc[:0])
 
 
 def train_cost(
@@ -211,18 +231,22 @@ def train_cost(
                                   f"(scope {scope}/{hours_scope}, convention {convention}/{hours_convention})")
             per_sample = float(got["value"].iloc[0]) / st.workload().batch_size
             hours_flops = float(basis["value"].iloc[0]) / st.workload().batch_size * st.samples
+            stage_mfu = mfu.of(arch, st.stage)
             records.append({"arch": arch, "llm": llm, "vision": vision, "stage": st.stage, "samples": st.samples,
                             "text_tokens": st.text_before + st.text_after, "flops_per_sample": per_sample,
                             "flops": per_sample * st.samples, "flops_source": got["source"].iloc[0],
-                            "mfu": mfu.of(arch), "gpu_hours": hours_flops / (peak * mfu.of(arch)) / 3600})
+                            "mfu": stage_mfu, "hours_flops": hours_flops,
+                            "gpu_hours": hours_flops / (peak * stage_mfu) / 3600})
             if on_step:
                 on_step(f"{arch} {st.stage}")
     table = pd.DataFrame.from_records(records)
-    sums = ["samples", "flops", "gpu_hours"]
+    sums = ["samples", "flops", "hours_flops", "gpu_hours"]
     totals = table.groupby(["arch", "llm", "vision"], sort=False, as_index=False).agg(
-        {**dict.fromkeys(sums, "sum"), "mfu": "first", "flops_source": lambda s: "/".join(sorted(set(s))) })
-    totals = totals.assign(stage="total", text_tokens=math.nan, flops_per_sample=math.nan)
-    table = pd.concat([table, totals[table.columns]], ignore_index=True)
+        {**dict.fromkeys(sums, "sum"), "flops_source": lambda s: "/".join(sorted(set(s))) })
+    # the stages' MFU combined: the one that gives the summed GPU-hours for the summed FLOPs
+    totals = totals.assign(stage="total", text_tokens=math.nan, flops_per_sample=math.nan,
+                           mfu=totals["hours_flops"] / (peak * totals["gpu_hours"] * 3600))
+    table = pd.concat([table, totals[table.columns]], ignore_index=True).drop(columns="hours_flops")
     for col in ("flops", "gpu_hours"):
         base = table[table["arch"] == baseline].set_index("stage")[col]
         table[f"{col}_vs_baseline"] = [math.nan if a == baseline else v / base[s] - 1
@@ -277,7 +301,10 @@ def mfu_notes(table: pd.DataFrame) -> list[str]:
     archs = list(dict.fromkeys(table["arch"]))
     text = (f"GPU-hours = FLOPs ÷ ({a['device']} dense bf16 peak {a['peak'] / 1e12:.0f} TFLOP/s × MFU) ÷ 3600, "
             f"{mfu.describe(archs)}")
-    text += " for every architecture and stage." if mfu.uniform() and not mfu.origin else " (both stages)."
+    if mfu.uniform() and not mfu.origin:
+        text += " for every architecture and stage."
+    else:
+        text += " (both stages, where no stage has its own)." if mfu.per_stage else " (both stages)."
     notes = [text]
     if (a["hours_scope"], a["hours_convention"]) != (a["scope"], a["convention"]):
         notes.append(f"GPU-hours divide {a['hours_scope']}-scope {a['hours_convention']} FLOPs, the FLOPs the "
@@ -288,10 +315,17 @@ def mfu_notes(table: pd.DataFrame) -> list[str]:
         origin = mfu.origin.get(arch)
         if origin:
             notes.append(f"MFU {arch} {mfu.of(arch) * 100:.1f}%: {origin}.")
+        for (stage_arch, stage), stage_origin in mfu.stage_origin.items():
+            if stage_arch == arch:
+                notes.append(f"MFU {arch} {stage} {mfu.of(arch, stage) * 100:.1f}%: {stage_origin}.")
     if measured:
-        notes.append("The measured MFU is a finetune step's at the token counts above; it is used as is for this "
-                     "recipe's text lengths and for pretrain steps (not measured), and applied to the "
-                     f"{a['device']} peak whichever GPU it was measured on.")
+        unmeasured = [arch for arch in measured if (arch, "pretrain") not in mfu.per_stage]
+        pretrain = (f"for pretrain steps of {', '.join(unmeasured)} (not measured)" if unmeasured
+                    else "pretrain steps with their own measured MFU")
+        notes.append("The measured MFU is a train step's at the token counts above; it is used as is for this "
+                     f"recipe's text lengths, {pretrain}, and applied to the {a['device']} peak whichever GPU it "
+                     "was measured on. A total row's MFU combines its stages (summed FLOPs over summed "
+                     "GPU-hours).")
     return notes
 
 

@@ -120,6 +120,26 @@ def test_measured_mfu_picks_the_matching_rows_and_gpu_hours_use_their_flops():
     assert "| 25.0% |" in tc.to_markdown(table)
 
 
+def test_measured_pretrain_mfu_applies_to_the_pretrain_stage_only():
+    rows = pd.concat([mfu_rows({"llava": 0.5, "saisa": 0.25}), mfu_rows({"saisa": 0.125}, stage="pretrain")])
+    mfu, used = tc.measured_mfu(rows, ["llava", "saisa"], "tiny-llm", 16)
+    assert len(used) == 3 and mfu.per_stage == {("saisa", "pretrain"): 0.125}
+    assert (mfu.of("saisa"), mfu.of("saisa", "pretrain"), mfu.of("saisa", "finetune")) == (0.25, 0.125, 0.25)
+    assert mfu.of("llava", "pretrain") == 0.5  # no pretrain row: the finetune value
+    recipe = tc.llava15_recipe((1, 7), (4, 12), pretrain_samples=1000, finetune_samples=500)
+    table, _ = tc.train_cost(["llava", "saisa"], fake_profile(), recipe, "tiny-llm", "tiny-clip", device="h100",
+                             mfu=mfu, scope="total", convention="dense")
+    t = table.set_index(["arch", "stage"])
+    pre = 3 * PER_TOKEN["saisa"] * (16 + 8) * 1000
+    assert t.loc[("saisa", "pretrain"), "gpu_hours"] == pytest.approx(pre / (989e12 * 0.125) / 3600)
+    assert t.loc[("saisa", "pretrain"), "mfu"] == 0.125 and t.loc[("saisa", "finetune"), "mfu"] == 0.25
+    combined = t.loc[("saisa", "total"), "flops"] / (989e12 * t.loc[("saisa", "total"), "gpu_hours"] * 3600)
+    assert t.loc[("saisa", "total"), "mfu"] == pytest.approx(combined) and 0.125 < combined < 0.25
+    text = "\n".join(tc.mfu_notes(table))
+    assert "MFU saisa pretrain 12.5%: measured on NVIDIA H200: pretrain train step" in text
+    assert "for pretrain steps of llava (not measured)" in text
+
+
 def test_break_even_beyond_the_training_length_is_out_of_reach():
     finetune = tc.llava15_recipe()[1]
     assert "beyond LLaVA-1.5's 2,048-token training length" in tc.break_even_text(1453, finetune, "clip-vit-l-336")
