@@ -20,10 +20,11 @@ say so) and measures, with the attention backend chosen per architecture (``--ba
 - ``decode`` (time per output token, KV-cached, context = prompt) in each ``--decode-modes`` mode
   (:mod:`mllm_bench.static_decode`): ``dynamic`` (growing cache, host-bound at batch 1) and ``graph``
   (static cache + CUDA graph);
-- ``train_step`` (each ``--train-stages`` stage, default finetune; ``pretrain`` trains the connector
-  only, with gradients through the frozen LLM: forward, backward, optimizer step; bf16 weights and gradients;
-  ``--optimizer adamw`` (default: AdamW state in bf16, no master copy) or ``adamw-fp32-master`` (fp32
-  master weights and moments, LLaVA-1.5's mixed-precision recipe; see :mod:`mllm_bench.optim`)).
+- ``train_step`` (each ``--train-stages`` stage, default both; ``pretrain`` trains the connector only, with
+  gradients through the frozen LLM; the training budget uses each stage's MFU): forward, backward,
+  optimizer step; bf16 weights and gradients; ``--optimizer adamw`` (default: AdamW state in bf16, no
+  master copy) or ``adamw-fp32-master`` (fp32 master weights and moments, LLaVA-1.5's mixed-precision
+  recipe; see :mod:`mllm_bench.optim`).
 
 Timing: CUDA events (perf_counter on CPU), warm-up, repeats until a minimum count and a minimum
 duration, median and IQR. FLOPs are counted with ``mllm_bench.flops`` (torch's formulas) on a meta copy of the
@@ -102,7 +103,7 @@ class Settings:
     dtype: str = "bfloat16"
     device: str = "cuda"
     phases: tuple[str, ...] = ("prefill", "decode", "train_step")
-    train_stages: tuple[str, ...] = ("finetune",)
+    train_stages: tuple[str, ...] = ("pretrain", "finetune")
     warmup: int = 3
     min_repeats: int = 10
     min_seconds: float = 1.0
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--eager", action="store_true", help="no torch.compile (default: compile each decoder layer)")
     parser.add_argument("--prefill-batch", type=int, help="throughput prefill batch in samples (default 32)")
     parser.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adamw: bf16 state)")
-    parser.add_argument("--train-stages", help="comma-separated of pretrain,finetune (default finetune)")
+    parser.add_argument("--train-stages", help="comma-separated of pretrain,finetune (default both)")
     parser.add_argument("--decode-modes", help=f"comma-separated of {','.join(DECODE_MODES)} (default dynamic,graph)")
     parser.add_argument("--out", help="output folder (default results/gpu/<device>)")
     parser.add_argument("--resume", action="store_true",
