@@ -41,6 +41,37 @@ def replace(config: Any, **changes: Any) -> Any:
     return dataclasses.replace(config, **changes)
 
 
+ROPE_SCALING_TYPES: tuple[str, ...] = ("linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for longer contexts.
+
+    ``linear``: every frequency divided by ``factor`` (positions interpolated). ``llama3`` (Llama-3.1/3.2):
+    wavelengths shorter than ``original_max_position_embeddings / high_freq_factor`` kept, longer than
+    ``original_max_position_embeddings / low_freq_factor`` divided by ``factor``, and those between blended
+    linearly in ``original_max_position_embeddings / wavelength``.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        require(self.rope_type in ROPE_SCALING_TYPES,
+                f"RopeScaling.rope_type must be one of {list(ROPE_SCALING_TYPES)}, got {self.rope_type!r}")
+        require(self.factor >= 1, f"RopeScaling.factor must be >= 1, got {self.factor}")
+        if self.rope_type == "llama3":
+            require(0 < self.low_freq_factor < self.high_freq_factor,
+                    f"RopeScaling needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor} and "
+                    f"{self.high_freq_factor}")
+            require(self.original_max_position_embeddings > 0, "RopeScaling.original_max_position_embeddings must "
+                    f"be > 0, got {self.original_max_position_embeddings}")
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     """A Llama-style decoder (Vicuna, Llama-2/3): RMSNorm, RoPE, grouped-query attention, SwiGLU."""
@@ -56,6 +87,7 @@ class LLMConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
         _positive(
@@ -171,16 +203,28 @@ def _hf_config(cls: Any, raw: dict[str, Any], path: str | Path) -> Any:
         raise ConfigError(f"{path}: transformers cannot read this {cls.__name__}: {err}") from err
 
 
-def _rope(hf: Any, path: str | Path) -> float:
-    """RoPE theta from a transformers 4 (``rope_theta``/``rope_scaling``) or 5 (``rope_parameters``) config."""
-    params = getattr(hf, "rope_parameters", None) or {}
-    scaling = getattr(hf, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    require(
-        rope_type == "default",
-        f"{path}: RoPE type {rope_type!r} is not supported; only plain RoPE (rope_type 'default') is implemented",
-    )
-    return float(params.get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0)
+def _rope_scaling(raw: dict[str, Any], path: str | Path) -> RopeScaling | None:
+    """RoPE scaling as the file declares it: transformers 4 ``rope_scaling`` or 5 ``rope_parameters``."""
+    declared = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = declared.get("rope_type") or declared.get("type") or "default"
+    if rope_type == "default":
+        return None
+    require(rope_type in ROPE_SCALING_TYPES,
+            f"{path}: RoPE type {rope_type!r} is not supported; supported: 'default', "
+            + ", ".join(repr(t) for t in ROPE_SCALING_TYPES))
+    require("factor" in declared, f"{path}: RoPE type {rope_type!r} needs a 'factor'")
+    extra = {}
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            require(key in declared, f"{path}: RoPE type 'llama3' needs {key!r}")
+            extra[key] = declared[key]
+    return RopeScaling(rope_type, float(declared["factor"]), **extra)
+
+
+def _rope_theta(raw: dict[str, Any], hf: Any) -> float:
+    """RoPE theta: top level (transformers 4) or in ``rope_parameters`` (5), else transformers' default."""
+    params = raw.get("rope_parameters") or getattr(hf, "rope_parameters", None) or {}
+    return float(raw.get("rope_theta") or params.get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0)
 
 
 def llm_config_from_hf(path: str | Path, name: str | None = None) -> LLMConfig:
@@ -190,12 +234,7 @@ def llm_config_from_hf(path: str | Path, name: str | None = None) -> LLMConfig:
     raw = _read_json(path)
     if "text_config" in raw:  # a LLaVA config: take its language model
         raw = raw["text_config"]
-    declared = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    rope_type = declared.get("rope_type") or declared.get("type") or "default"
-    require(
-        rope_type == "default",
-        f"{path}: RoPE type {rope_type!r} (rope_scaling) is not supported; only plain RoPE is implemented",
-    )
+    rope_scaling = _rope_scaling(raw, path)  # before transformers reads the file: a clear refusal first
     hf = _hf_config(LlamaConfig, raw, path)
     heads = hf.num_attention_heads
     head_dim = raw.get("head_dim")
@@ -216,8 +255,9 @@ def llm_config_from_hf(path: str | Path, name: str | None = None) -> LLMConfig:
         vocab_size=hf.vocab_size,
         max_position_embeddings=hf.max_position_embeddings,
         rms_norm_eps=hf.rms_norm_eps,
-        rope_theta=_rope(hf, path),
+        rope_theta=_rope_theta(raw, hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        rope_scaling=rope_scaling,
     )
 
 

@@ -8,6 +8,7 @@ Parameter names follow transformers' ``LlamaModel`` (``embed_tokens``, ``layers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attend, prepare_mask
-from .config import LLMConfig
+from .config import LLMConfig, RopeScaling
 from .masks import AttentionMask
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -36,9 +37,28 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Rope:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim / 2,), fp32, with ``scaling`` applied (see :class:`RopeScaling`)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep short wavelengths, divide long ones by factor, blend those between
+    context = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    blend = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    out = torch.where(wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    between = (wavelength >= context / scaling.high_freq_factor) & (wavelength <= context / scaling.low_freq_factor)
+    return torch.where(between, blended, out)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                scaling: RopeScaling | None = None) -> Rope:
     """cos and sin tables (B, T, head_dim) for integer ``positions`` (B, T), as Llama computes them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float().unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -227,7 +247,7 @@ class LlamaDecoder(nn.Module):
         self.attention_backend = "sdpa"
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        return rope_tables(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return rope_tables(positions, self.config.head_dim, self.config.rope_theta, dtype, self.config.rope_scaling)
 
     def run_layer(self, index: int, x: torch.Tensor, rope: Rope, mask: AttentionMask,
                   cache: KVCache | None = None, kv_only: tuple[torch.Tensor, Rope] | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import ConfigError, LLMConfig, VisionConfig
+from .config import ConfigError, LLMConfig, RopeScaling, VisionConfig
 
 LLM_PRESETS: dict[str, LLMConfig] = {
     # lmsys/vicuna-7b-v1.5 (the LLaVA-1.5-7B language model)
@@ -19,6 +19,13 @@ LLM_PRESETS: dict[str, LLMConfig] = {
     "llama3-8b": LLMConfig(
         name="llama3-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
         intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    # meta-llama/Llama-3.1-8B: Llama-3-8B with a 128K context through llama3 RoPE scaling
+    "llama3.1-8b": LLMConfig(
+        name="llama3.1-8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
     ),
     "tiny-llm": LLMConfig(
         name="tiny-llm", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

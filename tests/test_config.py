@@ -112,9 +112,9 @@ def test_configs_load_from_local_hf_json(tmp_path):
     assert vision.tokens_per_image == 576 and vision.layers_run == 23 and vision.kind == "clip"
     with pytest.raises(ConfigError, match="is not a config.json"):
         llm_config_from_hf(tmp_path / "missing")
-    scaled = dict(llava_cfg["text_config"], rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    scaled = dict(llava_cfg["text_config"], rope_scaling={"rope_type": "dynamic", "factor": 8.0})
     (tmp_path / "scaled.json").write_text(json.dumps(scaled))
-    with pytest.raises(ConfigError, match="rope_scaling"):
+    with pytest.raises(ConfigError, match="RoPE type 'dynamic' is not supported; supported: 'default', 'linear'"):
         llm_config_from_hf(tmp_path / "scaled.json")
 
 

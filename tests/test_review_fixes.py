@@ -51,8 +51,12 @@ def test_rope_theta_of_a_transformers_saved_config(tmp_path):
     raw["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}
     raw.pop("rope_scaling", None)
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match="RoPE type 'llama3'"):
+    with pytest.raises(ConfigError, match="RoPE type 'llama3' needs 'low_freq_factor'"):  # incomplete
         llm_config_from_hf(tmp_path)
+    raw["rope_parameters"].update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = llm_config_from_hf(tmp_path)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 8.0
 
 
 @pytest.mark.parametrize("layout", ["transformers5", "transformers4.52", "transformers4"])
