@@ -216,11 +216,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SETTLE_CALLS = 6  # at most this many extra warm-up calls while torch.compile still compiles
+
+
+def settle(fn: Callable[[], Any]) -> int:
+    """Call ``fn`` until a call compiles nothing (torch.compile compiles again for new shapes or call
+    kinds, e.g. the first decode steps), at most ``SETTLE_CALLS`` times; returns the calls made."""
+    from torch._dynamo.utils import counters
+
+    for calls in range(1, SETTLE_CALLS + 1):
+        before = sum(counters["stats"].values())
+        fn()
+        if sum(counters["stats"].values()) == before:
+            return calls
+    return SETTLE_CALLS
+
+
 def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: int | None = None,
             max_repeats: int | None = None) -> tuple[Timing, dict[str, float]]:
-    """Warm up, then time ``fn`` until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing); on CUDA
-    also the peak allocated/reserved bytes over all those calls (mllm_bench.memory; none on CPU)."""
+    """Warm up (with compiled layers, until nothing compiles any more: :func:`settle`), then time ``fn``
+    until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing); on CUDA also the peak allocated/reserved
+    bytes over all those calls (mllm_bench.memory; none on CPU)."""
     limit = s.max_repeats if max_repeats is None else max_repeats
+    if s.compile:
+        settle(fn)
 
     def timing() -> Timing:
         return time_fn(fn, device, warmup=s.warmup if warmup is None else warmup,
@@ -428,7 +447,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
                 with record_paths() as paths:  # a graph records its paths once, when captured
                     _, cache = model.prefill(batch)
-                    step, cache = decode_steps(model, cache, warmup + repeats + 1, mode)
+                    step, cache = decode_steps(model, cache, SETTLE_CALLS + warmup + repeats + 1, mode)
                     prompt = cache.length
                     timing, mem = measure(lambda step=step, token=token: step(token), device, s, warmup=warmup,
                                           max_repeats=repeats)

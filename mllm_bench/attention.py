@@ -36,16 +36,28 @@ from .masks import AttentionMask, mask_mod
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMask], torch.Tensor]
 PrepareFn = Callable[[AttentionMask], None]
+PathFn = Callable[[AttentionMask, bool], str]
 _BACKENDS: dict[str, AttentionFn] = {}
 _PREPARE: dict[str, PrepareFn] = {}
+_PATHS: dict[str, PathFn] = {}
 
 
-def register_backend(name: str, fn: AttentionFn, prepare: PrepareFn | None = None) -> None:
+def register_backend(name: str, fn: AttentionFn, prepare: PrepareFn | None = None,
+                     path: PathFn | None = None) -> None:
     """Make ``fn(q, k, v, mask)`` available as attention backend ``name``; ``prepare(mask)`` computes, once
-    per mask, whatever ``fn`` reads from it (see :func:`prepare_mask`)."""
+    per mask, whatever ``fn`` reads from it (see :func:`prepare_mask`); ``path(mask, needs_grad)`` names the
+    path ``fn`` takes for ``mask`` (default: the backend's name)."""
     _BACKENDS[name] = fn
     if prepare is not None:
         _PREPARE[name] = prepare
+    if path is not None:
+        _PATHS[name] = path
+
+
+def attention_path(mask: AttentionMask, backend: str, needs_grad: bool = False) -> str:
+    """The path (e.g. ``flash:split``) ``backend`` takes for ``mask``, as :func:`record_paths` counts it."""
+    fn = _PATHS.get(backend)
+    return backend if fn is None else fn(mask, needs_grad)
 
 
 def prepare_mask(mask: AttentionMask, backend: str) -> None:
@@ -99,7 +111,15 @@ def record_paths() -> Iterator[Counter[str]]:
         _RECORDERS.remove(counter)
 
 
-def _note(path: str) -> None:
+def note_path(path: str) -> None:
+    """Count ``path`` in every active :func:`record_paths` counter.
+
+    Skipped while torch.compile traces: guards on the counters' values would recompile every call.
+    Compiled decoder layers have their path noted by the decoder instead, outside the compiled code
+    (:meth:`~mllm_bench.decoder.LlamaDecoder.run_layer`).
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return
     for counter in _RECORDERS:
         counter[path] += 1
 
@@ -109,13 +129,17 @@ def describe_paths(counter: Counter[str]) -> str:
     return "+".join(sorted(counter))
 
 
+def _sdpa_path(mask: AttentionMask, needs_grad: bool = False) -> str:
+    return "sdpa:causal" if mask.is_plain_causal() else "sdpa:dense"
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    if mask.is_plain_causal():
-        _note("sdpa:causal")
+    path = _sdpa_path(mask)
+    note_path(path)
+    if path == "sdpa:causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    _note("sdpa:dense")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
 
 
@@ -134,7 +158,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask.dense(), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    _note("math:dense")
+    note_path("math:dense")
     return torch.matmul(probs, v)
 
 
@@ -150,16 +174,20 @@ def _key_rows(x: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Ten
     return torch.cat([x[:, :, s:e] for s, e in ranges], dim=2)
 
 
+def _flash_path(mask: AttentionMask, needs_grad: bool = False) -> str:
+    if mask.num_queries == 1:
+        return "flash:decode_row"  # its one mask row costs nothing and needs no host sync
+    structure = mask.static_structure()
+    return "flash:dense" if structure is None else f"flash:{structure.kind}"
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Fused SDPA without a mask tensor wherever the mask has static structure (see module docstring)."""
-    if q.shape[2] == 1:
-        _note("flash:decode_row")
+    path = _flash_path(mask)
+    note_path(path)
+    if path in ("flash:decode_row", "flash:dense"):
         return _sdpa(q, k, v, attn_mask=mask.dense())
     structure = mask.static_structure()
-    if structure is None:
-        _note("flash:dense")
-        return _sdpa(q, k, v, attn_mask=mask.dense())
-    _note(f"flash:{structure.kind}")
     outs = []
     for blk in structure.blocks:
         qb = q[:, :, blk.q_start:blk.q_end]
@@ -263,20 +291,24 @@ def _prepare_flex(mask: AttentionMask) -> None:
         block_mask(mask, device)
 
 
+def _flex_path(mask: AttentionMask, needs_grad: bool = False) -> str:
+    if mask.num_queries == 1:
+        return "flex:decode_row"  # one query: nothing to skip, and no recompilation per context length
+    if mask.q_pos.device.type == "cpu" and needs_grad:
+        return "flex:dense_cpu_backward"  # torch has no FlexAttention backward on CPU
+    return "flex:block_mask"
+
+
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """FlexAttention with a block mask from the description (see module docstring)."""
-    if q.shape[2] == 1:
-        _note("flex:decode_row")  # one query: nothing to skip, and no recompilation per context length
+    path = _flex_path(mask, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    note_path(path)
+    if path != "flex:block_mask":
         return _sdpa(q, k, v, attn_mask=mask.dense())
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.device.type == "cpu" and needs_grad:
-        _note("flex:dense_cpu_backward")  # torch has no FlexAttention backward on CPU
-        return _sdpa(q, k, v, attn_mask=mask.dense())
-    _note("flex:block_mask")
     return _flex_fn(q.device)(q, k, v, block_mask=block_mask(mask, q.device), enable_gqa=q.shape[1] != k.shape[1])
 
 
-register_backend("sdpa", sdpa_attention, _prepare_sdpa)
-register_backend("math", math_attention, _prepare_dense)
-register_backend("flash", flash_attention, _prepare_flash)
-register_backend("flex", flex_attention_backend, _prepare_flex)
+register_backend("sdpa", sdpa_attention, _prepare_sdpa, _sdpa_path)
+register_backend("math", math_attention, _prepare_dense, lambda mask, needs_grad: "math:dense")
+register_backend("flash", flash_attention, _prepare_flash, _flash_path)
+register_backend("flex", flex_attention_backend, _prepare_flex, _flex_path)

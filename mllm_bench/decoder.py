@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, prepare_mask
+from .attention import attend, attention_path, note_path, prepare_mask
 from .config import LLMConfig, RopeScaling
 from .masks import AttentionMask
 
@@ -245,6 +245,7 @@ class LlamaDecoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
         self.attention_backend = "sdpa"
+        self.compiled_layers = False  # set by MLLM.compile_layers: paths are then noted here, not in the layers
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         return rope_tables(positions, self.config.head_dim, self.config.rope_theta, dtype, self.config.rope_scaling)
@@ -255,6 +256,10 @@ class LlamaDecoder(nn.Module):
         layer = self.layers[index]
         layer_cache = None if cache is None else cache.layers[index]
         prepare_mask(mask, self.attention_backend)  # host-side work here, not inside a compiled layer
+        if self.compiled_layers:
+            trains = x.requires_grad or any(p.requires_grad for p in layer.parameters())
+            needs_grad = torch.is_grad_enabled() and trains
+            note_path(attention_path(mask, self.attention_backend, needs_grad))
         # recomputation would append to the cache a second time, so cached calls are never checkpointed
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
             return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, use_reentrant=False)

@@ -116,13 +116,15 @@ class MLLM(nn.Module, ABC):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.language_model.gradient_checkpointing = enabled
 
-    def compile_layers(self) -> None:
-        """``torch.compile`` each decoder layer in place. Masks are prepared outside the layers
-        (:func:`~mllm_bench.attention.prepare_mask`), so each traces to one graph per way it is called.
+    def compile_layers(self, **compile_options: Any) -> None:
+        """``torch.compile`` each decoder layer in place (``compile_options`` go to ``Module.compile``).
 
-        All layers share one code object, and one measurement calls it several ways (prefill with and
-        without a cache, training, decode with each cache type): torch's default of 8 compiled versions
-        per code object would quietly leave the rest eager, so the limit is raised to at least 64.
+        Masks are prepared outside the layers (:func:`~mllm_bench.attention.prepare_mask`), so each traces
+        to one graph per way it is called, and the decoder notes each layer's attention path for
+        :func:`~mllm_bench.attention.record_paths` from outside the compiled code. All layers share one
+        code object, and one measurement calls it several ways (prefill with and without a cache,
+        training, decode with each cache type): torch's default of 8 compiled versions per code object
+        would quietly leave the rest eager, so the limit is raised to at least 64.
         """
         import torch._dynamo
 
@@ -130,7 +132,8 @@ class MLLM(nn.Module, ABC):
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
         setattr(config, name, max(getattr(config, name), 64))
         for layer in self.language_model.layers:
-            layer.compile(dynamic=None)
+            layer.compile(**{"dynamic": None, **compile_options})
+        self.language_model.compiled_layers = True
 
     def check_batch(self, batch: MultimodalBatch) -> None:
         batch.validate(self.vision_config.image_size, self.llm_config.vocab_size)

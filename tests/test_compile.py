@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
 from mllm_bench.attention import record_paths
 from mllm_bench.static_decode import StaticLayerKV, decode_steps
@@ -63,9 +64,12 @@ def test_compiled_saisa_matches_eager_and_records_paths() -> None:
     with torch.no_grad():
         ref = model(batch).logits
         torch._dynamo.reset()
-        for layer in model.language_model.layers:
-            layer.compile(backend="aot_eager")  # the traced graph without a C++ toolchain
+        model.compile_layers(backend="aot_eager")  # the traced graph without a C++ toolchain
         with record_paths() as paths:
             out = model(batch).logits
+            graphs = counters["stats"]["unique_graphs"]
+            for _ in range(3):  # counting paths must not make calls recompile
+                model(batch)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert paths == {"flash:split": model.llm_config.num_layers}
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert paths == {"flash:split": 4 * model.llm_config.num_layers}  # noted once per layer call
