@@ -238,12 +238,13 @@ def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: in
     until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing); on CUDA also the peak allocated/reserved
     bytes over all those calls (mllm_bench.memory; none on CPU)."""
     limit = s.max_repeats if max_repeats is None else max_repeats
+    warmup = s.warmup if warmup is None else warmup
     if s.compile:
-        settle(fn)
+        warmup = max(1, warmup - settle(fn))  # the settling calls warm up too
 
     def timing() -> Timing:
-        return time_fn(fn, device, warmup=s.warmup if warmup is None else warmup,
-                       min_repeats=min(s.min_repeats, limit), min_seconds=s.min_seconds, max_repeats=limit)
+        return time_fn(fn, device, warmup=warmup, min_repeats=min(s.min_repeats, limit), min_seconds=s.min_seconds,
+                       max_repeats=limit)
 
     if device.type != "cuda":
         return timing(), {}
