@@ -116,3 +116,24 @@ def test_resume_keeps_measured_points_and_refuses_other_settings(tmp_path) -> No
     assert "| llava | 16 |" in summary and "| saisa | 16 |" in summary
     with pytest.raises(ConfigError, match="prefill_batch: 2 there, 3 now"):
         bench.main([*base, "--archs", "llava", "--resume", "--prefill-batch", "3"])
+
+
+def test_settle_calls_until_nothing_compiles() -> None:
+    from torch._dynamo.utils import counters
+
+    bench = load_bench()
+    calls = []
+
+    def compiles_twice() -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            counters["stats"]["unique_graphs"] += 1  # what torch.compile records when it compiles
+
+    assert bench.settle(compiles_twice) == 3 and len(calls) == 3
+    calls.clear()
+
+    def always_compiles() -> None:
+        calls.append(1)
+        counters["stats"]["unique_graphs"] += 1
+
+    assert bench.settle(always_compiles) == bench.SETTLE_CALLS  # bounded
