@@ -257,8 +257,8 @@ class LlamaDecoder(nn.Module):
         layer_cache = None if cache is None else cache.layers[index]
         prepare_mask(mask, self.attention_backend)  # host-side work here, not inside a compiled layer
         if self.compiled_layers:
-            trains = x.requires_grad or any(p.requires_grad for p in layer.parameters())
-            needs_grad = torch.is_grad_enabled() and trains
+            inputs_grad = x.requires_grad or (kv_only is not None and kv_only[0].requires_grad)
+            needs_grad = torch.is_grad_enabled() and (inputs_grad or any(p.requires_grad for p in layer.parameters()))
             note_path(attention_path(mask, self.attention_backend, needs_grad))
         # recomputation would append to the cache a second time, so cached calls are never checkpointed
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
