@@ -400,6 +400,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     model = build_model(arch, llm, vision, options, device=str(device), dtype=s.dtype).eval()
     model.set_attention_backend(backend)
     if s.compile:
+        torch._dynamo.reset()  # each point compiles afresh: no shapes marked dynamic by an earlier point
         model.compile_layers()
     how = ("compiled" if s.compile else "eager") + (f" ({note})" if note else "")
     batch = model.example_batch(workload)

@@ -117,7 +117,9 @@ class MLLM(nn.Module, ABC):
         self.language_model.gradient_checkpointing = enabled
 
     def compile_layers(self, **compile_options: Any) -> None:
-        """``torch.compile`` each decoder layer in place (``compile_options`` go to ``Module.compile``).
+        """``torch.compile`` in place each repeated block: decoder layers, vision encoder layers and the
+        architecture's connector blocks (its ``fsdp_units``: SAISA's projectors, Flamingo's resampler and
+        cross-attention blocks). ``compile_options`` go to ``Module.compile``.
 
         Masks are prepared outside the layers (:func:`~mllm_bench.attention.prepare_mask`), so each traces
         to one graph per way it is called, and the decoder notes each layer's attention path for
@@ -131,8 +133,9 @@ class MLLM(nn.Module, ABC):
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
         setattr(config, name, max(getattr(config, name), 64))
-        for layer in self.language_model.layers:
-            layer.compile(**{"dynamic": None, **compile_options})
+        connector = getattr(self, "fsdp_units", list)()
+        for block in [*self.language_model.layers, *self.vision_tower.encoder.layers, *connector]:
+            block.compile(**{"dynamic": None, **compile_options})
         self.language_model.compiled_layers = True
 
     def check_batch(self, batch: MultimodalBatch) -> None:
