@@ -137,3 +137,29 @@ def test_settle_calls_until_nothing_compiles() -> None:
         counters["stats"]["unique_graphs"] += 1
 
     assert bench.settle(always_compiles) == bench.SETTLE_CALLS  # bounded
+
+
+def test_compiled_run_records_paths_without_recompiling(tmp_path, monkeypatch) -> None:
+    """The compiled path of the bench (here torch.compile's aot_eager backend: no C++ toolchain needed):
+    layers compile, settle, and every row records the attention path and that it was compiled."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from mllm_bench.model import MLLM
+
+    bench = load_bench()
+    preset = bench.preset_settings
+    monkeypatch.setattr(bench, "preset_settings", lambda args: dataclasses.replace(preset(args), compile=True))
+    compile_layers = MLLM.compile_layers
+    monkeypatch.setattr(MLLM, "compile_layers", lambda self: compile_layers(self, backend="aot_eager"))
+    settled = []
+    settle = bench.settle
+    monkeypatch.setattr(bench, "settle", lambda fn: settled.append(settle(fn)) or settled[-1])
+    out = bench.main(["--tiny", "--archs", "saisa", "--visual-tokens", "16", "--phases", "prefill,decode",
+                      "--out", str(tmp_path)])
+    rows = pd.read_csv(out / "rows.csv", keep_default_na=False)
+    timed = rows[rows["metric"].isin(["prefill_latency_s", "decode_latency_s"])]
+    assert set(timed["note"]) == {"compiled", "compiled; decode=dynamic", "compiled; decode=static"}
+    assert all("flash:" in paths for paths in timed["attention_backend"])
+    assert counters["stats"]["unique_graphs"] > 0 and max(settled) < bench.SETTLE_CALLS  # compiled, then settled
