@@ -447,12 +447,23 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
             for mode in s.decode_modes:
                 warmup, repeats = max(s.warmup, 3), max(s.max_repeats // 2, 2)
                 token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
-                with record_paths() as paths:  # a graph records its paths once, when captured
-                    _, cache = model.prefill(batch)
-                    step, cache = decode_steps(model, cache, SETTLE_CALLS + warmup + repeats + 1, mode)
-                    prompt = cache.length
-                    timing, mem = measure(lambda step=step, token=token: step(token), device, s, warmup=warmup,
-                                          max_repeats=repeats)
+                try:
+                    with record_paths() as paths:  # a graph records its paths once, when captured
+                        _, cache = model.prefill(batch)
+                        step, cache = decode_steps(model, cache, SETTLE_CALLS + warmup + repeats + 1, mode)
+                        prompt = cache.length
+                        timing, mem = measure(lambda step=step, token=token: step(token), device, s,
+                                              warmup=warmup, max_repeats=repeats)
+                except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. a capture the GPU refused
+                    if isinstance(err, TorchDynamoException):
+                        raise  # compilation: measure_point reruns the point eager
+                    first_line = str(err).splitlines()[0][:120] if str(err) else ""
+                    reason = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+                    summary.append(f"decode[{mode}] failed ({reason})")
+                    rows.add(point, "decode_latency_s", float("nan"), phase="decode", attention_backend=f"{backend}[]",
+                             note=f"{how}; decode={mode}; failed: {reason}")
+                    free(device)
+                    continue
                 context = prompt + (cache.length - prompt) // 2  # the median step's context
                 timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context,
                       detail=f"decode={mode}")

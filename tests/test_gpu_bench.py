@@ -163,3 +163,22 @@ def test_compiled_run_records_paths_without_recompiling(tmp_path, monkeypatch) -
     assert set(timed["note"]) == {"compiled", "compiled; decode=dynamic", "compiled; decode=static"}
     assert all("flash:" in paths for paths in timed["attention_backend"])
     assert counters["stats"]["unique_graphs"] > 0 and max(settled) < bench.SETTLE_CALLS  # compiled, then settled
+
+
+def test_a_decode_mode_that_fails_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
+    bench = load_bench()
+    decode_steps = bench.decode_steps
+
+    def refuse_static(model, cache, steps, mode):
+        if mode == "static":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return decode_steps(model, cache, steps, mode)
+
+    monkeypatch.setattr(bench, "decode_steps", refuse_static)
+    out = bench.main(["--tiny", "--archs", "llava", "--visual-tokens", "16", "--phases", "decode",
+                      "--out", str(tmp_path)])
+    rows = pd.read_json(out / "rows.json")
+    decode = rows[rows["metric"] == "decode_latency_s"].set_index("note")["value"]
+    assert decode["eager; decode=dynamic"] > 0
+    failed = "eager; decode=static; failed: RuntimeError: operation not permitted when stream is capturing"
+    assert pd.isna(decode[failed])  # recorded as not measured, with the reason
