@@ -365,6 +365,15 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def failure(err: RuntimeError) -> str:
+    """``Type: first line`` of a measurement's error, for its row; compilation errors are re-raised
+    (:func:`measure_point` reruns the point eager)."""
+    if isinstance(err, TorchDynamoException):
+        raise err
+    first_line = str(err).splitlines()[0][:120] if str(err) else ""
+    return f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+
+
 def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: torch.device, log: Callable,
               prefill_batch: int, note: str = "") -> None:
     """Count, then measure every phase of ``arch`` at ``visual_tokens``; rows go to ``rows``. ``note`` goes
@@ -431,10 +440,11 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                     try:
                         with ctx, record_paths() as paths:
                             timing, mem = measure(lambda pb=prompts: model.prefill(pb), device, s)
-                    except torch.OutOfMemoryError:  # the fit estimate was optimistic: say so, go on
-                        summary.append(f"prefill[b{b},{scope}] OOM")
+                    except RuntimeError as err:  # e.g. OOM: the fit estimate was optimistic; say so, go on
+                        reason = failure(err)
+                        summary.append(f"prefill[b{b},{scope}] failed ({reason})")
                         rows.add({**point, "batch_size": b}, "prefill_latency_s", float("nan"), phase="prefill",
-                                 scope=scope, attention_backend=f"{backend}[oom]", note=how)
+                                 scope=scope, attention_backend=f"{backend}[]", note=f"{how}; failed: {reason}")
                         free(device)
                         continue
                     timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}_{b}"],
@@ -454,11 +464,8 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                         prompt = cache.length
                         timing, mem = measure(lambda step=step, token=token: step(token), device, s,
                                               warmup=warmup, max_repeats=repeats)
-                except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. a capture the GPU refused
-                    if isinstance(err, TorchDynamoException):
-                        raise  # compilation: measure_point reruns the point eager
-                    first_line = str(err).splitlines()[0][:120] if str(err) else ""
-                    reason = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+                except RuntimeError as err:  # e.g. a CUDA-graph capture the GPU refused, OOM
+                    reason = failure(err)
                     summary.append(f"decode[{mode}] failed ({reason})")
                     rows.add(point, "decode_latency_s", float("nan"), phase="decode", attention_backend=f"{backend}[]",
                              note=f"{how}; decode={mode}; failed: {reason}")
@@ -489,11 +496,12 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                   stage=stage, scope="total", batch=train_batch, detail=f"optimizer={s.optimizer}")
             summary.append(f"train[{stage},b{train_batch}] {timing.median * 1e3:.1f} ms")
             del optimizer, train_inputs
-        except torch.OutOfMemoryError:
-            summary.append(f"train[{stage}] OOM")
+        except RuntimeError as err:  # e.g. OOM
+            reason = failure(err)
+            summary.append(f"train[{stage}] failed ({reason})")
             rows.add({**point, "batch_size": train_batch}, "train_step_latency_s", float("nan"),
-                     stage=stage, phase="train_step", scope="total", attention_backend=f"{backend}[oom]",
-                     note=f"{how}; optimizer={s.optimizer}")
+                     stage=stage, phase="train_step", scope="total", attention_backend=f"{backend}[]",
+                     note=f"{how}; optimizer={s.optimizer}; failed: {reason}")
         model.zero_grad(set_to_none=True)
         free(device)
     log(f"{arch:9s} v={visual_tokens:5d} {backend:5s} {how} | " + " | ".join(summary)
