@@ -55,6 +55,8 @@ def compare(
                                           "flex, or fast (each architecture's CUDA fast path: flex for naavit, "
                                           "flash for the others). FLOPs are counted with sdpa either way."),
     compile_layers: bool = typer.Option(False, "--compile", help="torch.compile the decoder layers before measuring."),
+    decode_mode: str = typer.Option(None, help="How decode is measured: dynamic (growing KV cache), static "
+                                    "(preallocated) or graph (static + CUDA graph; the default on CUDA)."),
     baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope: language (paper) or total."),
     convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs: dense (paper) or effective."),
@@ -76,7 +78,8 @@ def compare(
     with progress_bar(steps(archs, stages), "profiling") as advance:
         timing = {"timing": {"min_seconds": min_seconds}} if min_seconds is not None else {}
         rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
-                       count.value, attention_backend=attention_backend, compiled=compile_layers, **timing)
+                       count.value, attention_backend=attention_backend, compiled=compile_layers,
+                       decode_mode=decode_mode, **timing)
     emit(rows, archs, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}")
 

@@ -42,6 +42,7 @@ def invoke(*args: str):
     (["compare", "--format", "xml"], "xml"),
     (["compare", "--measure", "sometimes"], "sometimes"),
     (["compare", "--attention-backend", "fused", *TINY], "attention_backend must be 'fast' or one of"),
+    (["compare", "--decode-mode", "cudagraph", *TINY], "decode_mode must be one of ['dynamic', 'static', 'graph']"),
     (["sweep", "--vary", "colour=red"], "FIELD one of ['visual_tokens'"),
     (["sweep", "--vary", "visual_tokens=1000", *TINY], "nearest valid"),
     (["train-cost", "--finetune-text", "40"], "expected BEFORE,AFTER"),
@@ -203,10 +204,11 @@ def test_compare_measured_on_cpu(tmp_path):
     out = tmp_path / "m"
     result = invoke("compare", *MHA, "--arch", "llava", "--stage", "finetune", "--measure", "always",
                     "--min-seconds", "0.01", "--format", "csv", "--out", str(out), "--plots",
-                    "--attention-backend", "fast")
+                    "--attention-backend", "fast", "--decode-mode", "static")
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(out / "results.csv", keep_default_na=False)
     assert set(rows["attention_backend"]) == {"flash"}  # llava's fast path, recorded in every row
+    assert set(rows[rows["metric"] == "decode_latency_s"]["note"]) == {"perf_counter; decode=static"}
     table = pd.read_csv(out / "comparison.csv").set_index("quantity")
     assert table.loc["prefill latency (TTFT)", "value"] > 0
     assert table.loc["train-step latency (finetune)", "source"] == "measured"
