@@ -6,8 +6,8 @@
     python benchmarks/gpu_bench.py --tiny     # end to end on CPU with tiny presets (what the tests run)
 
 Every point builds the model in bf16 with random weights (timing does not depend on their values),
-compiles each decoder layer (``torch.compile``; a point whose compilation fails runs eager and its rows
-say so) and measures, with the attention backend chosen per architecture (``--backend``; defaults:
+compiles its layers and blocks (``MLLM.compile_layers``; a point whose compilation fails runs eager and
+its rows say so) and measures, with the attention backend chosen per architecture (``--backend``; defaults:
 ``flash`` with its static-structure paths, ``flex`` for NAAViT's block-sparse mask):
 
 - ``prefill`` (time to first token) in two scopes: ``total`` (vision tower + connector + decoder +
@@ -702,7 +702,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device"), parser.add_argument("--dtype")
     parser.add_argument("--warmup", type=int), parser.add_argument("--min-repeats", type=int)
     parser.add_argument("--min-seconds", type=float)
-    parser.add_argument("--eager", action="store_true", help="no torch.compile (default: compile each decoder layer)")
+    parser.add_argument("--eager", action="store_true",
+                        help="no torch.compile (default: compile every layer and block)")
     parser.add_argument("--prefill-batch", type=int, help="throughput prefill batch in samples (default 32)")
     parser.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default adamw: bf16 state)")
     parser.add_argument("--train-stages", help="comma-separated of pretrain,finetune (default both)")

@@ -54,7 +54,8 @@ def compare(
     attention_backend: str = typer.Option("sdpa", help="Attention when measuring: sdpa (reference), math, flash, "
                                           "flex, or fast (each architecture's CUDA fast path: flex for naavit, "
                                           "flash for the others). FLOPs are counted with sdpa either way."),
-    compile_layers: bool = typer.Option(False, "--compile", help="torch.compile the decoder layers before measuring."),
+    compile_layers: bool = typer.Option(False, "--compile",
+                                        help="torch.compile the model's layers and blocks before measuring."),
     decode_mode: str = typer.Option(None, help="How decode is measured: dynamic (growing KV cache), static "
                                     "(preallocated) or graph (static + CUDA graph; the default on CUDA)."),
     baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
