@@ -227,7 +227,8 @@ def profile(
     ``graph`` (static cache + CUDA graph) on CUDA, ``dynamic`` elsewhere. ``attention_backend``: one of
     :func:`~mllm_bench.attention.available_backends` or ``fast`` (the architecture's CUDA fast path,
     ``flash``, or ``flex`` for NAAViT); it applies to measurement, while FLOPs are counted with ``sdpa``
-    (dense convention). ``compiled``: ``torch.compile`` the decoder layers before measuring. Rows record
+    (dense convention). ``compiled``: reset torch.compile's caches, then compile the model's layers and blocks
+    (:meth:`~mllm_bench.model.MLLM.compile_layers`) before measuring. Rows record
     the backend, and their ``note`` the decode mode and compilation.
     """
     cls = get_architecture(arch)  # a clear error for an unknown name before any work
@@ -282,6 +283,9 @@ def profile(
         model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
         model.set_attention_backend(attention_backend)
         if compiled:
+            import torch._dynamo as dynamo  # imported only when compiling (it takes seconds)
+
+            dynamo.reset()  # compile afresh: shapes an earlier model marked dynamic can break this one
             model.compile_layers()
         timing_opts = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.5, "max_repeats": 1000, **(timing or {})}
         mode = decode_mode or ("graph" if torch.device(run_device).type == "cuda" else "dynamic")
