@@ -90,6 +90,24 @@ def test_profile_fast_backend_is_the_architectures_and_counting_stays_dense() ->
     assert counted["fast"] == counted["sdpa"] > 0
 
 
+def test_profile_compiled_measures_with_compiled_layers(monkeypatch) -> None:
+    from mllm_bench.model import MLLM
+
+    compiled = []
+    compile_layers = MLLM.compile_layers
+
+    def aot_eager(self):  # the traced graphs without a C++ toolchain
+        compiled.append(type(self).__name__)
+        compile_layers(self, backend="aot_eager")
+
+    monkeypatch.setattr(MLLM, "compile_layers", aot_eager)
+    df = profile("saisa", WL, llm="tiny-llm", vision="tiny-clip", measure="always", compiled=True,
+                 attention_backend="fast", timing={"min_seconds": 0.0, "min_repeats": 1, "max_repeats": 1})
+    assert compiled == ["SAISA"]
+    assert set(df[df.metric == "decode_latency_s"].note) == {"perf_counter; compiled; decode=dynamic"}
+    assert set(df[df.metric == "prefill_latency_s"].note) == {"perf_counter; compiled"}
+
+
 def test_profile_bad_input() -> None:
     with pytest.raises(ConfigError, match="attention_backend must be 'fast' or one of"):
         profile("llava", WL, llm="tiny-llm", vision="tiny-clip", attention_backend="fused")
