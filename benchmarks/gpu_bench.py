@@ -584,6 +584,45 @@ def add_speedups(rows: Rows, baseline: str = "llava") -> list[str]:
     return lines
 
 
+SPEEDUP_TARGET, TRAIN_MFU_TARGET, IQR_TARGET = 0.9, 0.45, 0.02  # issue 5's targets
+
+
+def target_checks(rows: list[dict[str, Any]], baseline: str = "llava") -> list[str]:
+    """Issue 5's targets against this run's rows, one Markdown line each: SAISA's prefill speedup over the
+    baseline ÷ its FLOP-predicted speedup at the throughput batch (language scope), the baseline's finetune
+    MFU (the target is stated for an H100), and the spread of every timed median."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines = []
+    ratios = [r for r in rows if r["metric"] == "prefill_speedup_vs_flops" and r["arch"] == "saisa"
+              and r["scope"] == "language"]
+    for v in sorted({r["visual_tokens"] for r in ratios}):
+        at = max((r for r in ratios if r["visual_tokens"] == v), key=lambda r: r["batch_size"])
+        lines.append(f"- SAISA prefill speedup ÷ FLOP-predicted, {v} visual tokens, batch {at['batch_size']}: "
+                     f"{at['value']:.3f} (target ≥ {SPEEDUP_TARGET}): {mark(at['value'] >= SPEEDUP_TARGET)}")
+    for r in rows:
+        if r["metric"] == "mfu" and r["arch"] == baseline and r["phase"] == "train_step" and r["stage"] == "finetune":
+            lines.append(f"- {baseline} finetune-step MFU, {r['visual_tokens']} visual tokens: {r['value']:.1%} "
+                         f"(target ≥ {TRAIN_MFU_TARGET:.0%} on an H100): {mark(r['value'] >= TRAIN_MFU_TARGET)}")
+    spreads = []
+    for r in rows:
+        if r["metric"].endswith("_latency_s") and r["source"] == "measured" and r["value"] == r["value"]:
+            iqr = next((x["value"] for x in rows if x["metric"] == "latency_iqr_s" and all(
+                x.get(k) == r.get(k) for k in ("arch", "visual_tokens", "phase", "scope", "stage", "batch_size",
+                                               "note"))), None)
+            if iqr is not None and r["value"] > 0:
+                what = {"train_step": r["stage"], "prefill": r["scope"]}.get(r["phase"], "")
+                spreads.append((iqr / r["value"], " ".join(str(x) for x in (
+                    r["arch"], r["visual_tokens"], r["phase"], what, f"b{r['batch_size']}", f"[{r['note']}]") if x)))
+    if spreads:
+        over = sorted((x for x in spreads if x[0] > IQR_TARGET), reverse=True)
+        lines.append(f"- Spread (IQR ÷ median) ≤ {IQR_TARGET:.0%}: {len(spreads) - len(over)} of {len(spreads)} "
+                     f"timed medians: {mark(not over)}"
+                     + ("" if not over else "; over: " + ", ".join(f"{name} ({x:.1%})" for x, name in over)))
+    return lines
+
+
 def save_rows(rows: Rows, out: Path) -> Any:
     """rows.csv and rows.json (atomic writes, mllm_bench.results); returns the rows as a DataFrame."""
     df = to_frame(rows.rows)
@@ -646,7 +685,7 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
     lines += ["", "## Prefill speedup over llava: measured vs predicted by counted FLOPs", "",
               "| arch | visual | batch | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
               "|---|---|---|---|---|---|---|",
-              *speedups, "", *notes]
+              *speedups, "", "## Issue 5's targets", "", *target_checks(rows.rows), "", *notes]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(df, out, s.decode_modes[-1] if s.decode_modes else "dynamic")
 

@@ -98,6 +98,7 @@ def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
     assert step_flops["saisa", "pretrain"] < step_flops["saisa", "finetune"]  # no LLM weight gradients
     summary = (out / "summary.md").read_text()
     assert summary.count("| saisa |") >= 2 and "decode ms/token (static)" in summary and "pretrain MFU" in summary
+    assert "## Issue 5's targets" in summary and "- SAISA prefill speedup ÷ FLOP-predicted, 16 visual" in summary
     assert (out / "gpu_bench.png").stat().st_size > 10_000
 
 
@@ -182,3 +183,21 @@ def test_a_decode_mode_that_fails_is_recorded_and_the_run_goes_on(tmp_path, monk
     assert decode["eager; decode=dynamic"] > 0
     failed = "eager; decode=static; failed: RuntimeError: operation not permitted when stream is capturing"
     assert pd.isna(decode[failed])  # recorded as not measured, with the reason
+
+
+def test_target_checks_say_met_or_not_met() -> None:
+    bench = load_bench()
+    rows = bench.Rows({"device_name": "NVIDIA H100 80GB HBM3"})
+    point = {"arch": "saisa", "visual_tokens": 576, "batch_size": 32}
+    rows.add(point, "prefill_speedup_vs_flops", 0.93, scope="language", phase="prefill")
+    rows.add({**point, "visual_tokens": 2304}, "prefill_speedup_vs_flops", 0.85, scope="language", phase="prefill")
+    rows.add({**point, "arch": "llava", "batch_size": 12}, "mfu", 0.47, phase="train_step", stage="finetune")
+    for metric, value in (("prefill_latency_s", 0.100), ("latency_iqr_s", 0.001)):
+        rows.add(point, metric, value, phase="prefill", scope="language", note="compiled")
+    for metric, value in (("decode_latency_s", 0.010), ("latency_iqr_s", 0.0005)):
+        rows.add(point, metric, value, phase="decode", note="compiled; decode=graph")
+    text = "\n".join(bench.target_checks(rows.rows))
+    assert "576 visual tokens, batch 32: 0.930 (target ≥ 0.9): met" in text
+    assert "2304 visual tokens, batch 32: 0.850 (target ≥ 0.9): **not met**" in text
+    assert "llava finetune-step MFU, 576 visual tokens: 47.0% (target ≥ 45% on an H100): met" in text
+    assert "1 of 2 timed medians: **not met**; over: saisa 576 decode b32 [compiled; decode=graph] (5.0%)" in text
