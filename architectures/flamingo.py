@@ -352,8 +352,7 @@ class Flamingo(MLLM):
         kv = self.media_kv(batch)
         cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
         hidden = self.run_decoder(x, positions, mask, kv, media, cache)
-        cache.add_keys(positions, batch.text_mask(), torch.zeros_like(positions, dtype=torch.bool))
-        cache.next_pos = positions[:, -1] + 1
+        cache.add_prompt(mask)
         n = self.options.num_latents
         latest = None if kv is None else {i: (k[:, :, -n:], v[:, :, -n:]) for i, (k, v) in kv.items()}
         cache.extra["cross_attn_kv"] = latest

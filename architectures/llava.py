@@ -17,7 +17,7 @@ from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import LLMConfig, VisionConfig
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
-from mllm_bench.masks import AttentionMask
+from mllm_bench.masks import AttentionMask, causal_mask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
 from mllm_bench.workload import Workload
@@ -79,10 +79,7 @@ class LLaVA(MLLM):
         return scatter_rows(layout.length, parts), layout
 
     def sequence_mask(self, layout: SplicedLayout) -> AttentionMask:
-        return AttentionMask(
-            layout.positions, layout.positions, layout.valid, layout.valid, layout.is_visual, layout.is_visual,
-            self.visual_to_visual, meta_plain_causal=self.visual_to_visual,
-        )
+        return causal_mask(layout.positions, layout.valid, layout.is_visual, self.visual_to_visual)
 
     def forward(self, batch: MultimodalBatch) -> ModelOutput:
         x, layout = self.embed(batch)
@@ -95,6 +92,5 @@ class LLaVA(MLLM):
         cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
         mask = self.sequence_mask(layout)
         hidden = self.language_model(x, layout.positions, mask, cache)
-        cache.add_keys(layout.positions, layout.valid, layout.is_visual)
-        cache.next_pos = layout.positions[:, -1] + 1
+        cache.add_prompt(mask)
         return self.lm_head(hidden[:, -1]), cache

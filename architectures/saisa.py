@@ -108,20 +108,18 @@ class SAISA(MLLM):
         layout = splice_layout(batch, self.tokens_per_image)
         text_valid = batch.text_mask()
         x = lm.embed_tokens(batch.input_ids)
-        rope_text = lm.rope(_rows(layout.positions, layout.text_index), x.dtype)
         mask = saisa_mask(layout, text_valid)
+        rope_text = lm.rope(mask.q_pos, x.dtype)
         feats, rope_keys = None, None
         if batch.images_per_sample:
             feats = self.image_features(batch.pixel_values).to(x.dtype)
-            rope_visual = lm.rope(_rows(layout.positions, layout.visual_index), x.dtype)
-            rope_keys = (torch.cat([rope_visual[0], rope_text[0]], 1), torch.cat([rope_visual[1], rope_text[1]], 1))
+            rope_keys = lm.rope(mask.k_pos, x.dtype)  # [visual, text] positions: the keys' order
         for i in range(len(lm.layers)):
             # layer i's visual hidden states are set (not accumulated) from its own projector
             kv_only = None if feats is None else (self.mm_projectors[i](feats), rope_keys)
             x = lm.run_layer(i, x, rope_text, mask, cache, kv_only=kv_only)
         if cache is not None:
-            cache.add_keys(mask.k_pos, mask.k_valid, mask.k_visual)
-            cache.next_pos = layout.positions[:, -1] + 1
+            cache.add_prompt(mask)
         return lm.norm(x)
 
     def forward(self, batch: MultimodalBatch) -> ModelOutput:

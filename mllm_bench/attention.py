@@ -134,6 +134,7 @@ def _sdpa_path(mask: AttentionMask, needs_grad: bool = False) -> str:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """The reference: K/V repeated per head group and plain SDPA calls (what jit tracers such as fvcore read)."""
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     path = _sdpa_path(mask)
@@ -163,7 +164,12 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """SDPA with grouped KV heads handled by the kernel (no repeated copies of K and V)."""
+    """SDPA over grouped KV heads: without a mask tensor the kernel takes them as they are (``enable_gqa``,
+    no copies); with one, K and V are repeated per group, since ``enable_gqa`` with a mask sends SDPA to its
+    math fallback, which materialises every score."""
+    if kwargs.get("attn_mask") is not None:
+        groups = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), **kwargs)
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
 
 

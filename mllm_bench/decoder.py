@@ -108,6 +108,12 @@ class KVCache:
         next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         return cls([LayerKV() for _ in range(num_layers)], z, z.bool(), z.bool(), next_pos)
 
+    def add_prompt(self, mask: AttentionMask) -> None:
+        """Record the prompt's keys (``mask``'s, in the order the layers appended them); decoding continues
+        after the last one (a prompt ends with text)."""
+        self.add_keys(mask.k_pos, mask.k_valid, mask.k_visual)
+        self.next_pos = mask.k_pos[:, -1] + 1
+
     def add_keys(self, pos: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
         """Record metadata of keys appended (in the same order as the layers append them)."""
         self.k_pos = torch.cat([self.k_pos, pos], 1)
@@ -124,13 +130,18 @@ class KVCache:
         ones = torch.ones_like(pos, dtype=torch.bool)
         self.add_keys(pos, ones, ~ones)
         self.next_pos = self.next_pos + 1
-        return pos, AttentionMask(pos, self.k_pos, ones, self.k_valid, ~ones, self.k_visual, True)
+        return pos, self.step_mask(pos)
+
+    def step_mask(self, pos: torch.Tensor) -> AttentionMask:
+        """The mask of one new text token per sample at ``pos`` (B, 1) over every cached key."""
+        ones = torch.ones_like(pos, dtype=torch.bool)
+        return AttentionMask(pos, self.k_pos, ones, self.k_valid, ~ones, self.k_visual, True)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of self-attention keys+values held, split into visual and text keys."""
         per_token = sum(kv.k.element_size() * kv.k[0, :, 0].numel() * 2 for kv in self.layers if kv.k is not None)
         visual = int(self.k_visual.sum()) if self.k_visual.device.type != "meta" else 0
-        total = self.k_pos.numel()
+        total = self.k_pos.shape[0] * self.length
         return {"visual": visual * per_token, "text": (total - visual) * per_token}
 
 

@@ -54,11 +54,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The blocks sharded one by one: the decoder layers and any ``fsdp_units`` the model adds."""
-    units: list[nn.Module] = list(model.language_model.layers)
-    extra = getattr(model, "fsdp_units", None)
-    if callable(extra):
-        units += list(extra())
-    return units
+    return [*model.language_model.layers, *model.fsdp_units()]
 
 
 def shard_model(model: nn.Module, device_type: str = "cpu") -> nn.Module:

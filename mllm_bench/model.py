@@ -113,6 +113,10 @@ class MLLM(nn.Module, ABC):
     def set_attention_backend(self, backend: str) -> None:
         self.language_model.attention_backend = backend
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Connector blocks to shard (and compile) one by one besides the decoder layers; none by default."""
+        return []
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.language_model.gradient_checkpointing = enabled
 
@@ -133,8 +137,7 @@ class MLLM(nn.Module, ABC):
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
         setattr(config, name, max(getattr(config, name), 64))
-        connector = getattr(self, "fsdp_units", list)()
-        for block in [*self.language_model.layers, *self.vision_tower.encoder.layers, *connector]:
+        for block in [*self.language_model.layers, *self.vision_tower.encoder.layers, *self.fsdp_units()]:
             block.compile(**{"dynamic": None, **compile_options})
         self.language_model.compiled_layers = True
 

@@ -103,15 +103,7 @@ class StaticKVCache(KVCache):
         self.k_pos.index_copy_(1, self.slot, pos)
         self.k_valid.index_fill_(1, self.slot, True)
         self.next_pos.add_(1)
-        ones = torch.ones_like(pos, dtype=torch.bool)
-        return pos, AttentionMask(pos, self.k_pos, ones, self.k_valid, ~ones, self.k_visual, True)
-
-    def nbytes(self) -> dict[str, int]:
-        """Bytes of the filled keys+values (the buffers hold ``capacity`` keys)."""
-        per_token = sum(kv.k.element_size() * kv.k[0, :, 0].numel() * 2 for kv in self.layers)
-        visual = int(self.k_visual.sum()) if self.k_visual.device.type != "meta" else 0
-        total = self.k_pos.shape[0] * self.filled
-        return {"visual": visual * per_token, "text": (total - visual) * per_token}
+        return pos, self.step_mask(pos)
 
     def state(self) -> dict[str, Any]:
         """What a decode step changes, to roll back to (``restore``); K/V rows past ``slot`` are masked."""
