@@ -211,11 +211,6 @@ def fitting_layers(s: Settings, device: torch.device) -> int | None:
 # ----- timing ---------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 SETTLE_CALLS = 6  # at most this many extra warm-up calls while torch.compile still compiles
 
 
@@ -282,28 +277,24 @@ def batch_for(tokens_per_sample: int, token_budget: int, cap: int = 16) -> int:
 
 @contextlib.contextmanager
 def vision_precomputed(model: MLLM) -> Iterator[None]:
-    """Within the block the vision tower's output is reused (computed on first use), so a prefill
-    times the connector and the decoder only. Patches ``encode_images`` where the architecture's
-    module imported it; nothing else changes."""
-    modules = {sys.modules[c.__module__] for c in type(model).__mro__ if c.__module__ in sys.modules}
-    modules = {m for m in modules if hasattr(m, "encode_images")}
+    """Within the block the vision tower's output is reused (computed on first use, per input tensor), so a
+    prefill times the connector and the decoder only. Overrides ``model.encode``, the one way every
+    architecture runs its vision tower."""
     store: dict[tuple, torch.Tensor] = {}
-    originals = {m: m.encode_images for m in modules}
+    encode = model.encode
 
-    def cached(tower: Any, cfg: Any, pixels: torch.Tensor) -> torch.Tensor:
-        key = (id(tower), pixels.data_ptr() if pixels.device.type != "meta" else 0, tuple(pixels.shape))
+    def cached(pixels: torch.Tensor) -> torch.Tensor:
+        key = (pixels.data_ptr(), tuple(pixels.shape))
         if key not in store:
             with torch.no_grad():
-                store[key] = next(iter(originals.values()))(tower, cfg, pixels)
+                store[key] = encode(pixels)
         return store[key]
 
-    for m in modules:
-        m.encode_images = cached
+    model.encode = cached
     try:
         yield
     finally:
-        for m, fn in originals.items():
-            m.encode_images = fn
+        del model.encode
 
 
 # ----- FLOPs counted on a meta copy ---------------------------------------------------------------
@@ -318,12 +309,10 @@ def counted(arch: str, llm: LLMConfig, vision: VisionConfig, s: Settings, worklo
     meta = workload.replace(device="meta")
     out: dict[str, int] = {}
     for b in prefill_batches:
-        at = meta.replace(batch_size=b)
-        out[f"prefill_total_{b}"] = int(count_prefill(model, at).total)
-        with vision_precomputed(model):
-            with torch.no_grad():
-                model.prefill(model.example_batch(at))  # the features, outside the count
-            out[f"prefill_language_{b}"] = int(count_prefill(model, at).total)
+        prefill = count_prefill(model, meta.replace(batch_size=b))
+        out[f"prefill_total_{b}"] = int(prefill.total)
+        # the language scope times everything but the vision tower (its features precomputed)
+        out[f"prefill_language_{b}"] = int(prefill.total - prefill.flops(component="vision"))
     for stage in s.train_stages:
         out[f"train_step_{stage}"] = int(count_train_step(model, meta.replace(batch_size=train_batch), stage).total)
     return out

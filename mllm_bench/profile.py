@@ -29,7 +29,6 @@ from .registry import build_model, get_architecture
 from .results import make_row, to_frame
 from .static_decode import DECODE_MODES, decode_steps
 from .timing import time_fn
-from .vision import encode_images
 from .workload import PAPER_WORKLOAD, Workload, dtype_name
 
 __all__ = ["profile", "should_measure"]
@@ -167,9 +166,7 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
         model.set_stage("inference")
         with torch.no_grad():
             if workload.images_per_sample:
-                pixels = batch.pixel_values.flatten(0, 1)
-                record("vision_encode", "vision_encode_latency_s",
-                       lambda: encode_images(model.vision_tower, model.vision_config, pixels), 0,
+                record("vision_encode", "vision_encode_latency_s", lambda: model.encode(batch.pixel_values), 0,
                        flops.get("vision"))
             prompt = base["visual_tokens"] + workload.num_text_tokens
             record("prefill", "prefill_latency_s", lambda: model.prefill(batch), b * prompt, flops.get("prefill"))

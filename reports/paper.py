@@ -21,13 +21,12 @@ from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from . import plots, train_cost
 from .collect import dedupe
-from .rows import environment_line, normalise, pick
+from .rows import environment_line, fmt_change, normalise, pick
 
 PAPER_ARCHS = ("llava", "flamingo", "saisa")
 PAPER_LLMS = ("vicuna-7b", "vicuna-13b")
 PAPER_VISION = "clip-vit-l-336"
 PAPER_INFERENCE_REDUCTION = 0.66  # arXiv 2502.02458, abstract: SAISA −66% inference FLOPs vs LLaVA-1.5 (7B)
-ARCH_TITLES = {"llava": "LLaVA-1.5", "flamingo": "Flamingo-style", "saisa": "SAISA", "naavit": "NAAViT"}
 ProfileFn = Callable[..., pd.DataFrame]
 
 
@@ -75,17 +74,14 @@ def inference_table(rows: pd.DataFrame, scope: str, convention: str, llms: Seque
             value = c if not math.isnan(c) else a
             if arch == "llava":
                 base = value
-            rec = {"llm": llm, "arch": arch, "architecture": ARCH_TITLES.get(arch, arch), "tflops_counted": c / 1e12,
+            rec = {"llm": llm, "arch": arch, "architecture": plots.ARCH_NAMES.get(arch, arch),
+                   "tflops_counted": c / 1e12,
                    "tflops_analytic": a / 1e12, "vs_llava": value / base - 1 if arch != "llava" else math.nan}
             if with_formula:
                 rec["tflops_paper_formula"] = paper_formula_flops(arch, llm_preset(llm), vision_preset(vision),
                                                                   workload.num_text_tokens) / 1e12
             records.append(rec)
     return pd.DataFrame.from_records(records)
-
-
-def _pct(x: float) -> str:
-    return "—" if math.isnan(x) else f"{x * 100:+.1f}%".replace("-", "−")
 
 
 def _num(x: float) -> str:
@@ -103,7 +99,7 @@ def inference_markdown(table: pd.DataFrame, claim: bool) -> str:
         row = f"| {r['llm']} | {r['architecture']} |" + (f" {_num(r['tflops_counted'])} |" if counted else "")
         row += f" {_num(r['tflops_analytic'])} |"
         row += f" {_num(r['tflops_paper_formula'])} |" if formula else ""
-        row += f" {_pct(r['vs_llava'])} |"
+        row += f" {fmt_change(r['vs_llava'])} |"
         if claim:
             row += " −66% |" if r["arch"] == "saisa" and r["llm"] == "vicuna-7b" else " |"
         lines.append(row)

@@ -221,8 +221,9 @@ def train_cost(
     records, used = [], []
     for arch in archs:
         for st in recipe:
+            # counted rows exist in the dense convention only: count on meta tensors only when they are read
             rows = normalise(profile_fn(arch, st.workload(), llm=llm, vision=vision, options=options.get(arch),
-                                        measure="never"))
+                                        measure="never", count="dense" in (convention, hours_convention)))
             used.append(rows)
             got = pick(rows, "train_step_flops", stage=st.stage, scope=scope, convention=convention)
             basis = pick(rows, "train_step_flops", stage=st.stage, scope=hours_scope, convention=hours_convention)
