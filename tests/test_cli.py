@@ -14,15 +14,6 @@ from tests.reports_fakes import PER_TOKEN, fake_profile
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (no thread-pool spinning on a busy 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 TINY = ["--llm", "tiny-llm", "--vision", "tiny-clip", "--device", "cpu", "--dtype", "float32"]
 
 
