@@ -90,6 +90,7 @@ class CostBreakdown:
         _check("convention", convention, CONVENTIONS)
         _check("scope", scope, SCOPES)
         _check("component", component, COMPONENTS)
+        _check("pass_", pass_, PASSES)
         return sum(
             t.value(convention) for t in self.terms
             if (phase is None or t.phase == phase) and in_scope(t.component, scope)

@@ -38,7 +38,6 @@ TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NUMERIC + C
 ROW_FILE_SUFFIXES = (".json", ".csv")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SQLITE_TABLE = "results"
-UNITS = ("params", "FLOP", "bytes", "s", "FLOP/s", "ratio", "tokens/s")
 SOURCES = ("analytic", "counted", "measured")
 
 METRIC_UNITS: dict[str, str] = {
@@ -187,10 +186,18 @@ def read_results(path: str | Path, table: str = SQLITE_TABLE) -> pd.DataFrame:
         raise ConfigError(f"result path {str(path)!r} does not exist")
     if path.is_dir():
         files = [p for p in sorted(path.iterdir()) if p.suffix in ROW_FILE_SUFFIXES and not p.name.startswith(".")]
-        files = [p for p in files if _holds_rows(p)]
-        if not files:
+        written_as_json = {p.stem for p in files if p.suffix == ".json"}
+        frames = []
+        for p in files:
+            if p.suffix == ".csv" and p.stem in written_as_json:
+                continue  # the same rows, written in both formats (results.json and results.csv)
+            try:
+                frames.append(read_results(p))
+            except (ConfigError, json.JSONDecodeError, UnicodeDecodeError):
+                continue  # not tidy rows: a sweep's manifest, a comparison table
+        if not frames:
             raise ConfigError(f"folder {str(path)!r} holds no result files (.json or .csv of tidy rows)")
-        return concat_rows(read_results(p) for p in files)
+        return concat_rows(frames)
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         if not isinstance(data, list):
@@ -209,14 +216,3 @@ def read_results(path: str | Path, table: str = SQLITE_TABLE) -> pd.DataFrame:
     if "metric" not in df.columns or "value" not in df.columns:
         raise ConfigError(f"{str(path)!r} holds no result rows (columns 'metric' and 'value' missing)")
     return normalise(df)
-
-
-def _holds_rows(path: Path) -> bool:
-    if path.suffix == ".csv":
-        with path.open() as f:
-            return "metric" in f.readline().strip().split(",")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "metric" in data[0]
