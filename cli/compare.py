@@ -81,7 +81,7 @@ def compare(
         rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
                        count.value, attention_backend=attention_backend, compiled=compile_layers,
                        decode_mode=decode_mode, **timing)
-    emit(rows, archs, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
+    emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}")
 
 
@@ -94,15 +94,16 @@ def vision_for(vision: str, image_size: int | None):
     return cfg if image_size in (None, cfg.image_size) else replace(cfg, image_size=image_size)
 
 
-def emit(rows: pd.DataFrame, archs: list[str], stages: list[str], baseline: str, scope: str, convention: str,
-         fmt: Format, out: Path | None, make_plots: bool, db: Path | None, title: str,
-         stdout: Console | None = None) -> None:
+def emit(rows: pd.DataFrame, stages: list[str], baseline: str, scope: str, convention: str,
+         fmt: Format, out: Path | None, make_plots: bool, db: Path | None, title: str) -> None:
     """Print the table in ``fmt`` and write the files (shared by ``compare`` and ``report``)."""
     quantities = tables.compare_quantities(scope, convention, tuple(stages))
     table = tables.comparison(rows, quantities, baseline)
     notes = tables.notes_for(rows, scope, convention)
     # piped output has no terminal width: give the table room instead of rich's 80 columns
-    console = stdout or (Console() if Console().is_terminal else Console(width=200))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
     if fmt is Format.table:
         console.print(tables.to_rich(table, title, notes))
     elif fmt is Format.json:

@@ -21,14 +21,16 @@ def paper(
 ) -> None:
     """Recompute the SAISA paper's efficiency claims (7B and 13B) into OUT."""
     from mllm_bench.reports.paper import PAPER_ARCHS, PAPER_LLMS, PAPER_VISION, inference_markdown, regenerate
-    from mllm_bench.reports.train_cost import measured_mfu, parse_mfu
+    from mllm_bench.reports.train_cost import measured_mfu, parse_mfu, peak_flops
 
     from mllm_bench.config import ConfigError
     from mllm_bench.presets import vision_preset
 
     # every option is checked here, before the minutes of profiling
-    if device not in DEVICE_PEAKS:
-        raise ConfigError(f"--device: unknown device {device!r}; choose one of {sorted(DEVICE_PEAKS)}")
+    try:
+        peak_flops(device)
+    except ConfigError as err:
+        raise ConfigError(f"--device: {err}") from err
     utilisation = parse_mfu(mfu, PAPER_ARCHS)
     if measured is not None:  # any LLM's rows: a 7B measurement serves 13B too
         utilisation, _ = measured_mfu(measured, PAPER_ARCHS, None, vision_preset(PAPER_VISION).tokens_per_image,

@@ -9,7 +9,7 @@ import typer
 from mllm_bench.config import ConfigError
 from mllm_bench.results import concat_rows, read_results
 
-from .common import Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages, split_list
+from .common import Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages
 from .compare import emit
 
 
@@ -31,8 +31,7 @@ def report(
     rows = concat_rows(read_results(p) for p in inputs)
     if rows.empty:
         raise ConfigError("the input files hold no result rows")
-    archs = split_list(arch) or sorted(set(rows["arch"]))
-    parse_archs(archs)
+    archs = parse_archs(arch, default=sorted(set(rows["arch"])))
     every = rows
     rows = rows[rows["arch"].isin(archs)]
     if llm:
@@ -53,5 +52,5 @@ def report(
     if len(set(rows["llm"])) > 1 and not llm:
         raise ConfigError(f"rows hold several LLMs {sorted(set(rows['llm']))}; pick one with --llm "
                           "(or use --vary llm for a plot)")
-    emit(rows, archs, stages, baseline, scope.value, convention.value, fmt, out, make_plots, None,
+    emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, None,
          title=f"{', '.join(archs)} (from {len(inputs)} file(s))")
