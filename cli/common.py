@@ -12,10 +12,13 @@ from typing import Annotated, Any, TypeVar
 
 import pandas as pd
 import typer
+from mllm_bench.reports.collect import COUNT_CHOICES
+from mllm_bench.reports.tables import FORMATS
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from mllm_bench.config import ConfigError
+from mllm_bench.costmodel import CONVENTIONS, SCOPES
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
 from mllm_bench.workload import DTYPES, STAGES, Workload
@@ -26,16 +29,16 @@ DEFAULT_ARCHS = ("llava", "flamingo", "saisa")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def _choices(name: str, values: str) -> Any:
-    """A ``str`` Enum of an option's choices (typer lists and checks them): ``_choices("Scope", "language total")``."""
-    return Enum(name, [(v, v) for v in values.split()], type=str)
+def _choices(name: str, values: Sequence[str]) -> Any:
+    """A ``str`` Enum of an option's choices (typer lists and checks them), from the library's own tuple."""
+    return Enum(name, [(v, v) for v in values], type=str)
 
 
-Measure = _choices("Measure", "auto never always")
-Format = _choices("Format", "table markdown csv json latex")
-Count = _choices("Count", "all inference none")
-Scope = _choices("Scope", "language total")
-Convention = _choices("Convention", "dense effective")
+Measure = _choices("Measure", ("auto", "never", "always"))
+Format = _choices("Format", FORMATS)
+Count = _choices("Count", COUNT_CHOICES)
+Scope = _choices("Scope", SCOPES)
+Convention = _choices("Convention", CONVENTIONS)
 
 ARCH_HELP = "Architecture(s), repeatable or comma-separated (default: llava, flamingo, saisa)."
 OPTION_HELP = "Architecture option ARCH.KEY=VALUE, repeatable (e.g. flamingo.num_latents=4)."

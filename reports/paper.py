@@ -205,7 +205,7 @@ def paper_readme(paper_conv: pd.DataFrame, total_eff: pd.DataFrame, budget: pd.D
     measured = any(v != "given" for v in mfu.origin.values())
     paper_source = "counted" if paper_conv["tflops_counted"].notna().all() else "analytic where not counted"
     eff_source = "counted" if total_eff["tflops_counted"].notna().all() else "analytic only"
-    budget_source = "/".join(sorted(set("/".join(budget["flops_source"]).split("/")) - {""}))
+    budget_source = train_cost.flops_sources(budget)
     mfu_source = ("measured (see the notes under the table; a measurement with one LLM serves every LLM size)"
                   if measured else "assumed")
     return f"""# SAISA paper efficiency claims, recomputed

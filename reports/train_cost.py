@@ -257,6 +257,11 @@ def train_cost(
     return table, pd.concat(used, ignore_index=True)
 
 
+def flops_sources(table: pd.DataFrame) -> str:
+    """The FLOPs sources (``analytic``, ``counted``) a budget table's rows used, ``/``-joined."""
+    return "/".join(sorted(set("/".join(table["flops_source"]).split("/")) - {""}))
+
+
 def implied_mfu(table: pd.DataFrame, llm: str) -> dict[str, float]:
     """The MFU at which LLaVA-1.5's reported 8×A100 hours match our FLOPs, per stage (empty if unknown)."""
     if llm not in LLAVA_REPORTED_HOURS:
@@ -338,7 +343,7 @@ def budget_notes(table: pd.DataFrame, recipe: Sequence[StageRecipe],
     FLOPs reduction falls to the paper's 26% (None: not within the context window).
     """
     a = table.attrs
-    sources = "/".join(sorted(set("/".join(table["flops_source"]).split("/")) - {""}))
+    sources = flops_sources(table)
     notes = [
         "FLOPs: one multiply-add = 2 FLOPs; training step = forward + backward (weight gradients only for the "
         "stage's trainable parameters, activation gradients wherever a trainable parameter lies upstream).",
