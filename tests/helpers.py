@@ -28,8 +28,10 @@ def tiny_model(arch: str, llm: str = "tiny-llm", vision: str = "tiny-clip", seed
 
 
 def random_batch(model: MLLM, batch: int = 2, text: int = 10, positions: list[list[int]] | None = None,
-                 seed: int = 1, labels: bool = False, vocab_limit: int | None = None) -> MultimodalBatch:
-    """A random batch; ``positions`` per sample gives each image's text index (default one image at 3)."""
+                 seed: int = 1, labels: bool = False, vocab_limit: int | None = None,
+                 pad: list[int] | None = None) -> MultimodalBatch:
+    """A random batch; ``positions`` per sample gives each image's text index (default one image at 3);
+    ``pad[b]``: the first pad[b] text tokens of sample b are left padding."""
     gen = torch.Generator().manual_seed(seed)
     positions = positions if positions is not None else [[3]] * batch
     k = len(positions[0])
@@ -38,7 +40,20 @@ def random_batch(model: MLLM, batch: int = 2, text: int = 10, positions: list[li
     ids = torch.randint(0, vocab, (batch, text), generator=gen)
     pixels = torch.randn(batch, k, 3, size, size, generator=gen)
     pos = torch.tensor(positions, dtype=torch.long).reshape(batch, k)
-    return MultimodalBatch(ids, pixels, pos, None, ids.clone() if labels else None)
+    mask = None
+    if pad is not None:
+        mask = torch.ones(batch, text, dtype=torch.bool)
+        for b, n in enumerate(pad):
+            mask[b, :n] = False
+    return MultimodalBatch(ids, pixels, pos, mask, ids.clone() if labels else None)
+
+
+def set_gates(model: MLLM, value: float = 0.7) -> None:
+    """Open Flamingo's tanh gates (they start closed, which hides the images)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                p.fill_(value)
 
 
 def assert_gradients_reach_exactly(model: MLLM, trainable: dict) -> None:

@@ -8,14 +8,7 @@ import torch
 from mllm_bench import PAPER_WORKLOAD, ConfigError, MultimodalBatch, build_model
 from mllm_bench.masks import causal_mask
 
-from .helpers import random_batch, tiny_model
-
-
-def set_gates(model, value: float = 0.7) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                p.fill_(value)
+from .helpers import random_batch, set_gates, tiny_model
 
 
 def with_pixels(batch: MultimodalBatch, image: int, seed: int) -> MultimodalBatch:
@@ -25,18 +18,10 @@ def with_pixels(batch: MultimodalBatch, image: int, seed: int) -> MultimodalBatc
     return MultimodalBatch(batch.input_ids, pixels, batch.image_positions, batch.attention_mask, batch.labels)
 
 
-def left_padded(model, pad: list[int], text: int = 9, positions: list[list[int]] | None = None) -> MultimodalBatch:
-    batch = random_batch(model, batch=len(pad), text=text, positions=positions)
-    mask = torch.ones(len(pad), text, dtype=torch.bool)
-    for b, n in enumerate(pad):
-        mask[b, :n] = False
-    return MultimodalBatch(batch.input_ids, batch.pixel_values, batch.image_positions, mask)
-
-
 @torch.no_grad()
 def test_gates_at_zero_equal_text_only_llm():
     model = tiny_model("flamingo")
-    batch = left_padded(model, pad=[0, 2], positions=[[3, 6], [4, 7]])
+    batch = random_batch(model, text=9, positions=[[3, 6], [4, 7]], pad=[0, 2])
     valid = batch.attention_mask
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     x = model.language_model.embed_tokens(batch.input_ids)
@@ -92,7 +77,7 @@ def test_an_image_followed_directly_by_another_is_never_seen():
 def test_left_padding_matches_the_unpadded_sample():
     model = tiny_model("flamingo")
     set_gates(model)
-    padded = left_padded(model, pad=[0, 3], text=10, positions=[[2, 6], [5, 8]])
+    padded = random_batch(model, text=10, positions=[[2, 6], [5, 8]], pad=[0, 3])
     alone = MultimodalBatch(
         padded.input_ids[1:, 3:], padded.pixel_values[1:], padded.image_positions[1:] - 3, None,
     )
@@ -105,7 +90,7 @@ def test_cached_generation_equals_full_recomputation(positions):
     model = tiny_model("flamingo", cross_attn_every=2)
     set_gates(model)
     assert model.cross_attn_layer_indices == (1,)
-    batch = left_padded(model, pad=[2, 0], text=8, positions=positions)
+    batch = random_batch(model, text=8, positions=positions, pad=[2, 0])
     steps = 5
     generated = model.generate(batch, steps)
     ids, mask = batch.input_ids, batch.attention_mask

@@ -12,17 +12,6 @@ from mllm_bench.checkpoint import load_weights, read_state_dict
 from .helpers import assert_gradients_reach_exactly, random_batch, tiny_model
 
 
-def left_pad(batch: MultimodalBatch, pad: list[int]) -> MultimodalBatch:
-    """Turn the first pad[b] tokens of sample b into left padding (images must come after them)."""
-    mask = torch.ones_like(batch.input_ids, dtype=torch.bool)
-    ids = batch.input_ids.clone()
-    for i, n in enumerate(pad):
-        assert int(batch.image_positions[i].min()) >= n
-        mask[i, :n] = False
-        ids[i, :n] = 0
-    return MultimodalBatch(ids, batch.pixel_values, batch.image_positions, mask)
-
-
 def recompute_greedy(model, batch: MultimodalBatch, steps: int) -> torch.Tensor:
     """Greedy decoding without a cache: the full sequence again at every step."""
     ids, mask = batch.input_ids, batch.text_mask()
@@ -40,8 +29,7 @@ def recompute_greedy(model, batch: MultimodalBatch, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llava", "naavit"])
 def test_cached_generation_equals_recomputation(arch):
     model = tiny_model(arch)
-    batch = random_batch(model, batch=2, text=7, positions=[[2], [4]])
-    batch = left_pad(batch, [0, 3])
+    batch = random_batch(model, batch=2, text=7, positions=[[2], [4]], pad=[0, 3])
     cached = model.generate(batch, 6)
     assert torch.equal(cached, recompute_greedy(model, batch, 6))
 

@@ -13,7 +13,7 @@ from mllm_bench import ConfigError, MultimodalBatch, Workload, build_model
 from mllm_bench.checkpoint import load_weights, to_mllm_bench_names
 from mllm_bench.config import llm_config_from_hf, vision_config_from_hf
 
-from .helpers import random_batch, tiny_model
+from .helpers import random_batch, set_gates, tiny_model
 
 # llava-hf/llava-1.5-7b-hf's config.json lists only what differs from transformers' defaults
 LLAVA_HF_CONFIG = {
@@ -93,10 +93,7 @@ def test_weights_load_into_a_meta_model():
 @pytest.mark.parametrize("arch", ["llava", "saisa", "flamingo"])
 def test_padding_never_enters_the_loss(arch):
     model = tiny_model(arch, **({"cross_attn_every": 1} if arch == "flamingo" else {}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 0:  # Flamingo's gates: open them so the image matters
-                p.fill_(0.5)
+    set_gates(model, 0.5)  # Flamingo's gates: open them so the image matters (a no-op elsewhere)
     batch = random_batch(model, batch=2, text=8, positions=[[4], [4]], labels=True)
     batch.attention_mask = torch.ones(2, 8, dtype=torch.bool)
     batch.attention_mask[1, :3] = False

@@ -35,14 +35,6 @@ def naive_saisa_logits(model: SAISA, batch: MultimodalBatch) -> torch.Tensor:
     return model.lm_head(lm.norm(x)[rows, layout.text_index])
 
 
-def left_padded(batch: MultimodalBatch, pads: list[int]) -> MultimodalBatch:
-    """``batch`` with the first ``pads[b]`` text tokens of sample b marked as padding."""
-    mask = torch.ones_like(batch.input_ids, dtype=torch.bool)
-    for i, n in enumerate(pads):
-        mask[i, :n] = False
-    return MultimodalBatch(batch.input_ids, batch.pixel_values, batch.image_positions, mask, batch.labels)
-
-
 @pytest.mark.parametrize(
     "positions, pads",
     [([[3], [6]], None), ([[2, 7], [0, 4]], None), ([[5], [4]], [3, 0]), ([[3, 3], [10, 10]], None)],
@@ -50,9 +42,7 @@ def left_padded(batch: MultimodalBatch, pads: list[int]) -> MultimodalBatch:
 )
 def test_efficient_path_equals_naive_full_sequence(positions, pads):
     model = tiny_model("saisa")
-    batch = random_batch(model, batch=2, text=10, positions=positions)
-    if pads:
-        batch = left_padded(batch, pads)
+    batch = random_batch(model, batch=2, text=10, positions=positions, pad=pads)
     with torch.no_grad():
         ours = model(batch).logits
         naive = naive_saisa_logits(model, batch)
@@ -95,7 +85,7 @@ def test_image_changes_only_text_after_it():
 
 def test_prefill_and_decode_equal_forward():
     model = tiny_model("saisa")
-    batch = left_padded(random_batch(model, batch=2, text=9, positions=[[5], [4]]), [2, 0])
+    batch = random_batch(model, batch=2, text=9, positions=[[5], [4]], pad=[2, 0])
     with torch.no_grad():
         logits, cache = model.prefill(batch)
         torch.testing.assert_close(logits, model(batch).logits[:, -1], atol=1e-5, rtol=1e-5)
@@ -114,7 +104,7 @@ def test_prefill_and_decode_equal_forward():
 
 def test_generate_equals_full_recomputation():
     model = tiny_model("saisa")
-    batch = left_padded(random_batch(model, batch=2, text=8, positions=[[4], [3]]), [0, 3])
+    batch = random_batch(model, batch=2, text=8, positions=[[4], [3]], pad=[0, 3])
     steps = 5
     with torch.no_grad():
         generated = model.generate(batch, steps)

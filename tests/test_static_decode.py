@@ -14,10 +14,7 @@ ARCHS = ("llava", "naavit", "flamingo", "saisa")
 
 
 def left_padded(model, positions: list[list[int]]):
-    batch = random_batch(model, batch=2, text=9, positions=positions)
-    batch.attention_mask = torch.ones_like(batch.input_ids, dtype=torch.bool)
-    batch.attention_mask[0, :2] = False  # sample 0 is two tokens shorter
-    return batch
+    return random_batch(model, batch=2, text=9, positions=positions, pad=[2, 0])  # sample 0 two tokens shorter
 
 
 @pytest.mark.parametrize("arch", ARCHS)
