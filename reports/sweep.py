@@ -1,10 +1,19 @@
-"""Sweeps: profile every architecture at every point of a one- or two-field grid, resumably.
+"""Sweeps: profile every architecture at every point of a one- or two-field grid, resumably and safely.
 
-Each point is keyed by its parameters (a hash of their canonical JSON) and written, once finished, to
-``<out>/points/<key>.json`` atomically; a rerun skips points whose file exists, so an interrupted
-sweep resumes where it stopped and a finished point is never redone. A point that runs out of memory
-is finished too: it is recorded with status ``oom`` (one row, metric ``oom``) and the sweep goes on.
-Any other failure is reported and not recorded, so the next run retries it.
+The point store (``<out>/points/``) holds one JSON file per finished point, named by the point's key (a
+hash of its parameters) and written atomically. Each file records its origin: the code that made it
+(mllm-bench version and git commit, ``+dirty`` with local changes) and the device's name. A rerun reuses
+a finished point only when its origin is this code and this device, and redoes it otherwise; the
+summary says which points were reused and which redone, and why. A point that runs out of memory is
+finished too: it is recorded with status ``oom`` (one row, metric ``oom``) and the sweep goes on. Any
+other failure is reported and not recorded, so the next run retries it.
+
+Before profiling a point a run claims it with an ``O_EXCL`` marker ``<key>.claim`` holding its pid, so
+two runs on one folder never profile the same point; a claim left by a dead process is taken over. The
+folder's summary (``results.json``/``.csv``, ``sweep.json``) is built from every finished point of every
+grid run into it (``<out>/grids/``). With a SQLite file, each point's rows are stored as the point
+finishes, replacing rows of the same point, code and device, and every finished point missing from the
+file is backfilled at the start and the end of a run: the file holds each finished point exactly once.
 
 Visual tokens are not a model setting; ``visual_tokens=N`` is mapped to the workload like this:
 if N is a multiple of the vision tower's tokens per image (576 for CLIP ViT-L/14-336), the point uses
@@ -16,23 +25,34 @@ with 14-px patches). Anything else is rejected with the nearest valid counts.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+import os
+import re
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
+from mllm_bench.environment import device_name, git_commit
 from mllm_bench.presets import LLM_PRESETS, vision_preset
-from mllm_bench.results import atomic_write_text, concat_rows, rows_to_json, write_rows
+from mllm_bench.results import SQLITE_TABLE, atomic_write_text, concat_rows, rows_to_json, write_rows
 from mllm_bench.workload import Workload
+
+from .rows import pick
 
 VARY_FIELDS: tuple[str, ...] = (
     "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "images_per_sample", "llm",
@@ -68,6 +88,10 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
                 raise ConfigError(f"--vary {name}: values must be integers, got {values}") from err
             if any(v < 0 for v in out[name]):
                 raise ConfigError(f"--vary {name}: values must be >= 0, got {out[name]}")
+        repeated = sorted({v for v in out[name] if out[name].count(v) > 1}, key=str)
+        if repeated:
+            raise ConfigError(f"--vary {name}: {', '.join(map(str, repeated))} given more than once in "
+                              f"{raw.strip()!r}; list each value once")
     if {"visual_tokens", "image_size"} <= set(out) or {"visual_tokens", "images_per_sample"} <= set(out):
         raise ConfigError("--vary visual_tokens sets images_per_sample/image_size itself; vary only one of them")
     return out
@@ -151,7 +175,22 @@ def expand(
             points.append(Point(arch, point_llm, vision, tuple(sorted(options.get(arch, {}).items())),
                                 tuple(sorted(dataclasses.asdict(workload).items())), measure,
                                 tuple(values.items())))
+    seen: dict[str, Point] = {}
+    for point in points:
+        if point.key in seen:
+            raise ConfigError(f"the grid gives one point twice: {point.arch} at {dict(seen[point.key].values)} and "
+                              f"{dict(point.values)} are the same workload; drop one of the values")
+        seen[point.key] = point
     return points
+
+
+def grid_slug(vary: Mapping[str, Sequence[Any]], keys: Sequence[str]) -> str:
+    """A folder name for one grid: the varied fields and values, then a hash of its points' keys (so grids
+    with the same values but other settings differ), e.g. ``visual_tokens-144-576-3f2a9c1e``."""
+    text = "__".join(f"{name}-{'-'.join(map(str, values))}" for name, values in vary.items())
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80].rstrip("-_")
+    digest = hashlib.sha1(",".join(sorted(keys)).encode()).hexdigest()[:8]
+    return f"{text}-{digest}"
 
 
 def is_oom(err: BaseException) -> bool:
@@ -162,14 +201,408 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+# ----- the point store: finished points, their origin, claims ------------------------------------------------
+CLAIM_SUFFIX = ".claim"
+UNREADABLE_CLAIM_GRACE_S = 60.0  # a claim file that does not parse is being written, until it is this old
+ORIGIN_COLUMNS = ("sweep_key", "sweep_code", "sweep_device")  # a point's rows carry these; SQLite is keyed by them
+
+
+def code_version() -> str:
+    """The running code: mllm-bench's version and git commit (``+dirty`` with uncommitted changes), e.g.
+    ``0.1.0@1a2b3c4d5e6f+dirty``; ``unknown`` stands for a commit that cannot be read (not a git checkout)."""
+    from mllm_bench import __version__
+
+    return f"{__version__}@{git_commit() or 'unknown'}"
+
+
+def point_origin(device: str) -> dict[str, str]:
+    """What a finished point depends on besides its parameters: the code that made it and the device's name."""
+    return {"code": code_version(), "device": device_name(device)}
+
+
+def reuse_problem(record: Mapping[str, Any], origin: Mapping[str, str]) -> str:
+    """Why a finished point's record may not be reused by the code and device ``origin``; "" when it may."""
+    made = record.get("origin")
+    if not isinstance(made, dict):
+        return "its file records no code version or device (an older mllm-bench wrote it)"
+    if made.get("code") != origin["code"]:
+        return f"made by mllm-bench {made.get('code')}, this is {origin['code']}"
+    if made.get("device") != origin["device"]:
+        return f"made on {made.get('device')}, this is {origin['device']}"
+    return ""
+
+
+def point_path(points_dir: str | Path, key: str) -> Path:
+    """The file of point ``key`` in a point store."""
+    return Path(points_dir) / f"{key}.json"
+
+
+def write_point(points_dir: str | Path, key: str, record: Mapping[str, Any]) -> Path:
+    """Write a finished point's record (a JSON object with ``rows``, ``status``, ``origin``) atomically."""
+    return atomic_write_text(point_path(points_dir, key), json.dumps(record, allow_nan=False) + "\n")
+
+
+def read_point(points_dir: str | Path, key: str) -> dict[str, Any] | None:
+    """A finished point's record, or None when it has no file or its file does not parse."""
+    try:
+        data = json.loads(point_path(points_dir, key).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
+
+
+def finished_points(points_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every finished point of a store whose file parses, by key (files being written are not listed)."""
+    out = {}
+    for path in sorted(Path(points_dir).glob("*.json")):
+        record = None if path.name.startswith(".") else read_point(points_dir, path.stem)
+        if record is not None:
+            out[path.stem] = record
+    return out
+
+
+def record_rows(key: str, record: Mapping[str, Any]) -> pd.DataFrame:
+    """A finished point's rows, each carrying the point's key, code and device (:data:`ORIGIN_COLUMNS`)."""
+    origin = record.get("origin") if isinstance(record.get("origin"), dict) else {}
+    rows = pd.DataFrame.from_records(record["rows"])
+    return rows.assign(sweep_key=key, sweep_code=origin.get("code", ""), sweep_device=origin.get("device", ""))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim on one point: ``held`` when this process made it, else ``holder`` says who holds it."""
+
+    path: Path
+    held: bool
+    holder: str = ""
+
+    def release(self) -> None:
+        """Remove the claim if this process holds it."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+
+
+def claim_point(points_dir: str | Path, key: str) -> Claim:
+    """Claim point ``key`` before working on it: an ``O_EXCL`` marker ``<key>.claim`` holding pid and host.
+
+    A claim left by a process that is gone (same host, pid not running) is taken over; one held by a live
+    process, or by a process on another host (which cannot be checked), is not: the result is not ``held``.
+    """
+    path = Path(points_dir) / f"{key}{CLAIM_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = claim_holder(path)
+            if holder:
+                return Claim(path, False, holder)
+            _remove_stale_claim(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, f)
+        return Claim(path, True)
+    return Claim(path, False, "another process (the claim changed hands while this one took it over)")
+
+
+def claim_holder(path: Path) -> str:
+    """Who holds the claim file ``path`` ("pid 123", …), or "" when nobody does (gone, or a dead process's)."""
+    try:
+        info = json.loads(path.read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return ""
+        return "" if age > UNREADABLE_CLAIM_GRACE_S else f"a process still writing {path.name}"
+    if host != socket.gethostname():
+        return f"pid {pid} on host {host} (remove {path} if that run is gone)"
+    return f"pid {pid}" if _pid_alive(pid) else ""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; assume it is alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_claim(path: Path) -> None:
+    """Remove a dead process's claim without removing a live claim another process made meanwhile."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if claim_holder(aside):  # a live claim replaced the stale one before the rename: put it back
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+# ----- SQLite: each finished point once per code and device ------------------------------------------------
+DB_TIMEOUT_S = 30.0  # how long a write waits for a lock held by another connection
+
+
+def _quote(name: str) -> str:
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def _sql_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return value if isinstance(value, (int, float, str, bytes)) else str(value)
+
+
+def _connect(db: str | Path) -> sqlite3.Connection:
+    path = Path(db)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return sqlite3.connect(path, timeout=DB_TIMEOUT_S)
+
+
+def store_point_rows(db: str | Path, rows: pd.DataFrame, table: str = SQLITE_TABLE) -> None:
+    """Store one point's rows (carrying :data:`ORIGIN_COLUMNS`) in SQLite file ``db``, replacing the rows of the
+    same point, code and device: storing a point again never duplicates it. One transaction: a failure
+    (locked file, full disk) leaves the file as it was."""
+    key = [str(rows[c].iloc[0]) for c in ORIGIN_COLUMNS]
+    columns = [str(c) for c in rows.columns]
+    with closing(_connect(db)) as con:
+        have = {r[1] for r in con.execute(f"pragma table_info({_quote(table)})")}
+        with con:
+            if not have:  # typed columns, as pandas (and results.append_sqlite) make them
+                rows.head(0).to_sql(table, con, index=False)
+            for col in columns:
+                if have and col not in have:
+                    con.execute(f"alter table {_quote(table)} add column {_quote(col)}")
+            same_point = " and ".join(f"{_quote(c)} = ?" for c in ORIGIN_COLUMNS)
+            con.execute(f"delete from {_quote(table)} where {same_point}", key)
+            con.executemany(f"insert into {_quote(table)} ({', '.join(map(_quote, columns))}) "
+                            f"values ({', '.join('?' * len(columns))})",
+                            [[_sql_value(v) for v in r] for r in rows.itertuples(index=False, name=None)])
+
+
+def backfill_db(db: str | Path, records: Mapping[str, Mapping[str, Any]], table: str = SQLITE_TABLE) -> list[str]:
+    """Store every finished point of ``records`` (key → record) whose rows SQLite file ``db`` lacks, or holds
+    a different number of, for that point's code and device. Returns the keys written."""
+    counts: dict[tuple[str, ...], int] = {}
+    with closing(_connect(db)) as con:
+        have = {r[1] for r in con.execute(f"pragma table_info({_quote(table)})")}
+        if set(ORIGIN_COLUMNS) <= have:
+            cols = ", ".join(map(_quote, ORIGIN_COLUMNS))
+            for *key, n in con.execute(f"select {cols}, count(*) from {_quote(table)} group by {cols}"):
+                counts[tuple(str(k) for k in key)] = n
+    written = []
+    for key, record in records.items():
+        rows = record_rows(key, record)
+        if len(rows) and counts.get(tuple(str(rows[c].iloc[0]) for c in ORIGIN_COLUMNS)) != len(rows):
+            store_point_rows(db, rows, table)
+            written.append(key)
+    return written
+
+
+def check_db(db: str | Path, table: str = SQLITE_TABLE) -> None:
+    """Refuse (ConfigError) a ``--db`` path that cannot be opened or is not a SQLite file, before any work."""
+    try:
+        with closing(_connect(db)) as con:
+            con.execute(f"pragma table_info({_quote(table)})").fetchall()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            return  # busy now; points are stored as they finish and backfilled at the end
+        raise ConfigError(f"--db {str(db)!r}: cannot open it as a SQLite file ({err})") from err
+    except (sqlite3.DatabaseError, OSError) as err:
+        raise ConfigError(f"--db {str(db)!r}: not a SQLite file ({err})") from err
+
+
+# ----- running a sweep ---------------------------------------------------------------------------------------
+@dataclass
+class PointOutcome:
+    """What this run did with one point: ``run`` is new, reused, redone, busy (claimed by another process)
+    or failed; ``why`` gives the reason for redone, busy and failed."""
+
+    point: Point
+    status: str  # ok, oom, busy or error
+    run: str
+    why: str = ""
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
 @dataclass
 class SweepResult:
     rows: pd.DataFrame
-    done: int = 0
-    skipped: int = 0
+    done: int = 0  # profiled in this run (new or redone)
+    skipped: int = 0  # reused: finished earlier by this code on this device
     oom: list[str] = field(default_factory=list)  # every point out of memory, in this run or an earlier one
     new_keys: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # every point this run was given (its share of the grid)
+    outcomes: list[PointOutcome] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # claimed by another live process; not done here
+    db_notes: list[str] = field(default_factory=list)  # SQLite writes that failed (retried in the backfill)
+    db_error: str = ""  # set when the final backfill failed: the file lacks finished points
+
+    @property
+    def redone(self) -> list[PointOutcome]:
+        return [o for o in self.outcomes if o.run == "redone"]
+
+
+def _reusable(store: Path, key: str, origin: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]:
+    """(record, "") for a point this code and device finished, else (None, why it must be done: "" = never done)."""
+    if not point_path(store, key).exists():
+        return None, ""
+    record = read_point(store, key)
+    if record is None:
+        return None, "its file did not parse"
+    problem = reuse_problem(record, origin)
+    return (None, problem) if problem else (record, "")
+
+
+def run_sweep(
+    points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn,
+    on_point: Callable[[Point, str], None] | None = None, rank: int = 0, world_size: int = 1,
+    db: str | Path | None = None, origin: Mapping[str, str] | None = None,
+) -> SweepResult:
+    """Profile each point not finished in ``out_dir`` by this code on this device; returns this run's points' rows.
+
+    ``origin`` (default: :func:`point_origin` of each point's device) is what a finished point must match to
+    be reused. ``db``: a SQLite file that gets each point's rows as it finishes, and every finished point of
+    the folder it lacks at the start and the end. ``on_point(point, status)`` is called after each point
+    (status ok, oom, skipped, busy or error). With ``world_size`` > 1 this rank takes every
+    ``world_size``-th point.
+    """
+    store = Path(out_dir) / "points"
+    store.mkdir(parents=True, exist_ok=True)
+    mine = list(points)[rank::world_size]
+    result = SweepResult(pd.DataFrame(), keys=[p.key for p in mine])
+    if db is not None:
+        check_db(db)
+        _backfill(result, db, store)
+    origins: dict[str, dict[str, str]] = {}
+    frames = []
+
+    def finish(outcome: PointOutcome, status_for_callback: str) -> None:
+        result.outcomes.append(outcome)
+        if len(outcome.rows):
+            frames.append(outcome.rows)
+        if outcome.status == "oom":
+            result.oom.append(outcome.point.key)
+        if on_point:
+            on_point(outcome.point, status_for_callback)
+
+    for point in mine:
+        device = str(dict(point.workload).get("device", "cpu"))
+        here = origin or origins.setdefault(device, point_origin(device))
+        record, why = _reusable(store, point.key, here)
+        if record is None:
+            claim = claim_point(store, point.key)
+            if not claim.held:
+                result.busy.append(point.key)
+                finish(PointOutcome(point, "busy", "busy", f"claimed by {claim.holder}"), "busy")
+                continue
+            try:
+                record, why_now = _reusable(store, point.key, here)  # another run may have finished it meanwhile
+                if record is None:
+                    why = why_now
+                    record = _profile_point(point, profile_fn, here, result)
+                    if record is None:
+                        continue
+                    write_point(store, point.key, record)
+                    fresh = True
+                else:
+                    fresh = False
+            finally:
+                claim.release()
+        else:
+            fresh = False
+        rows = record_rows(point.key, record)
+        status = record.get("status", "ok")
+        if not fresh:
+            result.skipped += 1
+            finish(PointOutcome(point, status, "reused", "", rows), "skipped")
+            continue
+        result.done += 1
+        result.new_keys.append(point.key)
+        if db is not None:
+            try:
+                store_point_rows(db, rows)
+            except (sqlite3.Error, OSError) as err:
+                result.db_notes.append(f"{point.arch} {dict(point.values)}: {type(err).__name__}: {err}")
+        finish(PointOutcome(point, status, "redone" if why else "new", why, rows), status)
+    if db is not None:
+        _backfill(result, db, store)
+    result.rows = concat_rows(frames)
+    return result
+
+
+def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str],
+                   result: SweepResult) -> dict[str, Any] | None:
+    """The finished record of one point (ok or oom), or None after a failure (recorded in ``result.errors``)."""
+    vision = point.vision_config()
+    try:
+        rows = profile_fn(point.arch, point.make_workload(), llm=point.llm, vision=vision,
+                          options=dict(point.options) or None, measure=point.measure)
+        rows = rows.assign(status="ok", error="")
+        status = "ok"
+    except Exception as err:  # noqa: BLE001 - OOM is recorded, anything else reported and retried next run
+        message = f"{point.arch} {dict(point.values)}: {type(err).__name__}: {err}"
+        if not is_oom(err):
+            result.errors.append((point.key, message))
+            result.outcomes.append(PointOutcome(point, "error", "failed", f"{type(err).__name__}: {err}"))
+            return None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}").assign(status="oom")
+        status = "oom"
+    rows = rows.assign(vision=point.vision)
+    return {"key": point.key, "params": point.params(), "values": dict(point.values), "status": status,
+            "origin": dict(origin),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rows": json.loads(rows_to_json(rows))}
+
+
+def _backfill(result: SweepResult, db: str | Path, store: Path) -> None:
+    try:
+        backfill_db(db, finished_points(store))
+        result.db_error = ""
+    except (sqlite3.Error, OSError) as err:
+        result.db_error = f"{type(err).__name__}: {err}"
+
+
+def summary_table(result: SweepResult, scope: str = "language", convention: str = "dense") -> pd.DataFrame:
+    """One line per point of this run: architecture, swept values, status, what the run did (new, reused,
+    redone, busy, failed) and why, FLOPs (prefill for inference, train step otherwise; ``scope`` and
+    ``convention``, counted else analytic) and the measured latency of that phase where there is one."""
+    lines = []
+    for o in result.outcomes:
+        stage = dict(o.point.workload).get("stage", "inference")
+        flops_metric, time_metric = (("prefill_flops", "prefill_latency_s") if stage == "inference"
+                                     else ("train_step_flops", "train_step_latency_s"))
+        flops = latency = math.nan
+        if len(o.rows) and {"metric", "source"} <= set(o.rows.columns):
+            picked = pick(o.rows, flops_metric, ("counted", "analytic"), by=("arch",), scope=scope,
+                          convention=convention)
+            flops = float(picked["value"].iloc[0]) if len(picked) else math.nan
+            timed = pick(o.rows, time_metric, ("measured",), by=("arch",))
+            latency = float(timed["value"].iloc[0]) if len(timed) else math.nan
+        lines.append({"arch": o.point.arch, "point": ", ".join(f"{k}={v}" for k, v in o.point.values),
+                      "status": o.status, "run": o.run, "why": o.why, "flops_metric": flops_metric,
+                      "flops": flops, "latency_s": latency, "key": o.point.key})
+    return pd.DataFrame(lines, columns=["arch", "point", "status", "run", "why", "flops_metric", "flops",
+                                        "latency_s", "key"])
 
 
 def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -> pd.DataFrame:
@@ -186,65 +619,6 @@ def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -
     }])
 
 
-def run_sweep(
-    points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn,
-    on_point: Callable[[Point, str], None] | None = None, rank: int = 0, world_size: int = 1,
-) -> SweepResult:
-    """Profile each point not yet finished in ``out_dir``; returns every finished point's rows.
-
-    ``on_point(point, status)`` is called after each point (status ok, oom, skipped or error).
-    With ``world_size`` > 1 this rank takes every ``world_size``-th point.
-    """
-    out = Path(out_dir)
-    (out / "points").mkdir(parents=True, exist_ok=True)
-    result = SweepResult(pd.DataFrame())
-    frames = []
-    for point in list(points)[rank::world_size]:
-        path = out / "points" / f"{point.key}.json"
-        if path.exists():
-            rows, status = _read_point(path)
-            frames.append(rows)
-            result.skipped += 1
-            if status == "oom":  # finished earlier as out of memory: still part of the sweep's outcome
-                result.oom.append(point.key)
-            if on_point:
-                on_point(point, "skipped")
-            continue
-        vision = point.vision_config()
-        try:
-            rows = profile_fn(point.arch, point.make_workload(), llm=point.llm, vision=vision,
-                              options=dict(point.options) or None, measure=point.measure)
-            rows = rows.assign(status="ok", error="")
-            status = "ok"
-        except Exception as err:  # noqa: BLE001 - OOM is recorded, anything else reported and retried next run
-            if not is_oom(err):
-                result.errors.append((point.key, f"{point.arch} {dict(point.values)}: {type(err).__name__}: {err}"))
-                if on_point:
-                    on_point(point, "error")
-                continue
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}").assign(status="oom")
-            status = "oom"
-            result.oom.append(point.key)
-        rows = rows.assign(sweep_key=point.key, vision=point.vision)
-        atomic_write_text(path, json.dumps({"params": point.params(), "values": dict(point.values),
-                                            "status": status, "rows": json.loads(rows_to_json(rows))}) + "\n")
-        frames.append(rows)
-        result.done += 1
-        result.new_keys.append(point.key)
-        if on_point:
-            on_point(point, status)
-    result.rows = concat_rows(frames)
-    return result
-
-
-def _read_point(path: Path) -> tuple[pd.DataFrame, str]:
-    """A finished point's rows and status (ok or oom)."""
-    data = json.loads(path.read_text())
-    return pd.DataFrame.from_records(data["rows"]), data.get("status", "ok")
-
-
 def visual_tokens_note(tokens: Sequence[int], vision: str | VisionConfig) -> str:
     """How each swept visual-token count was realised, e.g. "2304 = 4 images × 336 px" (rule: module docstring)."""
     vcfg = vision if isinstance(vision, VisionConfig) else vision_preset(vision)
@@ -258,16 +632,56 @@ def visual_tokens_note(tokens: Sequence[int], vision: str | VisionConfig) -> str
 
 def write_sweep(result: SweepResult, out_dir: str | Path, vary: dict[str, list[Any]], archs: Sequence[str],
                 base: Workload, vision: str | VisionConfig) -> list[Path]:
-    """The combined tidy rows (JSON + CSV) and a manifest naming what was varied (and, for visual tokens,
-    how each count was realised). ``oom`` lists every point out of memory, whether it ran now or earlier."""
+    """The folder's summary, built from every finished point of every grid run into it: the tidy rows
+    (JSON + CSV) and a manifest (``sweep.json``) naming each grid (what was varied and, for visual tokens,
+    how each count was realised), which points are finished or out of memory, and what this run did.
+
+    This run's grid is recorded first under ``grids/``, so a later run with another grid keeps it listed."""
     out = Path(out_dir)
+    vision_name = vision.name if isinstance(vision, VisionConfig) else vision
+    grid = {"vary": vary, "archs": list(archs), "base_workload": dataclasses.asdict(base), "vision": vision_name,
+            "keys": result.keys}
+    grid_path = out / "grids" / f"{grid_slug(vary, result.keys)}.json"
+    previous = _read_json(grid_path)
+    grid["created"] = (previous or {}).get("created") or datetime.datetime.now(datetime.timezone.utc).isoformat()
+    atomic_write_text(grid_path, json.dumps(grid, indent=1) + "\n")
+
+    grids = [g for g in (_read_json(p) for p in sorted((out / "grids").glob("*.json"))) if g and "keys" in g]
+    grids.sort(key=lambda g: str(g.get("created", "")))
+    records = finished_points(out / "points")
+    order = list(dict.fromkeys([k for g in grids for k in g["keys"]] + sorted(records)))
+    finished = [k for k in order if k in records]
+    rows = concat_rows(record_rows(k, records[k]) for k in finished)
     paths = []
-    if len(result.rows):
-        paths += [write_rows(result.rows, out / "results.json"), write_rows(result.rows, out / "results.csv")]
-    manifest = {"vary": vary, "archs": list(archs), "base_workload": dataclasses.asdict(base),
-                "points_finished": result.done + result.skipped, "points_done": result.done,
-                "points_skipped": result.skipped, "oom": result.oom, "errors": [m for _, m in result.errors]}
+    if len(rows):
+        paths += [write_rows(rows, out / "results.json"), write_rows(rows, out / "results.csv")]
+    oom = [k for k in finished if records[k].get("status") == "oom"]
+    grid_lines = []
+    for g in grids:
+        line = {"vary": g["vary"], "archs": g["archs"], "base_workload": g["base_workload"],
+                "points": len(g["keys"]), "finished": sum(k in records for k in g["keys"]),
+                "oom": [k for k in g["keys"] if k in oom], "not_finished": [k for k in g["keys"] if k not in records]}
+        if "visual_tokens" in g["vary"]:
+            line["visual_tokens_mapping"] = visual_tokens_note(g["vary"]["visual_tokens"], g.get("vision", vision))
+        grid_lines.append(line)
+    manifest: dict[str, Any] = {
+        "vary": vary, "archs": list(archs), "base_workload": dataclasses.asdict(base),
+        "points_finished": len(finished), "points_done": result.done, "points_skipped": result.skipped,
+        "points_redone": len(result.redone), "oom": oom, "errors": [m for _, m in result.errors],
+        "in_progress_elsewhere": result.busy, "grids": grid_lines,
+        "this_run": [{"key": o.point.key, "arch": o.point.arch, "values": dict(o.point.values), "status": o.status,
+                      "run": o.run, "why": o.why} for o in result.outcomes],
+    }
+    if result.db_error:
+        manifest["db_error"] = result.db_error
     if "visual_tokens" in vary:
         manifest["visual_tokens_mapping"] = visual_tokens_note(vary["visual_tokens"], vision)
     paths.append(atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=1) + "\n"))
     return paths
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
