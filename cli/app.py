@@ -1,67 +1,125 @@
-"""The ``mllm-bench`` command line (typer)."""
+"""The ``mllm-bench`` command line (typer).
+
+The commands (and torch, which they load) are imported when ``app`` is first used, so that
+``mllm-bench --version`` answers at once.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from typing import Any
+
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
-from mllm_bench.registry import architecture_names, get_architecture
-
-from .compare import compare
-from .paper import paper
-from .report import report
-from .sweep import sweep
-from .train_cost import train_cost
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Multimodal LLM architectures side by side.")
-console = Console()
+from mllm_bench.environment import version_text
 
 
-@app.callback()
-def _root() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version (and git commit) and exit."),
+) -> None:
     """Multimodal LLM architectures side by side: FLOPs, memory and time."""
 
 
-@app.command("list")
+def option_defaults(options_cls: type) -> list[tuple[str, str]]:
+    """(name, default) of each field of an architecture's ``Options`` dataclass, in declaration order."""
+    out = []
+    for f in dataclasses.fields(options_cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        out.append((f.name, default))
+    return out
+
+
+def _description(cls: type) -> str:
+    spec = getattr(cls, "spec", None)
+    return getattr(spec, "description", None) or getattr(cls, "description", "")
+
+
 def list_cmd() -> None:
-    """List architectures and presets."""
-    arch = Table(title="architectures")
-    arch.add_column("name")
-    arch.add_column("wiring")
-    for name in architecture_names():
+    """List architectures (with their options and defaults) and presets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
+    from mllm_bench.registry import architecture_names, get_architecture
+
+    console = Console()  # made here, so that it reads the terminal width (COLUMNS) of this call
+
+    def table(title: str, columns: list[str], names: list[str]) -> Table:
+        """A table whose first column (names) is never wrapped or cut: the other columns give way."""
+        t = Table(title=title)
+        t.add_column(columns[0], no_wrap=True, min_width=max(map(len, [columns[0], *names])))
+        for col in columns[1:]:
+            t.add_column(col, overflow="fold")
+        return t
+
+    names = architecture_names()
+    arch = table("architectures", ["name", "wiring", "options (default)"], names)
+    for name in names:
         try:
-            description = get_architecture(name).description
+            cls = get_architecture(name)
+            options = "\n".join(f"{k}={v}" for k, v in option_defaults(cls.Options)) or "none"
+            arch.add_row(name, _description(cls), options)
         except ImportError as err:  # a broken third-party plugin must not hide the others
-            description = f"[red]failed to load: {err}[/red]"
-        arch.add_row(name, description)
+            arch.add_row(name, f"[red]failed to load: {err}[/red]", "")
     console.print(arch)
-    llms = Table(title="LLM presets")
-    for col in ("name", "hidden", "layers", "heads", "kv heads", "ffn", "vocab"):
-        llms.add_column(col)
+    llms = table("LLM presets", ["name", "hidden", "layers", "heads", "kv heads", "ffn", "vocab"], list(LLM_PRESETS))
     for c in LLM_PRESETS.values():
         llms.add_row(c.name, *map(str, (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads,
                                         c.intermediate_size, c.vocab_size)))
     console.print(llms)
-    vis = Table(title="vision presets")
-    for col in ("name", "kind", "width", "layers run", "image", "patch", "visual tokens"):
-        vis.add_column(col)
+    vis = table("vision presets", ["name", "kind", "width", "layers run", "image", "patch", "visual tokens"],
+                list(VISION_PRESETS))
     for v in VISION_PRESETS.values():
         vis.add_row(v.name, v.kind, str(v.hidden_size), f"{v.layers_run}/{v.num_layers}", str(v.image_size),
                     str(v.patch_size), str(v.tokens_per_image))
     console.print(vis)
 
 
-app.command("compare")(compare)
-app.command("sweep")(sweep)
-app.command("train-cost")(train_cost)
-app.command("paper")(paper)
-app.command("report")(report)
+def build_app() -> typer.Typer:
+    """The typer app with every command."""
+    from .compare import compare
+    from .paper import paper
+    from .report import report
+    from .sweep import sweep
+    from .train_cost import train_cost
+
+    built = typer.Typer(no_args_is_help=True, add_completion=False, help="Multimodal LLM architectures side by side.")
+    built.callback()(_root)
+    built.command("list")(list_cmd)
+    built.command("compare")(compare)
+    built.command("sweep")(sweep)
+    built.command("train-cost")(train_cost)
+    built.command("paper")(paper)
+    built.command("report")(report)
+    return built
+
+
+def __getattr__(name: str) -> Any:
+    """``app`` is built on first use (``from mllm_bench.cli.app import app``)."""
+    if name == "app":
+        globals()["app"] = built = build_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    if sys.argv[1:] == ["--version"]:
+        typer.echo(version_text())
+        return
+    build_app()()
 
 
 if __name__ == "__main__":
