@@ -1,11 +1,37 @@
 """mllm-bench: multimodal LLM architectures side by side, and what they cost."""
 
-from .batch import MultimodalBatch
-from .config import ConfigError, LLMConfig, VisionConfig, llm_config_from_hf, vision_config_from_hf
-from .model import MLLM, ModelOutput
-from .presets import LLM_PRESETS, VISION_PRESETS, llm_preset, vision_preset
-from .registry import architecture_names, build_model, get_architecture, register
-from .workload import PAPER_WORKLOAD, Workload
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .batch import MultimodalBatch
+    from .config import ConfigError, LLMConfig, VisionConfig, llm_config_from_hf, vision_config_from_hf
+    from .model import MLLM, ModelOutput
+    from .presets import LLM_PRESETS, VISION_PRESETS, llm_preset, vision_preset
+    from .registry import architecture_names, build_model, get_architecture, register
+    from .workload import PAPER_WORKLOAD, Workload
+
+# The public names load on first use, so that ``import mllm_bench`` (and ``mllm-bench --version``) needs no torch.
+_EXPORTS = {
+    "batch": ("MultimodalBatch",),
+    "config": ("ConfigError", "LLMConfig", "VisionConfig", "llm_config_from_hf", "vision_config_from_hf"),
+    "model": ("MLLM", "ModelOutput"),
+    "presets": ("LLM_PRESETS", "VISION_PRESETS", "llm_preset", "vision_preset"),
+    "registry": ("architecture_names", "build_model", "get_architecture", "register"),
+    "workload": ("PAPER_WORKLOAD", "Workload"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
