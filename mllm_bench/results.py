@@ -8,6 +8,8 @@ reader here keeps them. JSON is always valid: NaN and infinities are written as 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -26,8 +28,9 @@ IDENTITY = ("arch", "llm", "vision", "options")
 MEASURE = ("metric", "value", "unit", "source", "scope", "convention", "component", "role", "stage", "phase")
 WORKLOAD = ("batch_size", "images_per_sample", "image_size", "visual_tokens", "text_tokens", "text_before",
             "text_after", "generate_tokens", "context_len", "dtype", "device")
+# ``load_avg_1m``/``cpu_count``: the host's 1-minute load average and CPU count when the row was made ("" on meta).
 ENVIRONMENT = ("device_name", "attention_backend", "torch_version", "transformers_version", "mllm_bench_version",
-               "git_commit", "timestamp")
+               "git_commit", "load_avg_1m", "cpu_count", "timestamp")
 # ``note`` says how a measured number was obtained (e.g. ``cpu_rss_peak_delta``); "" otherwise.
 COLUMNS: tuple[str, ...] = IDENTITY + MEASURE + WORKLOAD + ENVIRONMENT + ("note",)
 NUMERIC = ("value",)
@@ -175,44 +178,172 @@ def append_sqlite(df: pd.DataFrame, path: str | Path, table: str = SQLITE_TABLE)
 
 
 # ----- reading -----------------------------------------------------------------------------------------
+# Columns every result file written here has (``context_len`` and the environment may be absent: a sweep's
+# out-of-memory rows carry neither); a file lacking one is not result rows.
+REQUIRED_COLUMNS: tuple[str, ...] = IDENTITY + MEASURE + tuple(c for c in WORKLOAD if c != "context_len")
+# Fields no row may leave blank.
+REQUIRED_FIELDS = ("arch", "metric")
+# Columns of the comparison table that ``compare --out`` writes beside the rows (comparison.csv).
+COMPARISON_TABLE_COLUMNS = ("quantity", "model", "vs_baseline")
+
+
 def read_results(path: str | Path, table: str = SQLITE_TABLE) -> pd.DataFrame:
     """Rows from a ``.json``/``.csv`` file written here, a SQLite file's ``table``, or a folder of row files.
 
-    A folder gives the rows of every ``.json``/``.csv`` file in it that holds tidy rows (others, such as a
-    sweep's manifest or a comparison table, are skipped). Returns :func:`normalise` of the rows.
+    A folder gives the rows of every ``.json``/``.csv`` file in it (see :func:`read_result_files`).
+    Returns :func:`normalise` of the rows. A file that does not parse, is cut short, lacks the schema's
+    columns or holds a non-numeric value is a :class:`ConfigError` naming the file and what is wrong.
+    """
+    return concat_rows(frame for _, frame in read_result_files(path, table))
+
+
+def read_result_files(path: str | Path, table: str = SQLITE_TABLE) -> list[tuple[Path, pd.DataFrame]]:
+    """(file, normalised rows) for ``path``: one file, or each row file of a folder.
+
+    In a folder, the files mllm-bench writes beside its rows and that hold none are skipped: a JSON
+    object (a sweep's manifest), a CSV without a ``metric`` column (the paper's tables) and the comparison
+    table (``comparison.csv``); a ``.csv`` beside a ``.json`` of the same name holds the same rows and is
+    skipped too. Every other file must be valid result rows.
     """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"result path {str(path)!r} does not exist")
-    if path.is_dir():
-        files = [p for p in sorted(path.iterdir()) if p.suffix in ROW_FILE_SUFFIXES and not p.name.startswith(".")]
-        written_as_json = {p.stem for p in files if p.suffix == ".json"}
-        frames = []
-        for p in files:
-            if p.suffix == ".csv" and p.stem in written_as_json:
-                continue  # the same rows, written in both formats (results.json and results.csv)
-            try:
-                frames.append(read_results(p))
-            except (ConfigError, json.JSONDecodeError, UnicodeDecodeError):
-                continue  # not tidy rows: a sweep's manifest, a comparison table
-        if not frames:
-            raise ConfigError(f"folder {str(path)!r} holds no result files (.json or .csv of tidy rows)")
-        return concat_rows(frames)
+    if not path.is_dir():
+        return [(path, _read_file(path, table, in_folder=False))]
+    files = [p for p in sorted(path.iterdir())
+             if p.is_file() and p.suffix in ROW_FILE_SUFFIXES and not p.name.startswith(".")]
+    written_as_json = {p.stem for p in files if p.suffix == ".json"}
+    out = []
+    for p in files:
+        if p.suffix == ".csv" and p.stem in written_as_json:
+            continue  # the same rows, written in both formats (results.json and results.csv)
+        frame = _read_file(p, table, in_folder=True)
+        if frame is not None:
+            out.append((p, frame))
+    if not out:
+        raise ConfigError(f"folder {str(path)!r} holds no result files (.json or .csv of tidy rows)")
+    return out
+
+
+def _read_file(path: Path, table: str, in_folder: bool) -> pd.DataFrame | None:
+    """The checked rows of one file; ``None`` for a file in a folder that holds something else (see above)."""
+    name = repr(str(path))
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = _parse_json(path)
         if not isinstance(data, list):
-            raise ConfigError(f"{str(path)!r} is not a JSON list of result rows")
+            if in_folder and isinstance(data, dict):
+                return None  # a manifest (sweep.json), not rows
+            raise ConfigError(f"{name} is not a JSON list of result rows (it holds a {type(data).__name__})")
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ConfigError(f"{name}: row {bad + 1} is not a JSON object of column: value "
+                              f"(got {type(data[bad]).__name__})")
         df = pd.DataFrame.from_records(data)
     elif path.suffix == ".csv":
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(TEXT_COLUMNS, str))
+        df = _parse_csv(path, in_folder)
+        if df is None:
+            return None
     elif path.suffix in SQLITE_SUFFIXES:
+        df = _read_sqlite(path, table)
+    else:
+        raise ConfigError(f"result file {name}: suffix must be one of {list(ROW_FILE_SUFFIXES + SQLITE_SUFFIXES)}")
+    columns = set(df.columns)
+    if set(COMPARISON_TABLE_COLUMNS) <= columns:
+        if in_folder:
+            return None
+        raise ConfigError(f"{name} is a comparison table (written by `mllm-bench compare --out`), not result "
+                          "rows; report reads the results.json (or results.csv) beside it")
+    if "metric" not in columns and in_folder and path.suffix == ".csv":
+        return None  # a table written beside the rows (e.g. the paper's train_budget.csv)
+    if not len(df):
+        raise ConfigError(f"{name} holds no result rows (it is empty)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if "metric" in missing or "value" in missing:
+        raise ConfigError(f"{name} holds no result rows (column(s) {[c for c in ('metric', 'value') if c in missing]}"
+                          " missing)")
+    if missing:
+        raise ConfigError(f"{name} lacks the result column(s) {missing}: not result rows written by mllm-bench "
+                          "(or edited since)")
+    _check_fields(name, df)
+    return normalise(df)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text (byte {err.start}): not a result file") from err
+    except OSError as err:
+        raise ConfigError(f"{str(path)!r} cannot be read: {err.strerror or err}") from err
+
+
+def _parse_json(path: Path) -> Any:
+    text = _text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = " (the file is cut short: truncated?)" if err.pos >= len(text.rstrip()) else ""
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+                          f"{hint}") from err
+
+
+def _parse_csv(path: Path, in_folder: bool) -> pd.DataFrame | None:
+    """The CSV's rows, after checking that every line has the header's fields and the file ends with a newline."""
+    text = _text(path)
+    name = repr(str(path))
+    if not text.strip():
+        raise ConfigError(f"{name} is empty: no header, no result rows")
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+        if in_folder and "metric" not in header:
+            return None  # a table written beside the rows, checked no further
+        for record in reader:
+            if record and len(record) != len(header):
+                raise ConfigError(f"{name}: line {reader.line_num} has {len(record)} field(s), the header has "
+                                  f"{len(header)}: the file is truncated or malformed")
+    except csv.Error as err:
+        raise ConfigError(f"{name}: not valid CSV at line {reader.line_num}: {err}") from err
+    if not text.endswith(("\n", "\r")):
+        raise ConfigError(f"{name} does not end with a newline: its last row is cut short (truncated file?)")
+    try:
+        return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""],
+                           dtype=dict.fromkeys(TEXT_COLUMNS, str))
+    except (ValueError, pd.errors.ParserError) as err:
+        raise ConfigError(f"{name}: not readable as CSV rows: {err}") from err
+
+
+def _read_sqlite(path: Path, table: str) -> pd.DataFrame:
+    try:
         with sqlite3.connect(path) as con:
             if not con.execute("select 1 from sqlite_master where type='table' and name=?", (table,)).fetchone():
                 raise ConfigError(f"SQLite file {str(path)!r} has no table {table!r}")
-            df = pd.read_sql(f"select * from {_quote(table)}", con)
-    else:
-        raise ConfigError(f"result file {str(path)!r}: suffix must be one of "
-                          f"{list(ROW_FILE_SUFFIXES + SQLITE_SUFFIXES)}")
-    if "metric" not in df.columns or "value" not in df.columns:
-        raise ConfigError(f"{str(path)!r} holds no result rows (columns 'metric' and 'value' missing)")
-    return normalise(df)
+            return pd.read_sql(f"select * from {_quote(table)}", con)
+    except (sqlite3.DatabaseError, pd.errors.DatabaseError) as err:
+        raise ConfigError(f"{str(path)!r} is not a readable SQLite file: {err}") from err
+
+
+def _blank(values: pd.Series) -> pd.Series:
+    """True where a field is empty: None, NaN or only whitespace."""
+    return values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
+
+
+def _check_fields(name: str, df: pd.DataFrame) -> None:
+    """Every row names its arch and metric; ``value`` and the workload counts are numbers (or blank)."""
+    for col in REQUIRED_FIELDS:
+        blank = _blank(df[col].astype(object)).to_numpy().nonzero()[0]
+        if len(blank):
+            more = f" ({len(blank)} rows in all)" if len(blank) > 1 else ""
+            raise ConfigError(f"{name}: row {blank[0] + 1} has no {col!r}{more}: a truncated or hand-edited file?")
+    for col in NUMERIC + COUNTS:
+        if col not in df.columns:
+            continue
+        values = df[col].astype(object)
+        is_bool = values.map(lambda v: isinstance(v, bool | np.bool_))
+        numeric = pd.to_numeric(values.where(~is_bool), errors="coerce")
+        bad = (is_bool | (numeric.isna() & ~_blank(values))).to_numpy().nonzero()[0]
+        if len(bad):
+            i = bad[0]
+            row = df.iloc[i]
+            raise ConfigError(f"{name}: row {i + 1} ({row['arch']} {row['metric']}): {col} {values.iloc[i]!r} is not "
+                              "a number")

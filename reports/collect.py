@@ -14,7 +14,7 @@ from mllm_bench.workload import Workload
 ProfileFn = Callable[..., pd.DataFrame]
 COUNT_CHOICES = ("all", "inference", "none")
 # Columns that differ between two profiler calls for the same number (not part of a row's identity).
-VOLATILE = ("timestamp",)
+VOLATILE = ("timestamp", "load_avg_1m")
 
 
 def collect(
