@@ -5,16 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from mllm_bench.reports.rows import fmt_number, scale_for
 from mllm_bench.reports.sweep import (
     VARY_FIELDS,
+    SweepResult,
+    check_db,
     expand,
+    grid_slug,
     parse_vary,
     run_sweep,
+    summary_table,
     visual_tokens_note,
     write_sweep,
 )
+from rich.console import Console
+from rich.table import Table
 
-from mllm_bench.results import append_sqlite
 from mllm_bench.workload import PAPER_WORKLOAD
 
 from .common import (
@@ -30,6 +36,7 @@ from .common import (
     progress_bar,
 )
 
+DEFAULT_ROOT = Path("out/sweep")
 VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}). visual_tokens=N uses N/576 images "
              "when N is a multiple of the per-image count (2304 = 4 images at 336 px, not one 672-px image), "
              "else one image whose patch grid gives N (N a square).")
@@ -53,22 +60,30 @@ def sweep(
     measure: Measure = typer.Option(Measure.never, help="Measure time/memory at each point (auto|never|always)."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope of the plots."),
     convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs convention of the plots."),
-    out: Path = typer.Option(Path("results/sweep"), help="Folder for points, results and plots (resumable)."),
+    out: Path = typer.Option(None, help="Folder for points, results and plots (resumable; default: "
+                             f"{DEFAULT_ROOT}/<grid>/, one folder per grid)."),
     make_plots: bool = typer.Option(True, "--plots/--no-plots", help="Write cost-vs-field plots."),
-    db: Path = typer.Option(None, help="SQLite file to append the newly profiled rows to."),
+    db: Path = typer.Option(None, help="SQLite file that gets every finished point's rows once (as each finishes)."),
 ) -> None:
-    """Sweep workload/config fields across architectures; re-running skips finished points."""
+    """Sweep workload/config fields across architectures; re-running skips points this code finished here."""
     archs, options = parse_models(arch, llm, vision, option)
     base = make_workload(dtype, device, batch_size=batch_size, images_per_sample=images_per_sample,
                          text_before=text_before, text_after=text_after, generate_tokens=generate_tokens, stage=stage)
     grid = parse_vary(vary)
     points = expand(archs, grid, base, llm, vision, options, measure.value)
+    if out is None:
+        out = DEFAULT_ROOT / grid_slug(grid, [p.key for p in points])
+    if db is not None:
+        check_db(db)
     profile = get_profile()
     with progress_bar(len(points), "sweeping") as advance:
-        result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"))
+        result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"),
+                           db=db)
     write_sweep(result, out, grid, archs, base, vision)
-    err_console.print(f"{result.done} points profiled, {result.skipped} already done, {len(result.oom)} out of "
-                      f"memory (now or earlier), {len(result.errors)} failed; results in {out}")
+    Console().print(_summary(result, scope.value, convention.value))
+    err_console.print(f"{result.done} points profiled ({len(result.redone)} redone), {result.skipped} already done, "
+                      f"{len(result.oom)} out of memory (now or earlier), {len(result.busy)} in progress elsewhere, "
+                      f"{len(result.errors)} failed; results in {out}", highlight=False)
     for message in [m for _, m in result.errors]:
         err_console.print(f"[red]failed:[/] {message}", highlight=False)
     if make_plots and len(result.rows):
@@ -80,8 +95,30 @@ def sweep(
                                     scope=scope.value, convention=convention.value,
                                     hue=fields[1] if len(fields) > 1 else None, note="; ".join(notes))
         err_console.print(f"wrote {len(written)} plot files")
-    if db is not None and len(result.rows):
-        new = result.rows[result.rows["sweep_key"].isin(result.new_keys)]
-        append_sqlite(new, db)
-    if result.errors:
+    if db is not None:
+        for note in result.db_notes:
+            err_console.print(f"[yellow]db write retried in the backfill:[/] {note}", highlight=False)
+        if result.db_error:
+            err_console.print(f"[red]failed:[/] {db} lacks finished points ({result.db_error}); rerun the sweep "
+                              "to backfill them", highlight=False)
+        else:
+            err_console.print(f"every finished point of {out} is in {db}", highlight=False)
+    if result.errors or result.db_error:
         raise typer.Exit(1)
+
+
+def _summary(result: SweepResult, scope: str, convention: str) -> Table:
+    """This run's points: status, whether each was new, reused or redone (and why), FLOPs and latency."""
+    lines = summary_table(result, scope, convention)
+    flops_div, flops_unit = scale_for("FLOP", lines["flops"])
+    time_div, time_unit = scale_for("s", lines["latency_s"])
+    metrics = sorted(set(lines["flops_metric"]))
+    table = Table(title=f"sweep points: {', '.join(metrics)} ({scope} scope, {convention} attention)",
+                  title_justify="left")
+    for name, justify in (("arch", "left"), ("point", "left"), ("status", "left"), ("run", "left"),
+                          (flops_unit, "right"), (f"latency {time_unit}", "right"), ("why", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in lines.itertuples():
+        table.add_row(r.arch, r.point, r.status, r.run, fmt_number(r.flops, flops_div),
+                      fmt_number(r.latency_s, time_div), r.why)
+    return table
