@@ -4,34 +4,33 @@ For ``workload.stage == "inference"`` it reports prefill and one decode step (at
 cached tokens, default the prompt); for ``pretrain``/``finetune`` one training step of that stage.
 Every FLOP metric comes ``analytic`` (both attention conventions, both scopes, by component and by
 token role) and ``counted`` (meta tensors, dense, by component); parameters and analytic memory
-always; wall-clock, measured memory, achieved FLOP/s and MFU when ``measure`` says so.
+always; wall-clock, measured memory, achieved FLOP/s and MFU when ``measure`` says so, measured by the
+engine in :mod:`mllm_bench.measure` as a :class:`~mllm_bench.measure.MeasureSettings` says.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 import torch
 
-from .attention import available_backends
 from .config import ConfigError, LLMConfig, VisionConfig
 from .costmodel import COMPONENTS, CostBreakdown
 from .devices import peak_flops
 from .environment import environment
 from .flops import CountedFlops, count_inference, count_train_step
-from .memory import analytic_memory, measure_peak
+from .measure import MeasureSettings, time_decode, time_phase, time_prefill, timed_rows, train_step
+from .memory import MeasuredMemory, analytic_memory
 from .model import MLLM
 from .registry import build_model, get_architecture
 from .results import make_row, to_frame
-from .static_decode import DECODE_MODES, decode_steps
-from .timing import time_fn
+from .timing import Timing
 from .workload import PAPER_WORKLOAD, Workload, dtype_name
 
-__all__ = ["profile", "should_measure"]
+__all__ = ["profile", "should_measure", "MeasureSettings"]
 
 # Models at most this large are measured on CPU under ``measure="auto"``.
 CPU_AUTO_MEASURE_PARAMS = 50_000_000
@@ -133,70 +132,47 @@ def _memory_rows(base: dict, model: MLLM, cost: CostBreakdown, workload: Workloa
 
 
 def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flops: dict[str, float],
-                   timing: dict[str, Any], decode_mode: str, how: str = "") -> list[dict]:
+                   settings: MeasureSettings) -> list[dict]:
     """Time and measure memory of each phase on ``workload.device`` (weights randomly initialised)."""
     device = workload.device
-    rows: list[dict] = []
-    peak = peak_flops(base["device_name"], base["dtype"]) if torch.device(device).type == "cuda" else None
+    cuda = torch.device(device).type == "cuda"
+    peak = peak_flops(base["device_name"], base["dtype"]) if cuda else None
+    note = ("cuda_events" if cuda else "perf_counter") + ("; compiled" if settings.compile else "")
     batch = model.example_batch(workload)
     b = workload.batch_size
+    rows: list[dict] = []
 
-    def record(phase: str, metric: str, fn: Callable[[], Any], tokens: float, phase_flops: float | None,
-               detail: str = "", **timing_overrides: Any) -> None:
-        _, mem = measure_peak(fn, device)
-        t = time_fn(fn, device, **{**timing, **timing_overrides})
-        common = dict(component="all", role="all", stage=stage, phase=phase, note=mem.method)
-        rows.append(make_row(base, "peak_memory_bytes", mem.peak, "measured", **common))
-        if mem.reserved is not None:
-            rows.append(make_row(base, "reserved_memory_bytes", mem.reserved, "measured", **common))
-        common["note"] = ("cuda_events" if torch.device(device).type == "cuda" else "perf_counter") + how + detail
-        rows.append(make_row(base, metric, t.median, "measured", **common))
-        rows.append(make_row(base, "latency_iqr_s", t.iqr, "measured", **common))
-        if tokens:
-            rows.append(make_row(base, "tokens_per_s", tokens / t.median, "measured", **common))
-        if phase_flops:
-            achieved = phase_flops / t.median
-            rows.append(make_row(base, "achieved_flops_per_s", achieved, "measured", scope="total",
-                                 convention="dense", **common))
-            if peak:
-                rows.append(make_row(base, "mfu", achieved / peak, "measured", scope="total", convention="dense",
-                                     **common))
+    def record(phase: str, metric: str, timing: Timing, memory: MeasuredMemory, tokens: float,
+               phase_flops: float | None, detail: str = "") -> None:
+        rows.extend(timed_rows(base, metric, timing, memory=memory, tokens=tokens, flops=phase_flops, peak=peak,
+                               component="all", role="all", stage=stage, phase=phase, note=note + detail))
 
     if stage == "inference":
         model.set_stage("inference")
         with torch.no_grad():
             if workload.images_per_sample:
-                record("vision_encode", "vision_encode_latency_s", lambda: model.encode(batch.pixel_values), 0,
-                       flops.get("vision"))
+                record("vision_encode", "vision_encode_latency_s",
+                       *time_phase(lambda: model.encode(batch.pixel_values), device, settings), 0, flops.get("vision"))
             prompt = base["visual_tokens"] + workload.num_text_tokens
-            record("prefill", "prefill_latency_s", lambda: model.prefill(batch), b * prompt, flops.get("prefill"))
-            _, cache = model.prefill(batch)
-            token = torch.zeros(b, dtype=torch.long, device=device)
-            room = model.llm_config.max_position_embeddings - cache.length - 1
-            extra_calls = timing.get("warmup", 2) + 1  # warm-up and the memory measurement's call
-            steps = max(1, min(timing.get("max_repeats", 1000), room - extra_calls))
-            step, cache = decode_steps(model, cache, steps + extra_calls, decode_mode)
-            record("decode", "decode_latency_s", lambda: step(token), b, flops.get("decode"),
-                   detail=f"; decode={decode_mode}", max_repeats=steps)
-            kv = cache.nbytes()
+            record("prefill", "prefill_latency_s", *time_prefill(model, batch, device, settings), b * prompt,
+                   flops.get("prefill"))
+            mode = settings.decode_mode_on(device)
+            decoded = time_decode(model, batch, device, settings, mode)
+            record("decode", "decode_latency_s", decoded.timing, decoded.memory, b, flops.get("decode"),
+                   detail=f"; decode={mode}")
+            kv = decoded.cache.nbytes()
             media = getattr(model, "cross_attn_cache_nbytes", None)  # an architecture's own cached state
             if media is not None:
-                kv["media"] = media(cache)
+                kv["media"] = media(decoded.cache)
             kv["all"] = sum(kv.values())
             rows += [make_row(base, "kv_cache_bytes", v / b, "measured", component="all", role=r, stage=stage,
                               phase="decode", note="per sample, after the timed decode steps") for r, v in kv.items()]
         return rows
-    trainable = model.set_stage(stage)
     model.set_gradient_checkpointing(workload.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-6)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model(batch).loss.backward()
-        optimizer.step()
-
-    record("train_step", "train_step_latency_s", step, b * (base["visual_tokens"] + workload.num_text_tokens),
-           flops.get("train_step"))
+    step = train_step(model, stage, batch, device, settings)
+    record("train_step", "train_step_latency_s", *time_phase(step, device, settings),
+           b * (base["visual_tokens"] + workload.num_text_tokens), flops.get("train_step"),
+           detail=f"; optimizer={settings.optimizer}")
     model.set_stage("inference")
     return rows
 
@@ -210,32 +186,21 @@ def profile(
     measure: bool | str = False,
     count: bool = True,
     context_len: int | None = None,
-    attention_backend: str = "sdpa",
-    timing: dict[str, Any] | None = None,
-    decode_mode: str | None = None,
-    compiled: bool = False,
+    settings: MeasureSettings | None = None,
 ) -> pd.DataFrame:
     """Profile ``arch`` on ``workload`` and return tidy result rows (see :mod:`mllm_bench.results`).
 
     ``measure``: False/``never``, True/``always`` or ``auto`` (CUDA always, CPU for small models);
     measurement runs on ``workload.device`` (``meta`` means CUDA when available, else CPU) with
-    random weights. ``timing`` passes ``warmup``/``min_repeats``/``min_seconds``/``max_repeats``.
-    ``decode_mode`` (:mod:`mllm_bench.static_decode`): how decode steps run when measured; default
-    ``graph`` (static cache + CUDA graph) on CUDA, ``dynamic`` elsewhere. ``attention_backend``: one of
-    :func:`~mllm_bench.attention.available_backends` or ``fast`` (the architecture's CUDA fast path,
-    ``flash``, or ``flex`` for NAAViT); it applies to measurement, while FLOPs are counted with ``sdpa``
-    (dense convention). ``compiled``: reset torch.compile's caches, then compile the model's layers and blocks
-    (:meth:`~mllm_bench.model.MLLM.compile_layers`) before measuring. Rows record
-    the backend, and their ``note`` the decode mode and compilation.
+    random weights, as ``settings`` say (:class:`~mllm_bench.measure.MeasureSettings`: attention backend,
+    compilation, decode mode, optimizer, timing). The attention backend applies to measurement, while FLOPs
+    are counted with ``sdpa`` (dense convention). With ``settings.compile`` torch.compile's caches are reset,
+    then the model's layers and blocks compiled (:meth:`~mllm_bench.model.MLLM.compile_layers`) before
+    measuring. Rows record the backend, and their ``note`` the decode mode, optimizer and compilation.
     """
     cls = get_architecture(arch)  # a clear error for an unknown name before any work
-    if attention_backend == "fast":
-        attention_backend = cls.fast_attention_backend
-    if attention_backend not in available_backends():
-        raise ConfigError(f"attention_backend must be 'fast' or one of {available_backends()}, "
-                          f"got {attention_backend!r}")
-    if decode_mode is not None and decode_mode not in DECODE_MODES:
-        raise ConfigError(f"decode_mode must be one of {list(DECODE_MODES)}, got {decode_mode!r}")
+    settings = settings or MeasureSettings()
+    attention_backend = settings.backend_for(cls.spec.fast_attention_backend)
     stage = workload.stage
     meta_model = build_model(arch, llm, vision, options, device="meta", dtype=workload.torch_dtype)
     meta_model.set_attention_backend("sdpa")  # counting on meta: the dense convention, every backend alike
@@ -279,14 +244,11 @@ def profile(
         flops["vision"] = cost.flops("prefill", component="vision") if stage == "inference" else 0.0
         model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
         model.set_attention_backend(attention_backend)
-        if compiled:
+        if settings.compile:
             import torch._dynamo as dynamo  # imported only when compiling (it takes seconds)
 
             dynamo.reset()  # compile afresh: shapes an earlier model marked dynamic can break this one
             model.compile_layers()
-        timing_opts = {"warmup": 2, "min_repeats": 5, "min_seconds": 0.5, "max_repeats": 1000, **(timing or {})}
-        mode = decode_mode or ("graph" if torch.device(run_device).type == "cuda" else "dynamic")
-        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, timing_opts, mode,
-                               "; compiled" if compiled else "")
+        rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, settings)
         del model
     return to_frame(rows)

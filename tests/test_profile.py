@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mllm_bench import Workload
 from mllm_bench.config import ConfigError
-from mllm_bench.profile import profile, should_measure
+from mllm_bench.profile import MeasureSettings, profile, should_measure
 from mllm_bench.results import COLUMNS
 
 WL = Workload(batch_size=2, text_before=3, text_after=5, generate_tokens=2, dtype="float32", device="cpu")
@@ -46,7 +48,7 @@ def test_profile_inference_rows(arch: str) -> None:
 
 def test_profile_training_rows_and_measurement_on_cpu() -> None:
     df = profile("llava", WL.replace(stage="pretrain"), llm="tiny-llm", vision="tiny-clip", measure=True,
-                 timing={"min_seconds": 0.01, "min_repeats": 2, "warmup": 1})
+                 settings=MeasureSettings(min_seconds=0.01, min_repeats=2, warmup=1))
     assert _one(df, metric="trainable_params", stage="pretrain") < _one(df, metric="params")
     assert _one(df, metric="train_step_latency_s", source="measured") > 0
     mem = df[(df.metric == "peak_memory_bytes")]
@@ -60,7 +62,7 @@ def test_profile_training_rows_and_measurement_on_cpu() -> None:
 
 def test_profile_inference_measurement_phases() -> None:
     df = profile("saisa", WL, llm="tiny-llm", vision="tiny-clip", measure="auto",
-                 timing={"min_seconds": 0.01, "min_repeats": 2, "warmup": 1})
+                 settings=MeasureSettings(min_seconds=0.01, min_repeats=2, warmup=1))
     for metric in ("vision_encode_latency_s", "prefill_latency_s", "decode_latency_s"):
         assert _one(df, metric=metric) > 0
     assert set(df[df.metric == "latency_iqr_s"].phase) == {"vision_encode", "prefill", "decode"}
@@ -70,9 +72,9 @@ def test_profile_inference_measurement_phases() -> None:
 def test_profile_static_decode_holds_the_same_cache() -> None:
     """A static cache decodes the same steps: the cache bytes reported after the timed steps agree."""
     kw = dict(llm="tiny-llm", vision="tiny-clip", measure="always",
-              timing={"min_seconds": 0.0, "min_repeats": 3, "max_repeats": 3, "warmup": 1})
+              settings=MeasureSettings(min_seconds=0.0, min_repeats=3, max_repeats=3, warmup=1))
     dynamic = profile("llava", WL, **kw)
-    static = profile("llava", WL, decode_mode="static", **kw)
+    static = profile("llava", WL, **{**kw, "settings": dataclasses.replace(kw["settings"], decode_mode="static")})
     assert static[static.metric == "decode_latency_s"].note.iloc[0] == "perf_counter; decode=static"
     kv = {name: df[df.metric == "kv_cache_bytes"].set_index("role").value.to_dict() for name, df in
           (("dynamic", dynamic), ("static", static))}
@@ -80,11 +82,11 @@ def test_profile_static_decode_holds_the_same_cache() -> None:
 
 
 def test_profile_fast_backend_is_the_architectures_and_counting_stays_dense() -> None:
-    kw = dict(llm="tiny-llm", vision="tiny-clip", measure="always",
-              timing={"min_seconds": 0.0, "min_repeats": 1, "max_repeats": 1, "warmup": 0})
-    fast = profile("naavit", WL, attention_backend="fast", **kw)
+    timing = dict(min_seconds=0.0, min_repeats=1, max_repeats=1, warmup=0)
+    kw = dict(llm="tiny-llm", vision="tiny-clip", measure="always")
+    fast = profile("naavit", WL, settings=MeasureSettings(attention_backend="fast", **timing), **kw)
     assert set(fast["attention_backend"]) == {"flex"}  # NAAViT's block-sparse path
-    reference = profile("naavit", WL, **kw)
+    reference = profile("naavit", WL, settings=MeasureSettings(**timing), **kw)
     counted = {name: df[(df.metric == "prefill_flops") & (df.source == "counted")].value.sum()
                for name, df in (("fast", fast), ("sdpa", reference))}
     assert counted["fast"] == counted["sdpa"] > 0
@@ -101,8 +103,9 @@ def test_profile_compiled_measures_with_compiled_layers(monkeypatch) -> None:
         compile_layers(self, backend="aot_eager")
 
     monkeypatch.setattr(MLLM, "compile_layers", aot_eager)
-    df = profile("saisa", WL, llm="tiny-llm", vision="tiny-clip", measure="always", compiled=True,
-                 attention_backend="fast", timing={"min_seconds": 0.0, "min_repeats": 1, "max_repeats": 1})
+    df = profile("saisa", WL, llm="tiny-llm", vision="tiny-clip", measure="always",
+                 settings=MeasureSettings(compile=True, attention_backend="fast", min_seconds=0.0, min_repeats=1,
+                                          max_repeats=1))
     assert compiled == ["SAISA"]
     assert set(df[df.metric == "decode_latency_s"].note) == {"perf_counter; compiled; decode=dynamic"}
     assert set(df[df.metric == "prefill_latency_s"].note) == {"perf_counter; compiled"}
@@ -110,9 +113,13 @@ def test_profile_compiled_measures_with_compiled_layers(monkeypatch) -> None:
 
 def test_profile_bad_input() -> None:
     with pytest.raises(ConfigError, match="attention_backend must be 'fast' or one of"):
-        profile("llava", WL, llm="tiny-llm", vision="tiny-clip", attention_backend="fused")
+        MeasureSettings(attention_backend="fused")
     with pytest.raises(ConfigError, match="decode_mode must be one of"):
-        profile("llava", WL, llm="tiny-llm", vision="tiny-clip", decode_mode="cuda")
+        MeasureSettings(decode_mode="cuda")
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        MeasureSettings(optimizer="sgd")
+    with pytest.raises(ConfigError, match="min_repeats <= max_repeats"):
+        MeasureSettings(min_repeats=5, max_repeats=2)
     with pytest.raises(ConfigError, match="unknown architecture"):
         profile("llava2", WL, llm="tiny-llm", vision="tiny-clip")
     with pytest.raises(ConfigError, match="measure must be one of"):
@@ -132,7 +139,7 @@ def test_decode_flops_are_per_token_and_prefill_per_batch() -> None:
 def test_measured_train_step_mfu_leaves_recomputation_out() -> None:
     wl = WL.replace(stage="finetune", gradient_checkpointing=True)
     df = profile("llava", wl, llm="tiny-llm", vision="tiny-clip", measure=True,
-                 timing={"min_seconds": 0.0, "min_repeats": 2, "warmup": 1})
+                 settings=MeasureSettings(min_seconds=0.0, min_repeats=2, warmup=1))
     key = dict(metric="train_step_flops", scope="total", convention="dense", component="all", role="all")
     with_recompute = _one(df, source="counted", **key)
     no_ckpt = profile("llava", wl.replace(gradient_checkpointing=False), llm="tiny-llm", vision="tiny-clip")
