@@ -77,10 +77,13 @@ def compare(
     vision_cfg = vision_for(vision, image_size)
     profile = get_profile()
     with progress_bar(steps(archs, stages), "profiling") as advance:
-        timing = {"timing": {"min_seconds": min_seconds}} if min_seconds is not None else {}
+        from mllm_bench.measure import MeasureSettings
+
+        timing = {"min_seconds": min_seconds} if min_seconds is not None else {}
+        settings = MeasureSettings(attention_backend=attention_backend, compile=compile_layers,
+                                   decode_mode=decode_mode, **timing)
         rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
-                       count.value, attention_backend=attention_backend, compiled=compile_layers,
-                       decode_mode=decode_mode, **timing)
+                       count.value, settings=settings)
     emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}")
 
