@@ -1,7 +1,12 @@
-"""``mllm-bench paper``: regenerate results/paper/ (tables, figure, README with every assumption)."""
+"""``mllm-bench paper``: regenerate the paper's tables, figure and README (every assumption) into a fresh folder.
+
+Without ``--out`` each run writes ``out/paper/<timestamp>/``; the committed ``results/paper/`` is
+rewritten only when ``--out results/paper`` names it.
+"""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import typer
@@ -9,10 +14,27 @@ from mllm_bench.reports.train_cost import DEVICE_PEAKS
 
 from .common import err_console, get_profile, handle_errors, progress_bar
 
+DEFAULT_ROOT = Path("out/paper")
+
+
+def fresh_run_dir(root: Path = DEFAULT_ROOT) -> Path:
+    """A new folder ``root/<UTC timestamp>/`` (``-2``, ``-3``… when two runs start in the same second)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{root}: no free folder name for {stamp}")
+
 
 @handle_errors
 def paper(
-    out: Path = typer.Option(Path("results/paper"), help="Folder to regenerate."),
+    out: Path = typer.Option(None, help=f"Folder to write (default: a fresh {DEFAULT_ROOT}/<timestamp>/; "
+                             "--out results/paper regenerates the committed results)."),
     device: str = typer.Option("a100", help=f"Device for GPU-hours: {', '.join(DEVICE_PEAKS)}."),
     mfu: str = typer.Option("0.4", help="MFU for the training budget, in (0, 1]: one number, or per architecture "
                             "(llava=0.47,saisa=0.32; a bare number sets the rest)."),
@@ -37,7 +59,9 @@ def paper(
                                       given=utilisation)
     profile = get_profile()
     steps = len(PAPER_LLMS) * len(PAPER_ARCHS) * 3
-    command = "mllm-bench paper" + (f" --out {out}" if out != Path("results/paper") else "")
+    command = "mllm-bench paper" + (f" --out {out}" if out is not None else "")
+    if out is None:
+        out = fresh_run_dir()
     command += (f" --device {device}" if device != "a100" else "") + (f" --mfu {mfu}" if mfu != "0.4" else "")
     command += f" --measured {measured}" if measured is not None else ""
     with progress_bar(steps, "regenerating paper results") as advance:
