@@ -64,13 +64,13 @@ VISION_PRESETS: dict[str, VisionConfig] = {
 
 def llm_preset(name: str) -> LLMConfig:
     """The LLM preset called ``name``."""
-    if name not in LLM_PRESETS:
+    if not isinstance(name, str) or name not in LLM_PRESETS:
         raise ConfigError(f"unknown LLM preset {name!r}; choose one of {sorted(LLM_PRESETS)}")
     return LLM_PRESETS[name]
 
 
 def vision_preset(name: str) -> VisionConfig:
     """The vision-tower preset called ``name``."""
-    if name not in VISION_PRESETS:
+    if not isinstance(name, str) or name not in VISION_PRESETS:
         raise ConfigError(f"unknown vision preset {name!r}; choose one of {sorted(VISION_PRESETS)}")
     return VISION_PRESETS[name]

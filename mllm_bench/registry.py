@@ -48,6 +48,29 @@ def get_architecture(name: str) -> type[MLLM]:
     return cls
 
 
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, refused unless this machine has it (meta and cpu always do)."""
+    allowed = "meta, cpu, cuda or cuda:N (with CUDA), mps (on Apple silicon)"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a torch device; allowed: {allowed}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                              "use 'cpu', or 'meta' to count without weights")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {device!r}: MPS (Apple silicon) is not available on this machine; "
+                              "use 'cpu' or 'meta'")
+    elif resolved.type not in ("meta", "cpu"):
+        raise ConfigError(f"device {device!r}: type {resolved.type!r} is not supported; allowed: {allowed}")
+    return resolved
+
+
 def build_model(
     arch: str,
     llm: str | LLMConfig = "vicuna-7b",
@@ -57,15 +80,16 @@ def build_model(
     dtype: str | torch.dtype = "bfloat16",
 ) -> MLLM:
     """Build architecture ``arch`` with the given presets/configs; on ``meta`` no memory is allocated."""
+    if not isinstance(arch, str):
+        raise ConfigError(f"arch must be an architecture name, one of {architecture_names()}; got {arch!r}")
     cls = get_architecture(arch)
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"options must be a dict of option name to value, got {type(options).__name__}")
     if not isinstance(llm, str | LLMConfig):
         raise ConfigError(f"llm must be a preset name or an LLMConfig, got {type(llm).__name__}")
     if not isinstance(vision, str | VisionConfig):
         raise ConfigError(f"vision must be a preset name or a VisionConfig, got {type(vision).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device {device!r} is not a torch device (e.g. meta, cpu, cuda, cuda:1)") from err
+    device = usable_device(device)
     llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
     vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
     torch_dtype = parse_dtype(dtype)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from .config import ConfigError, replace, require
+from .config import ConfigError, LLMConfig, replace, require
 
 Stage = Literal["inference", "pretrain", "finetune"]
 STAGES: tuple[str, ...] = ("inference", "pretrain", "finetune")
@@ -29,10 +29,12 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from its name (``bf16``, ``bfloat16``, ``fp32``, ...)."""
+    """A torch dtype from its name (``bf16``, ``bfloat16``, ``fp32``, ...) or one of those dtypes itself."""
     if isinstance(name, torch.dtype):
+        require(name in DTYPES.values(), f"dtype {name} is not supported; models run in one of "
+                                         f"{sorted({dtype_name(d) for d in DTYPES.values()})}")
         return name
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
 
@@ -75,7 +77,10 @@ class Workload:
             "Workload must have at least one text token (text_before + text_between + text_after > 0)",
         )
         require(self.stage in STAGES, f"Workload.stage must be one of {list(STAGES)}, got {self.stage!r}")
-        parse_dtype(self.dtype)
+        try:
+            parse_dtype(self.dtype)
+        except ConfigError as err:
+            raise ConfigError(f"Workload.dtype: {err}") from None
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as err:
@@ -100,6 +105,37 @@ class Workload:
 
     def replace(self, **changes: object) -> Workload:
         return replace(self, **changes)
+
+
+def check_fits_context(llm: LLMConfig, prompt: int, new_tokens: int = 0, detail: str = "",
+                       shorten: str = "fewer text tokens or images") -> None:
+    """Refuse a sequence longer than ``llm.max_position_embeddings``: a prompt of ``prompt`` positions, then
+    ``new_tokens`` generated ones (the cache ends holding prompt + new tokens). ``detail`` says what the
+    prompt is made of, ``shorten`` how to make it shorter."""
+    limit = llm.max_position_embeddings
+    what = f"{prompt} positions" + (f" ({detail})" if detail else "")
+    if prompt > limit:
+        raise ConfigError(f"the prompt takes {what}, more than {llm.name}'s max_position_embeddings {limit}; "
+                          f"use {shorten}")
+    if prompt + new_tokens > limit:
+        raise ConfigError(f"generating {new_tokens} tokens after a prompt of {what} needs {prompt + new_tokens} "
+                          f"positions, more than {llm.name}'s max_position_embeddings {limit}; at most "
+                          f"{limit - prompt} new tokens fit")
+
+
+def check_workload_fits(workload: Workload, llm: LLMConfig, positions_per_image: int) -> None:
+    """Refuse ``workload`` when its sequence does not fit ``llm``'s context.
+
+    ``positions_per_image``: sequence positions one image takes (its visual tokens where they are spliced
+    into the sequence; 0 where images reach the decoder by cross-attention only). At inference the
+    ``generate_tokens`` count too.
+    """
+    visual = workload.images_per_sample * positions_per_image
+    detail = f"{workload.num_text_tokens} text" + (
+        f" + {workload.images_per_sample} image(s) x {positions_per_image} visual tokens" if visual else "")
+    shorten = "fewer text tokens (text_before/text_between/text_after)" + (" or fewer images" if visual else "")
+    check_fits_context(llm, workload.num_text_tokens + visual,
+                       workload.generate_tokens if workload.stage == "inference" else 0, detail, shorten)
 
 
 # The SAISA paper's FLOPs convention (arXiv 2502.02458; ShortV arXiv 2504.00502): one 336 px image
