@@ -116,7 +116,8 @@ def _summary(result: SweepResult, scope: str, convention: str) -> Table:
     table = Table(title=f"sweep points: {', '.join(metrics)} ({scope} scope, {convention} attention)",
                   title_justify="left")
     for name, justify in (("arch", "left"), ("point", "left"), ("status", "left"), ("run", "left"),
-                          (flops_unit, "right"), (f"latency {time_unit}", "right"), ("why", "left")):
+                          (flops_unit, "right"), (f"latency {time_unit}" if lines["latency_s"].notna().any()
+                                                  else "latency", "right"), ("why", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in lines.itertuples():
         table.add_row(r.arch, r.point, r.status, r.run, fmt_number(r.flops, flops_div),
