@@ -34,6 +34,10 @@ LLAVA_REPORTED_GPUS = 8
 LLAVA_REPORTED_DEVICE = "a100"
 # LLaVA-1.5's training length (model_max_length) in tokens, visual tokens included.
 LLAVA_MAX_LENGTH = 2048
+# LLaVA-1.5's recipe: the vision tower it was trained with, its datasets' sizes, the finetune global batch.
+LLAVA_VISION = "clip-vit-l-336"
+LLAVA_SAMPLES = {"pretrain": 558_000, "finetune": 665_000}
+LLAVA_FINETUNE_GLOBAL_BATCH = 128
 DEFAULT_MFU = 0.4
 
 # Devices ``--device`` accepts for GPU-hours, and their dense bf16 peaks (from mllm_bench.devices).
@@ -75,9 +79,16 @@ def llava15_recipe(pretrain_text: tuple[int, int] = (1, 32), finetune_text: tupl
     for name, value in (("pretrain_samples", pretrain_samples), ("finetune_samples", finetune_samples)):
         if value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
+    def data(stage: str, samples: int, name: str) -> str:
+        if samples == LLAVA_SAMPLES[stage]:
+            return name
+        return f"a given count; LLaVA-1.5 trains on {LLAVA_SAMPLES[stage]:,}: {name}"
+
     return (
-        StageRecipe("pretrain", pretrain_samples, *pretrain_text, "LCS-558K image–caption pairs"),
-        StageRecipe("finetune", finetune_samples, *finetune_text, "LLaVA-1.5 mix 665K instruction conversations"),
+        StageRecipe("pretrain", pretrain_samples, *pretrain_text,
+                    data("pretrain", pretrain_samples, "LCS-558K image–caption pairs")),
+        StageRecipe("finetune", finetune_samples, *finetune_text,
+                    data("finetune", finetune_samples, "LLaVA-1.5 mix 665K instruction conversations")),
     )
 
 
@@ -230,10 +241,12 @@ def train_cost(
             if got.empty or basis.empty:
                 raise ConfigError(f"the profiler gave no train_step_flops for {arch} stage {st.stage} "
                                   f"(scope {scope}/{hours_scope}, convention {convention}/{hours_convention})")
-            per_sample = float(got["value"].iloc[0]) / st.workload().batch_size
-            hours_flops = float(basis["value"].iloc[0]) / st.workload().batch_size * st.samples
+            batch = st.workload().batch_size
+            per_sample = float(got["value"].iloc[0]) / batch
+            hours_flops = float(basis["value"].iloc[0]) / batch * st.samples
             stage_mfu = mfu.of(arch, st.stage)
             records.append({"arch": arch, "llm": llm, "vision": vision, "stage": st.stage, "samples": st.samples,
+                            "batch_size": batch, "visual_tokens": _per_sample_tokens(got, batch),
                             "text_tokens": st.text_before + st.text_after, "flops_per_sample": per_sample,
                             "flops": per_sample * st.samples, "flops_source": got["source"].iloc[0],
                             "mfu": stage_mfu, "hours_flops": hours_flops,
@@ -245,7 +258,8 @@ def train_cost(
     totals = table.groupby(["arch", "llm", "vision"], sort=False, as_index=False).agg(
         {**dict.fromkeys(sums, "sum"), "flops_source": lambda s: "/".join(sorted(set(s))) })
     # the stages' MFU combined: the one that gives the summed GPU-hours for the summed FLOPs
-    totals = totals.assign(stage="total", text_tokens=math.nan, flops_per_sample=math.nan,
+    totals = totals.assign(stage="total", batch_size=math.nan, visual_tokens=math.nan, text_tokens=math.nan,
+                           flops_per_sample=math.nan,
                            mfu=totals["hours_flops"] / (peak * totals["gpu_hours"] * 3600))
     table = pd.concat([table, totals[table.columns]], ignore_index=True).drop(columns="hours_flops")
     for col in ("flops", "gpu_hours"):
@@ -257,15 +271,39 @@ def train_cost(
     return table, pd.concat(used, ignore_index=True)
 
 
+def _per_sample_tokens(rows: pd.DataFrame, batch: int) -> float:
+    """Visual tokens per sample in the profiler's row (NaN where the row does not say)."""
+    value = pd.to_numeric(rows["visual_tokens"], errors="coerce").iloc[0]
+    return float(value) if pd.notna(value) else math.nan
+
+
+def visual_tokens_text(table: pd.DataFrame) -> str:
+    """``"729 visual tokens"``, or per architecture where they differ (``"llava 576, flamingo 64 visual tokens"``),
+    as the profiler counted them for the budget's rows."""
+    stages = table[table["stage"] != "total"]
+    per_arch = {arch: sorted({int(v) for v in group["visual_tokens"] if pd.notna(v)})
+                for arch, group in stages.groupby("arch", sort=False)}
+    counts = {tuple(v) for v in per_arch.values()}
+    if not per_arch or not all(per_arch.values()):
+        return "visual tokens not recorded"
+    if len(counts) == 1:
+        return f"{'/'.join(map(str, next(iter(counts))))} visual tokens"
+    return ", ".join(f"{arch} {'/'.join(map(str, v))}" for arch, v in per_arch.items()) + " visual tokens"
+
+
 def flops_sources(table: pd.DataFrame) -> str:
     """The FLOPs sources (``analytic``, ``counted``) a budget table's rows used, ``/``-joined."""
     return "/".join(sorted(set("/".join(table["flops_source"]).split("/")) - {""}))
 
 
 def implied_mfu(table: pd.DataFrame, llm: str) -> dict[str, float]:
-    """The MFU at which LLaVA-1.5's reported 8×A100 hours match our FLOPs, per stage (empty if unknown)."""
-    if llm not in LLAVA_REPORTED_HOURS:
+    """The MFU at which LLaVA-1.5's reported 8×A100 hours match our FLOPs, per stage (empty if unknown, or when
+    the table's vision tower or sample counts are not the ones those hours were reported for)."""
+    if llm not in LLAVA_REPORTED_HOURS or set(table["vision"]) != {LLAVA_VISION}:
         return {}
+    samples = table[(table["arch"] == "llava") & (table["stage"] != "total")].set_index("stage")["samples"]
+    if any(samples.get(stage, n) != n for stage, n in LLAVA_SAMPLES.items()):
+        return {}  # the reported hours are for LLaVA-1.5's own data sizes
     hours = dict(zip(("pretrain", "finetune"), LLAVA_REPORTED_HOURS[llm], strict=True))
     peak = peak_flops(LLAVA_REPORTED_DEVICE)
     out = {}
@@ -340,15 +378,20 @@ def budget_notes(table: pd.DataFrame, recipe: Sequence[StageRecipe],
     """The assumptions and the comparison with the paper's −26%, in plain words.
 
     ``break_even`` maps an LLM to the finetune text length (tokens after the image) at which SAISA's
-    FLOPs reduction falls to the paper's 26% (None: not within the context window).
+    FLOPs reduction falls to the paper's 26% (None: not within the context window). Every count in the
+    notes comes from the table (the profiler's rows) and the recipe.
     """
     a = table.attrs
     sources = flops_sources(table)
+    images = {st.workload().images_per_sample for st in recipe}
+    batches = sorted({int(b) for b in table["batch_size"] if pd.notna(b)})
+    image_text = (f"{'/'.join(map(str, sorted(images)))} image(s)" if images != {1} else "one image")
     notes = [
         "FLOPs: one multiply-add = 2 FLOPs; training step = forward + backward (weight gradients only for the "
         "stage's trainable parameters, activation gradients wherever a trainable parameter lies upstream).",
-        f"FLOPs: {sources} (profiler), scope {a['scope']}, attention convention {a['convention']}; one image "
-        "(576 visual tokens) per sample, batch 1 (FLOPs scale linearly with batch; padding ignored); the 665K mix's "
+        f"FLOPs: {sources} (profiler), scope {a['scope']}, attention convention {a['convention']}; {image_text} "
+        f"({visual_tokens_text(table)}, {'/'.join(dict.fromkeys(table['vision']))}) per sample, batch "
+        f"{'/'.join(map(str, batches))} (FLOPs scale linearly with batch; padding ignored); the finetune mix's "
         "text-only samples are not modelled (every sample carries an image); optimizer step FLOPs not counted.",
         *mfu_notes(table),
     ]
@@ -357,6 +400,7 @@ def budget_notes(table: pd.DataFrame, recipe: Sequence[StageRecipe],
                      f"the image and {st.text_after} after (assumption; set with --{st.stage}-text BEFORE,AFTER).")
     finetune = next((st for st in recipe if st.stage == "finetune"), None)
     found: dict[str, tuple[float, float]] = {}
+    break_even_shown = False
     for llm in dict.fromkeys(table["llm"]):
         sub = table[table["llm"] == llm]
         total = sub[sub["stage"] == "total"].set_index("arch")
@@ -364,33 +408,39 @@ def budget_notes(table: pd.DataFrame, recipe: Sequence[StageRecipe],
             by_flops = 1 - total.loc["saisa", "flops"] / total.loc["llava", "flops"]
             by_hours = 1 - total.loc["saisa", "gpu_hours"] / total.loc["llava", "gpu_hours"]
             found[llm] = (by_flops, by_hours)
-            same = total.loc["saisa", "mfu"] == total.loc["llava", "mfu"] and (
+            same = math.isclose(total.loc["saisa", "mfu"], total.loc["llava", "mfu"]) and (
                 a["hours_scope"], a["hours_convention"]) == (a["scope"], a["convention"])
             notes.append(f"{llm}: SAISA's training budget is {by_flops * 100:.1f}% below LLaVA-1.5's by FLOPs"
                          + ("" if same else f" and {by_hours * 100:.1f}% below in GPU-hours at the MFUs above")
                          + f"; the paper reports {PAPER_TRAINING_REDUCTION * 100:.0f}% (measured GPU-hours).")
         if break_even and llm in break_even:
-            notes.append(f"{llm}: " + break_even_text(break_even[llm], finetune, sub["vision"].iloc[0]))
+            llava = sub[(sub["arch"] == "llava") & (sub["stage"] == "finetune")]["visual_tokens"]
+            visual = int(llava.iloc[0]) if len(llava) and pd.notna(llava.iloc[0]) else None
+            notes.append(f"{llm}: " + break_even_text(break_even[llm], finetune, visual))
+            break_even_shown = True
         mfus = implied_mfu(sub, llm)
         if mfus:
             notes.append(f"{llm}: LLaVA-1.5's reported 8×A100 hours ({LLAVA_REPORTED_HOURS[llm][0]} h + "
                          f"{LLAVA_REPORTED_HOURS[llm][1]} h) imply MFU " +
                          ", ".join(f"{s} {v * 100:.0f}%" for s, v in mfus.items()) + " under these FLOPs.")
     if found:
-        notes.append("Why FLOPs and the paper differ:" + gap_explanation(found, table))
+        notes.append("Why FLOPs and the paper differ:" + gap_explanation(found, table, recipe, break_even_shown))
     return notes
 
 
-def break_even_text(tokens: int | None, finetune: StageRecipe | None, vision: str) -> str:
-    """The break-even text length in words, and whether a LLaVA-1.5 training sample could hold it."""
+def break_even_text(tokens: int | None, finetune: StageRecipe | None, visual_tokens: int | None) -> str:
+    """The break-even text length in words, and whether a LLaVA-1.5 training sample (``visual_tokens`` visual
+    tokens, the finetune stage's text before the image) could hold it."""
+    target = f"{PAPER_TRAINING_REDUCTION * 100:.0f}%"
     if not tokens:
-        return "the FLOPs reduction does not fall to 26% for any text length within the context window."
-    text = f"the FLOPs reduction falls to 26% only if a finetune sample carried ~{tokens:,} text tokens after the image"
-    if finetune is None:
+        return f"the FLOPs reduction does not fall to {target} for any text length within the context window."
+    text = (f"the FLOPs reduction falls to {target} only if a finetune sample carried ~{tokens:,} text tokens after "
+            "the image")
+    if finetune is None or visual_tokens is None:
         return text + "."
-    length = finetune.text_before + vision_preset(vision).tokens_per_image + tokens
+    length = finetune.text_before + visual_tokens + tokens
     if length > LLAVA_MAX_LENGTH:
-        return (text + f": with the {finetune.text_before} before it and the {vision_preset(vision).tokens_per_image}"
+        return (text + f": with the {finetune.text_before} before it and the {visual_tokens}"
                 f" visual tokens that is {length:,} tokens, beyond LLaVA-1.5's {LLAVA_MAX_LENGTH:,}-token training "
                 "length, so text length alone cannot explain the paper's figure.")
     return text + f" ({length:,} tokens in all, within LLaVA-1.5's {LLAVA_MAX_LENGTH:,}-token training length)."
@@ -404,20 +454,25 @@ def finetune_text_for_reduction(
     """Finetune text tokens after the image at which ``arch``'s total FLOPs reduction vs ``baseline`` is
     ``target`` (bisection on the analytic model; None if not reached below ``max_tokens`` in all)."""
     stages = {st.stage: st for st in recipe}
+    visual_tokens: dict[str, float] = {}
 
     def flops(a: str, st: StageRecipe) -> float:
         rows = normalise(profile_fn(a, st.workload(), llm=llm, vision=vision, options=None, measure="never",
                                     count=False))
-        return float(pick(rows, "train_step_flops", ("analytic",), stage=st.stage, scope=scope,
-                          convention=convention)["value"].iloc[0]) * st.samples
+        got = pick(rows, "train_step_flops", ("analytic",), stage=st.stage, scope=scope, convention=convention)
+        visual_tokens[a] = _per_sample_tokens(got, st.workload().batch_size)
+        return float(got["value"].iloc[0]) * st.samples
 
     pre = {a: flops(a, stages["pretrain"]) for a in (arch, baseline)}
+    visual = visual_tokens[baseline]
+    if math.isnan(visual):
+        visual = vision_preset(vision).tokens_per_image
 
     def reduction(after: int) -> float:
         st = dataclasses.replace(stages["finetune"], text_after=after)
         return 1 - (pre[arch] + flops(arch, st)) / (pre[baseline] + flops(baseline, st))
 
-    lo, hi = 1, max(max_tokens - stages["finetune"].text_before - vision_preset(vision).tokens_per_image, 2)
+    lo, hi = 1, max(max_tokens - stages["finetune"].text_before - int(visual), 2)
     if reduction(hi) > target:
         return None
     while hi - lo > 8:
@@ -426,15 +481,26 @@ def finetune_text_for_reduction(
     return hi
 
 
-def gap_explanation(found: Mapping[str, tuple[float, float]], table: pd.DataFrame) -> str:
+def gap_explanation(found: Mapping[str, tuple[float, float]], table: pd.DataFrame,
+                    recipe: Sequence[StageRecipe] = (), break_even_shown: bool = False) -> str:
     """Why the FLOPs (and GPU-hours) reduction differs from the paper's measured 26%: what the data supports first,
-    then what is not measured, named as such. ``found`` maps an LLM to (FLOPs reduction, GPU-hours reduction)."""
+    then what is not measured, named as such. ``found`` maps an LLM to (FLOPs reduction, GPU-hours reduction);
+    ``recipe`` gives the finetune sample count; ``break_even_shown``: the notes hold a break-even line to refer to."""
     flops = sum(f for f, _ in found.values()) / len(found)
     each = ", ".join(f"{f * 100:.1f}% of FLOPs to {h * 100:.1f}% of GPU-hours ({llm})" for llm, (f, h) in found.items())
     mfu: MFU = table.attrs["mfu"]
     measured = {a: mfu.of(a) for a in ("llava", "saisa") if mfu.origin.get(a, "given") != "given"}
     if abs(flops - PAPER_TRAINING_REDUCTION) < 0.05:
         return " the two agree within 5 points."
+    finetune = next((st for st in recipe if st.stage == "finetune"), None)
+    if finetune is not None:
+        steps = finetune.samples / LLAVA_FINETUNE_GLOBAL_BATCH
+        optimizer = (f" one AdamW update per global batch ({finetune.samples:,} ÷ {LLAVA_FINETUNE_GLOBAL_BATCH}, "
+                     f"LLaVA-1.5's finetune batch, ≈ {steps:,.0f} in finetune),")
+    else:
+        optimizer = " one AdamW update per global batch,"
+    text_length = (" The text length is an assumption too (see the break-even length above)." if break_even_shown
+                   else " The text length is an assumption too (set with --finetune-text).")
     if flops < PAPER_TRAINING_REDUCTION:
         return (" FLOPs understate the saving; a measured budget can also gain from memory (shorter sequences allow"
                 " larger micro-batches) that a FLOPs model does not capture.")
@@ -449,10 +515,9 @@ def gap_explanation(found: Mapping[str, tuple[float, float]], table: pd.DataFram
             " SAISA's decoder layers run short text-only sequences and every layer adds projector GEMMs over the"
             " visual tokens; such kernels run further from peak than LLaVA-1.5's one long sequence per layer."
             " Not measured here and not modelled: data loading and image preprocessing (the same work per sample"
-            " for both, so they dilute the saving), gradient communication across GPUs, the 665K mix's text-only"
-            " samples (no image, so nothing to save on them), and padding. The optimizer step is negligible: one"
-            " AdamW update per global batch (665K ÷ 128 ≈ 5.2K in finetune), a memory-bound pass over the trained"
-            " weights' state. The text length is an assumption too (see the break-even length above).")
+            " for both, so they dilute the saving), gradient communication across GPUs, the finetune mix's text-only"
+            " samples (no image, so nothing to save on them), and padding. The optimizer step is negligible:"
+            + optimizer + " a memory-bound pass over the trained weights' state." + text_length)
 
 
 def to_latex(table: pd.DataFrame, notes: Sequence[str] = ()) -> str:

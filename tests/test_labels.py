@@ -9,12 +9,15 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from mllm_bench.cli.app import app
+from mllm_bench.reports import train_cost as tc
 from typer.testing import CliRunner
 
 import mllm_bench
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
+from tests.reports_fakes import fake_profile
 
 runner = CliRunner()
 
@@ -81,3 +84,65 @@ def test_measured_profile_rows_carry_the_host_load():
     assert set(measured["cpu_count"]) == {str(os.cpu_count())}
     loads = pd.to_numeric(measured["load_avg_1m"])
     assert loads.notna().all() and (loads >= 0).all()
+
+
+# ----- train-cost: every count in the notes comes from the config used -----------------------------------
+@pytest.fixture
+def fake_train_cost(monkeypatch):
+    """train-cost with the fake profiler (FLOPs ∝ tokens, visual tokens = the preset's patch grid)."""
+    monkeypatch.setattr("mllm_bench.cli.train_cost.get_profile", lambda: fake_profile())
+
+
+def test_train_cost_names_the_visual_tokens_of_the_vision_tower_used(fake_train_cost, monkeypatch):
+    vision = VISION_PRESETS["siglip-so400m-384"]
+    visual = (vision.image_size // vision.patch_size) ** 2  # 27 × 27 = 729
+    monkeypatch.setattr(tc, "finetune_text_for_reduction", lambda *args, **kwargs: 1800)  # the bisection's answer
+    result = runner.invoke(app, ["train-cost", "--arch", "llava,saisa", "--vision", vision.name])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"one image ({visual} visual tokens, {vision.name}) per sample" in text
+    assert "576" not in text  # CLIP-336's count appears nowhere
+    # the break-even line is printed (vicuna-7b) and counts the same visual tokens
+    assert f"~1,800 text tokens after the image: with the 40 before it and the {visual} visual tokens that is " \
+           f"{40 + visual + 1800:,} tokens" in text
+    assert "see the break-even length above" in text
+    # LLaVA-1.5's reported hours were for its CLIP-336 tower: no implied MFU under another one
+    assert "reported 8×A100 hours" not in text
+
+
+def test_train_cost_refers_to_a_break_even_line_only_when_printed(fake_train_cost):
+    result = runner.invoke(app, ["train-cost", "--arch", "llava,saisa", "--llm", "tiny-llm", "--vision", "tiny-siglip"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Why FLOPs and the paper differ" in text  # the fake's SAISA saves 50%, not 26%
+    assert "break-even" not in text and "falls to 26% only if" not in text
+    vision = VISION_PRESETS["tiny-siglip"]
+    assert f"one image ({(vision.image_size // vision.patch_size) ** 2} visual tokens, tiny-siglip)" in text
+
+
+def test_train_cost_notes_follow_the_sample_counts_given():
+    recipe = tc.llava15_recipe(finetune_samples=12_800)
+    table, _ = tc.train_cost(["llava", "saisa"], fake_profile(), recipe, "vicuna-7b", "clip-vit-l-336")
+    text = " ".join(tc.budget_notes(table, recipe))
+    assert f"(12,800 ÷ 128, LLaVA-1.5's finetune batch, ≈ {12_800 // 128:,} in finetune)" in text
+    assert "12,800 samples (a given count; LLaVA-1.5 trains on 665,000" in text
+    assert "665K ÷ 128" not in text and "5.2K" not in text
+    assert "reported 8×A100 hours" not in text  # those hours are for 665K finetune samples
+
+
+def test_break_even_search_counts_the_visual_tokens_of_the_vision_tower_used():
+    from mllm_bench.profile import profile
+
+    recipe = tc.llava15_recipe((1, 8), (8, 8))
+    vision = VISION_PRESETS["tiny-siglip"]
+    visual = (vision.image_size // vision.patch_size) ** 2
+    # a target never reached: the search gives up at the longest text that fits max_tokens with these visual tokens
+    calls = []
+
+    def spy(arch, workload, **kwargs):
+        calls.append(workload.text_before + workload.text_after)
+        return profile(arch, workload, **kwargs)
+
+    found = tc.finetune_text_for_reduction(spy, recipe, "tiny-llm-mha", "tiny-siglip", target=-1.0, max_tokens=200)
+    assert found is None
+    assert max(calls) == 8 + (200 - 8 - visual)
