@@ -81,9 +81,11 @@ def sweep(
                            db=db)
     write_sweep(result, out, grid, archs, base, vision)
     Console().print(_summary(result, scope.value, convention.value))
-    err_console.print(f"{result.done} points profiled ({len(result.redone)} redone), {result.skipped} already done, "
-                      f"{len(result.oom)} out of memory (now or earlier), {len(result.busy)} in progress elsewhere, "
-                      f"{len(result.errors)} failed; results in {out}", highlight=False)
+    redone = (f"; {len(result.redone)} of the profiled points were redone (finished earlier by other code or on "
+              "another device: see the table)") if result.redone else ""
+    err_console.print(f"{result.done} points profiled, {result.skipped} already done, {len(result.oom)} out of memory "
+                      f"(now or earlier), {len(result.busy)} in progress elsewhere, {len(result.errors)} failed"
+                      f"{redone}; results in {out}", highlight=False)
     for message in [m for _, m in result.errors]:
         err_console.print(f"[red]failed:[/] {message}", highlight=False)
     if make_plots and len(result.rows):

@@ -309,7 +309,8 @@ def test_sweep_command_prints_a_summary_and_says_what_was_redone(fake, tmp_path,
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
     text = " ".join(second.output.split())
-    assert "4 points profiled (4 redone)" in text and "9.9.9@feedface" in text and "redone" in text
+    assert "4 points profiled, 0 already done" in text and "4 of the profiled points were redone" in text
+    assert "made by mllm-bench" in text and "9.9.9@feedface" in text
     assert len(db_counts(tmp_path / "r.db")) == 4  # the same keys; the other code's rows sit beside them
     with sqlite3.connect(tmp_path / "r.db") as con:
         per_code = dict(con.execute("select sweep_code, count(distinct sweep_key) from results group by 1"))
