@@ -15,11 +15,12 @@ import torch
 
 from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import LLMConfig, VisionConfig
-from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
+from mllm_bench.costmodel import CostBreakdown, CostModel, Segment, causal_pairs, stage_trains
 from mllm_bench.decoder import KVCache
-from mllm_bench.masks import AttentionMask, causal_mask
+from mllm_bench.masks import AttentionMask, MaskRule, causal_mask
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
+from mllm_bench.spec import ArchSpec
 from mllm_bench.workload import Workload
 
 
@@ -37,11 +38,29 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def llava_cost(model: LLaVA, workload: Workload, context_len: int | None = None) -> CostBreakdown:
+    """Vision tower -> MLP projector -> spliced-sequence decoder (``model``'s mask) -> lm_head on the text."""
+    cm, stage = CostModel(model.llm_config, workload, model.tokens_per_image, context_len), workload.stage
+    cm.vision_tower(model.vision_config)
+    g = cm.mlp_connector(model.vision_config.hidden_size, model.llm_config.hidden_size,
+                         trainable=stage_trains(model, "multi_modal_projector.", stage))
+    g = cm.spliced_decoder(model.attention_pairs(cm.segments), trainable=stage_trains(model, "language_model.", stage),
+                           grad_in=g)
+    cm.lm_head(trainable=stage_trains(model, "lm_head.", stage), grad_in=g)
+    return cm.result()
+
+
 class LLaVA(MLLM):
-    name = "llava"
-    description = "LLaVA-1.5: MLP projector, visual tokens spliced into the input sequence"
-    # Visual tokens attend to each other (NAAViT turns this off).
-    visual_to_visual = True
+    spec = ArchSpec(
+        name="llava",
+        display_name="LLaVA-1.5",
+        description="LLaVA-1.5: MLP projector, visual tokens spliced into the input sequence",
+        color="#1f77b4",
+        checkpoint_renames=(("model.multi_modal_projector.", "multi_modal_projector."),),
+        order=0,
+    )
+    # Causal by position over the whole spliced sequence, no extra rule (subclasses may add one).
+    mask_rule: MaskRule | None = None
 
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
         super().__init__(llm, vision, options)
@@ -53,15 +72,11 @@ class LLaVA(MLLM):
         return ("multi_modal_projector.", "language_model.", "lm_head.")
 
     def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
-        """Vision tower -> MLP projector -> spliced-sequence decoder -> lm_head on the text positions."""
-        cm, stage = CostModel(self.llm_config, workload, self.tokens_per_image, context_len), workload.stage
-        cm.vision_tower(self.vision_config)
-        g = cm.mlp_connector(self.vision_config.hidden_size, self.llm_config.hidden_size,
-                             trainable=stage_trains(self, "multi_modal_projector.", stage))
-        llm_trained = stage_trains(self, "language_model.", stage)
-        g = cm.spliced_decoder(self.visual_to_visual, trainable=llm_trained, grad_in=g)
-        cm.lm_head(trainable=stage_trains(self, "lm_head.", stage), grad_in=g)
-        return cm.result()
+        return llava_cost(self, workload, context_len)
+
+    def attention_pairs(self, segments: list[Segment]) -> dict[str, int]:
+        """Allowed query-key pairs of one sample per query role under :meth:`sequence_mask` (plain causal)."""
+        return causal_pairs(segments)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (B, K*V, h) of images (B, K, C, H, W)."""
@@ -79,7 +94,7 @@ class LLaVA(MLLM):
         return scatter_rows(layout.length, parts), layout
 
     def sequence_mask(self, layout: SplicedLayout) -> AttentionMask:
-        return causal_mask(layout.positions, layout.valid, layout.is_visual, self.visual_to_visual)
+        return causal_mask(layout.positions, layout.valid, layout.is_visual, self.mask_rule)
 
     def forward(self, batch: MultimodalBatch) -> ModelOutput:
         x, layout = self.embed(batch)

@@ -3,7 +3,8 @@
 
 Our names are transformers-5 LLaVA's without the ``model.`` prefix; :func:`to_mllm_bench_names`
 also accepts transformers-4 LLaVA names (``language_model.model.layers``,
-``vision_tower.vision_model.``) and plain ``LlamaForCausalLM`` names (``model.layers``).
+``vision_tower.vision_model.``) and plain ``LlamaForCausalLM`` names (``model.layers``); renames of an
+architecture's own modules come from its spec (``ArchSpec.checkpoint_renames``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .model import MLLM
 from .vision import unused_vision_keys
 
-# Applied in order, each to the result of the ones before (a key may need several).
-_RENAMES: tuple[tuple[str, str], ...] = (
-    # transformers >= 4.52 and 5 LLaVA
+# The shared decoder's and vision tower's names. Applied in order, each to the result of the ones before
+# (a key may need several); an architecture's own renames (its spec's) run after the first group.
+_SHARED_FIRST: tuple[tuple[str, str], ...] = (
+    # transformers >= 4.52 and 5 multimodal models nest the language model and the tower under `model.`
     ("model.language_model.", "language_model."),
     ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    # transformers < 4.52 LLaVA
+)
+_SHARED_AFTER: tuple[tuple[str, str], ...] = (
+    # transformers < 4.52 multimodal models
     ("language_model.model.", "language_model."),
     ("language_model.lm_head.", "lm_head."),
     # CLIP/SigLIP vision models of transformers 4 nest a `vision_model`
@@ -33,11 +37,14 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-def to_mllm_bench_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a transformers Llama/LLaVA state dict to this package's parameter names."""
+def to_mllm_bench_names(state_dict: dict[str, torch.Tensor],
+                        arch_renames: tuple[tuple[str, str], ...] = ()) -> dict[str, torch.Tensor]:
+    """Rename a transformers state dict to this package's parameter names; ``arch_renames`` are the
+    architecture's own (``ArchSpec.checkpoint_renames``, e.g. LLaVA's ``model.multi_modal_projector.``)."""
+    renames = (*_SHARED_FIRST, *arch_renames, *_SHARED_AFTER)
     out = {}
     for key, value in state_dict.items():
-        for old, new in _RENAMES:
+        for old, new in renames:
             if key.startswith(old):
                 key = new + key[len(old):]
         out[key] = value
@@ -154,7 +161,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: 
     if not isinstance(state_dict, dict):
         raise ConfigError(f"state_dict must be a dict of parameter name to tensor, got {type(state_dict).__name__}")
     _check_tensors(state_dict, "state dict")
-    state = to_mllm_bench_names(state_dict)
+    state = to_mllm_bench_names(state_dict, model.spec.checkpoint_renames if isinstance(model, MLLM) else ())
     vision_cfg = getattr(model, "vision_config", None)
     if vision_cfg is not None:
         for key in unused_vision_keys(vision_cfg, list(state)):

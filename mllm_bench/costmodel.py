@@ -7,18 +7,20 @@ Conventions (DESIGN.md, "Measurement conventions"):
   residuals) is not, exactly as ``torch.utils.flop_counter`` does not.
 * Attention in two conventions: ``dense`` counts every query-key pair the kernel computes (no mask
   discount; the SAISA paper's convention) and ``effective`` only the pairs the mask allows (causal,
-  NAAViT's rule, SAISA's text-only queries, Flamingo's media masking).
+  plus each architecture's own rule, whose pair count it passes in).
 * Training = forward + backward. A linear layer's backward costs one forward for the weight gradient
   when the weight is trained and one for the input gradient when something upstream is trained.
   Attention's backward (the math path that runs on meta tensors: S = QK^T, O = PV) costs dQ, dK
   (one QK^T each), dP and dV (one PV each) for the operands that need gradients, i.e. 2x the forward
   when everything needs gradients. torch's fused SDPA backward formula also counts recomputing S
   (2.5x); we follow the path we count and say so.
-* Roles: the token whose row a term computes (for attention, the query); ``media`` for Flamingo's
-  cross-attention keys/values of the resampled latents.
+* Roles: the token whose row a term computes (for attention, the query); ``media`` for rows that are
+  neither text nor visual tokens of the sequence (e.g. resampled latents read by cross-attention).
 
-Architectures compose these wiring-level functions in data-flow order in their ``analytic_cost``
-(see :class:`CostModel`); nothing here is named after an architecture.
+Architectures compose these in data-flow order in their ``analytic_cost``: the primitives (``linear``,
+``scores``, ``recompute``, ``kv_cache``, ``decoder_layer_linears``, ``decode_layers``) and the wirings two or
+more architectures share (vision tower, MLP connector, spliced-sequence decoder, lm_head); an
+architecture's own wiring lives in its file. Nothing here is named after an architecture.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class CostBreakdown:
     info: dict[str, Any] = field(default_factory=dict)
 
     def add(self, phase: str, component: str, role: str, pass_: str, dense: float, effective: float | None = None):
+        if component not in COMPONENTS:
+            raise ConfigError(f"cost term component must be one of {list(COMPONENTS)}, got {component!r}")
         if dense:
             self.terms.append(Term(phase, component, role, pass_, float(dense),
                                    float(dense if effective is None else effective)))
@@ -130,23 +134,15 @@ def sequence_segments(workload: Workload, tokens_per_image: int) -> list[Segment
     return [s for s in segs if s.length]
 
 
-def causal_pairs(segments: list[Segment], query_roles: tuple[str, ...] = ("text", "visual"),
-                 visual_to_visual: bool = True) -> dict[str, int]:
-    """Allowed (query, key) pairs per query role, keys = every token, causal by position.
-
-    ``visual_to_visual`` False is the NAAViT rule: a visual query sees the text before it and itself.
-    """
+def causal_pairs(segments: list[Segment], query_roles: tuple[str, ...] = ("text", "visual")) -> dict[str, int]:
+    """Allowed (query, key) pairs per query role, keys = every token, causal by position."""
     pairs: dict[str, int] = defaultdict(int)
-    before = text_before = 0
+    before = 0
     for seg in segments:
         n = seg.length
         if seg.role in query_roles:
-            if seg.role == "visual" and not visual_to_visual:
-                pairs[seg.role] += n * (text_before + 1)
-            else:
-                pairs[seg.role] += n * before + n * (n + 1) // 2
+            pairs[seg.role] += n * before + n * (n + 1) // 2
         before += n
-        text_before += n if seg.role == "text" else 0
     return dict(pairs)
 
 
@@ -182,6 +178,10 @@ class CostModel:
         self.cost = CostBreakdown(info={"stage": workload.stage, "batch_size": self.batch})
         self._activations = 0.0
 
+    def add_activations(self, elements: float) -> None:
+        """Elements a training step keeps for backward (``result`` turns them into bytes)."""
+        self._activations += elements
+
     @property
     def phases(self) -> tuple[str, ...]:
         return ("train_step",) if self.training else ("prefill", "decode")
@@ -214,7 +214,7 @@ class CostModel:
             bw = factor_qk * qk + factor_pv * pv
             self.cost.add(phase, component, role, "backward", dense_pairs * bw, effective_pairs * bw)
 
-    def _recompute(self, start: int, last_linear: dict[tuple[str, str], float]) -> None:
+    def recompute(self, start: int, last_linear: dict[tuple[str, str], float]) -> None:
         """Activation checkpointing: the forward terms added since ``start`` run again in backward.
 
         torch's non-reentrant checkpoint stops recomputing as soon as every saved tensor is back, so
@@ -262,35 +262,12 @@ class CostModel:
             self.linear(phase, "connector", role, rows, d_out, d_out, trainable, trainable or grad_in, count)
         return trainable or grad_in
 
-    def perceiver_resampler(self, dim: int, latents: int, depth: int, heads: int, dim_head: int, ff_mult: int,
-                            trainable: bool, grad_in: bool = False) -> bool:
-        """Per image: ``latents`` queries over concat(media, latents), ``depth`` layers with an FFN."""
-        n_img, inner, v = self.batch * self.num_images, heads * dim_head, self.tokens_per_image
-        if not n_img:
-            return False
-        g = trainable or grad_in  # learned latents and LayerNorms make every input need gradients
-        for phase in self.phases:
-            if phase == "decode":
-                continue
-            q_rows, kv_rows = n_img * latents, n_img * (v + latents)
-            self.linear(phase, "connector", "media", q_rows, dim, inner, trainable, g, depth)
-            self.linear(phase, "connector", "media", kv_rows, dim, 2 * inner, trainable, g, depth)
-            pairs = n_img * latents * (v + latents)
-            self.scores(phase, "connector", "media", pairs, pairs, inner, inner, g, g, depth)
-            self.linear(phase, "connector", "media", q_rows, inner, dim, trainable, g, depth)
-            self.linear(phase, "connector", "media", q_rows, dim, dim * ff_mult, trainable, g, depth)
-            self.linear(phase, "connector", "media", q_rows, dim * ff_mult, dim, trainable, g, depth)
-            if phase == "train_step" and g:
-                self._activations += depth * (kv_rows * (dim + 2 * inner) + q_rows * (3 * dim + 2 * inner
-                                                                                       + 2 * dim * ff_mult))
-        return g
-
     # ----- decoder ---------------------------------------------------------------------------------
     @property
-    def _q_width(self) -> int:
+    def q_width(self) -> int:
         return self.llm.num_heads * self.llm.head_dim
 
-    def _decode_layers(self, layers: int, visual_in_cache: bool) -> None:
+    def decode_layers(self, layers: int, visual_in_cache: bool) -> None:
         """One decode step through ``layers`` decoder layers: the new text token over the cache and itself.
 
         The cache holds ``context_len`` tokens, by default the prompt (its visual tokens only when
@@ -299,15 +276,15 @@ class CostModel:
         ctx = self.context_len
         if ctx is None:
             ctx = self.text + (self.visual if visual_in_cache else 0)
-        b, width = self.batch, self._q_width
-        self._layer_linears("decode", {"text": b}, {"text": b}, False, False, count=layers)
+        b, width = self.batch, self.q_width
+        self.decoder_layer_linears("decode", {"text": b}, {"text": b}, False, False, count=layers)
         self.scores("decode", "attn_scores", "text", b * (ctx + 1), b * (ctx + 1), width, width, count=layers)
 
-    def _layer_linears(self, phase: str, rows: dict[str, float], kv_rows: dict[str, float], trainable: bool,
+    def decoder_layer_linears(self, phase: str, rows: dict[str, float], kv_rows: dict[str, float], trainable: bool,
                        grad_in: bool, kv_grad: dict[str, bool] | None = None, count: int = 1) -> None:
         """Q/O and the FFN on ``rows``; K/V on ``kv_rows`` (GQA: width kv_dim)."""
         h, kv, m = self.llm.hidden_size, self.llm.kv_dim, self.llm.intermediate_size
-        q_width = self._q_width
+        q_width = self.q_width
         for role, n in rows.items():
             self.linear(phase, "attn_proj", role, n, h, q_width, trainable, grad_in, count)
         for role, n in kv_rows.items():
@@ -326,148 +303,45 @@ class CostModel:
                 if (grad_in if kv_grad is None else kv_grad[role]) or trainable:
                     self._activations += count * n * 2 * kv
 
-    def _down_proj(self, rows: float, layers: int) -> float:
+    def down_proj(self, rows: float, layers: int) -> float:
+        """Forward FLOPs of the FFN's last linear (what checkpoint recomputation skips)."""
         return 2.0 * rows * self.llm.intermediate_size * self.llm.hidden_size * layers
 
-    def spliced_decoder(self, visual_to_visual: bool = True, trainable: bool = False, grad_in: bool = False,
+    def spliced_decoder(self, pairs: dict[str, int] | None = None, trainable: bool = False, grad_in: bool = False,
                         num_layers: int | None = None) -> bool:
         """Every token (text and spliced visual) is a full decoder token: Q, K, V, O, FFN, causal attention.
 
-        ``visual_to_visual`` False removes attention among visual tokens (each still sees itself)
-        in the effective convention; the dense convention counts what the kernel computes.
+        ``pairs``: the allowed (query, key) pairs of one sample per query role under the architecture's
+        mask (default :func:`causal_pairs`), used by the effective convention; the dense convention
+        counts what the kernel computes.
         """
         L = self.llm.num_layers if num_layers is None else num_layers
-        width = self._q_width
+        width = self.q_width
         b, rows = self.batch, rows_by_role(self.segments)
         n = sum(rows.values())
         batch_rows = {r: b * k for r, k in rows.items()}
         g = grad_in or trainable
+        eff = causal_pairs(self.segments) if pairs is None else pairs
         for phase in self.phases:
             if phase == "decode":
-                self._decode_layers(L, visual_in_cache=True)
+                self.decode_layers(L, visual_in_cache=True)
                 continue
             start = len(self.cost.terms)
-            self._layer_linears(phase, batch_rows, batch_rows, trainable, g, count=L)
-            eff = causal_pairs(self.segments, visual_to_visual=visual_to_visual)
+            self.decoder_layer_linears(phase, batch_rows, batch_rows, trainable, g, count=L)
             for role, k in rows.items():
                 self.scores(phase, "attn_scores", role, b * k * n, b * eff.get(role, 0), width, width, g, g, L)
             if phase == "train_step" and self.workload.gradient_checkpointing and g:
-                self._recompute(start, {("ffn", r): self._down_proj(b * k, L) for r, k in rows.items()})
-        self._kv_cache(L, visual_in_cache=True)
+                self.recompute(start, {("ffn", r): self.down_proj(b * k, L) for r, k in rows.items()})
+        self.kv_cache(L, visual_in_cache=True)
         return g
 
-    def kv_only_visual_decoder(self, trainable: bool = False, grad_in: bool = False, visual_grad: bool = False,
-                               num_layers: int | None = None) -> bool:
-        """Visual tokens give keys and values only (no Q, no O, no FFN); text queries see them causally.
-
-        ``visual_grad``: the visual rows fed to each layer need gradients (their projector is trained).
-        Layer 0's text rows need gradients only if ``grad_in`` or ``trainable``; later layers' do as
-        soon as anything upstream (including the visual keys/values) is trained.
-        """
-        L = self.llm.num_layers if num_layers is None else num_layers
-        width = self._q_width
-        b, t, v = self.batch, self.text, self.visual
-        for phase in self.phases:
-            if phase == "decode":
-                self._decode_layers(L, visual_in_cache=True)
-                continue
-            eff = causal_pairs(self.segments, query_roles=("text",)).get("text", 0)
-            kv_rows = {"text": b * t} | ({"visual": b * v} if v else {})
-            first_g = grad_in or trainable
-            later_g = first_g or (visual_grad and v > 0)
-            start = len(self.cost.terms)
-            for n_layers, g in ((1, first_g), (L - 1, later_g)):
-                if not n_layers:
-                    continue
-                kv_grad = {"text": g, "visual": visual_grad or g}
-                self._layer_linears(phase, {"text": b * t}, kv_rows, trainable, g, kv_grad, count=n_layers)
-                self.scores(phase, "attn_scores", "text", b * t * (t + v), b * eff, width, width, g,
-                            g or (visual_grad and v > 0), n_layers)
-            if phase == "train_step" and self.workload.gradient_checkpointing and later_g:
-                self._recompute(start, {("ffn", "text"): self._down_proj(b * t, L)})
-        self._kv_cache(L, visual_in_cache=True)
-        return later_g
-
-    def _kv_cache(self, num_layers: int, visual_in_cache: bool) -> None:
+    def kv_cache(self, num_layers: int, visual_in_cache: bool) -> None:
+        """Self-attention KV bytes per sample of ``num_layers`` layers: text (prompt + generated), visual if cached."""
         per_token = num_layers * 2 * self.llm.kv_dim * self.bytes_per_element
         text = (self.text + self.workload.generate_tokens) * per_token
         self.cost.kv_cache_bytes["text"] = self.cost.kv_cache_bytes.get("text", 0.0) + text
         if visual_in_cache:
             self.cost.kv_cache_bytes["visual"] = self.cost.kv_cache_bytes.get("visual", 0.0) + self.visual * per_token
-
-    def text_decoder_layers(self, layers: int, trainable: bool = False, grad_in: bool = False) -> bool:
-        """``layers`` plain causal decoder layers over the text tokens only (no visual tokens)."""
-        width = self._q_width
-        b, t = self.batch, self.text
-        g = grad_in or trainable
-        if not layers:
-            return g
-        for phase in self.phases:
-            if phase == "decode":
-                self._decode_layers(layers, visual_in_cache=False)
-                continue
-            start = len(self.cost.terms)
-            self._layer_linears(phase, {"text": b * t}, {"text": b * t}, trainable, g, count=layers)
-            pairs = b * t * (t + 1) // 2
-            self.scores(phase, "attn_scores", "text", b * t * t, pairs, width, width, g, g, layers)
-            if phase == "train_step" and self.workload.gradient_checkpointing and g:
-                self._recompute(start, {("ffn", "text"): self._down_proj(b * t, layers)})
-        return g
-
-    def text_kv_cache(self, num_layers: int) -> None:
-        """Self-attention cache of text tokens only."""
-        self._kv_cache(num_layers, visual_in_cache=False)
-
-    def gated_cross_attention(self, media_dim: int, media_tokens: int, heads: int, dim_head: int, ff_mult: int,
-                              trainable: bool, grad_in: bool = False, media_grad: bool = False,
-                              blocks: int = 1, decode_media_tokens: int | None = None) -> bool:
-        """``blocks`` blocks: text queries over ``media_tokens`` keys/values per sample (+ a gated FFN).
-
-        Keys/values are projected from the media once per prompt (kept for decode, which attends to
-        ``decode_media_tokens`` of them). Effective pairs: a text token sees only the latest image's
-        ``media_tokens / images`` latents, and text before any image sees none.
-        """
-        h, inner, b, t = self.llm.hidden_size, heads * dim_head, self.batch, self.text
-        g = grad_in or trainable  # LayerNorms inside the block are trained with it
-        per_image = media_tokens // max(self.num_images, 1)
-        with_media = sum(s.length for i, s in enumerate(self.segments)
-                         if s.role == "text" and any(x.role == "visual" for x in self.segments[:i]))
-        has_media = media_tokens > 0
-        for phase in self.phases:
-            if phase == "decode":
-                mk = per_image if decode_media_tokens is None else decode_media_tokens
-                if has_media:
-                    self.linear(phase, "cross_attn", "text", b, h, inner, count=blocks)
-                    self.scores(phase, "cross_attn", "text", b * mk, b * mk, inner, inner, count=blocks)
-                    self.linear(phase, "cross_attn", "text", b, inner, h, count=blocks)
-                self.linear(phase, "cross_attn", "text", b, h, h * ff_mult, count=blocks)
-                self.linear(phase, "cross_attn", "text", b, h * ff_mult, h, count=blocks)
-                continue
-            if has_media:
-                self.linear(phase, "cross_attn", "media", b * media_tokens, media_dim, 2 * inner, trainable,
-                            media_grad, blocks)
-            start = len(self.cost.terms)  # the block itself (media K/V are projected outside it)
-            if has_media:
-                self.linear(phase, "cross_attn", "text", b * t, h, inner, trainable, g, blocks)
-                self.scores(phase, "cross_attn", "text", b * t * media_tokens, b * with_media * per_image,
-                            inner, inner, g, media_grad or trainable, blocks)
-                self.linear(phase, "cross_attn", "text", b * t, inner, h, trainable, g or media_grad, blocks)
-            out_g = g or (media_grad and has_media)
-            self.linear(phase, "cross_attn", "text", b * t, h, h * ff_mult, trainable, out_g, blocks)
-            self.linear(phase, "cross_attn", "text", b * t, h * ff_mult, h, trainable, out_g, blocks)
-            if phase == "train_step" and self.workload.gradient_checkpointing and out_g:
-                # a trained gate saves the FFN output (for its own gradient), so fc2 is rerun too
-                fc2 = 0.0 if trainable else 2.0 * b * t * h * ff_mult * h * blocks
-                self._recompute(start, {("cross_attn", "text"): fc2})
-            if phase == "train_step" and out_g:
-                self._activations += blocks * (b * t * (3 * h + 2 * inner + 2 * h * ff_mult)
-                                               + b * media_tokens * (media_dim + 2 * inner))
-        if has_media:
-            key = "media"
-            self.cost.kv_cache_bytes[key] = self.cost.kv_cache_bytes.get(key, 0.0) + (
-                blocks * 2 * inner * (per_image if decode_media_tokens is None else decode_media_tokens)
-                * self.bytes_per_element)
-        return g or (media_grad and has_media)
 
     def lm_head(self, trainable: bool = False, grad_in: bool = False, train_rows: int | None = None) -> None:
         """Logits: every text token when training, the last token in prefill and decode."""

@@ -135,7 +135,7 @@ class KVCache:
     def step_mask(self, pos: torch.Tensor) -> AttentionMask:
         """The mask of one new text token per sample at ``pos`` (B, 1) over every cached key."""
         ones = torch.ones_like(pos, dtype=torch.bool)
-        return AttentionMask(pos, self.k_pos, ones, self.k_valid, ~ones, self.k_visual, True)
+        return AttentionMask(pos, self.k_pos, ones, self.k_valid, ~ones, self.k_visual)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of self-attention keys+values held, split into visual and text keys."""
@@ -146,6 +146,10 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
+    # its own ops are the attention scores; its projections (children) are attn_proj
+    cost_component = "attn_scores"
+    cost_component_children = "attn_proj"
+
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -193,6 +197,8 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    cost_component = "ffn"
+
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)

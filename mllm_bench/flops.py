@@ -7,20 +7,22 @@ What runs where (torch 2.13, checked by ``tests/test_flops.py``):
   forward, four ``bmm`` backward, all counted by the stock formulas. Nothing is allocated, so 7B/13B
   count in seconds.
 * On **CPU** it runs ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), which
-  the stock counter reports as 0. :func:`register_missing_formulas` registers them with torch's own
-  SDPA formulas (forward: QK^T + PV; backward: torch's convention, which also counts recomputing the
-  scores, 5 bmm-equivalents vs the math path's 4).
+  the stock counter reports as 0. :data:`CPU_SDPA_FORMULAS` gives them torch's own SDPA formulas
+  (forward: QK^T + PV; backward: torch's convention, which also counts recomputing the scores, 5
+  bmm-equivalents vs the math path's 4). The counter here uses them beside torch's registry; pass
+  them to ``FlopCounterMode(custom_mapping=CPU_SDPA_FORMULAS)`` to get the same with torch's counter.
+  Nothing is written into torch's global registry.
 
 Attribution: module forward hooks keep a stack of fully-qualified module names; each op that gets
 an autograd node records its module under the node's sequence number, so backward ops (run by the
 autograd engine, outside any module) are attributed to the module whose forward created the node.
 Ops run while a module's forward is on the stack inside backward are activation-checkpoint
-recomputation. Module names map to components by :func:`classify_modules`.
+recomputation. Each module's cost component is declared (:func:`classify_modules`); FLOPs in a module
+that declares none are an error, never dropped.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,82 +33,63 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import (
-    flop_registry,
-    register_flop_formula,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from .config import ConfigError
-from .costmodel import in_scope
-from .decoder import SelfAttention, SwiGLU
+from .costmodel import COMPONENTS, in_scope
+from .model import MLLM
 from .workload import Workload
 
 aten = torch.ops.aten
-_CROSS_ATTN = re.compile(r"(^|\.)(\w*cross\w*|\w*xattn\w*)(\.|$)", re.IGNORECASE)
 
 
-def register_missing_formulas() -> list[str]:
-    """Register FLOP formulas for attention kernels the stock counter reports as 0; returns what it added."""
-    added = []
+def _sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    def fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    def bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+def _sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
+
+# Attention kernels torch's counter reports as 0 (shape formulas, as FlopCounterMode's custom_mapping takes them).
+CPU_SDPA_FORMULAS: dict[Any, Callable[..., int]] = {
+    getattr(aten, name): formula
     for name, formula in (
-        ("_scaled_dot_product_flash_attention_for_cpu", fwd),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", bwd),
-        ("_scaled_dot_product_fused_attention_overrideable", fwd),
-        ("_scaled_dot_product_fused_attention_overrideable_backward", bwd),
-    ):
-        op = getattr(aten, name, None)
-        if op is not None and op not in flop_registry:
-            register_flop_formula(op)(formula)
-            added.append(name)
-    return added
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward),
+        ("_scaled_dot_product_fused_attention_overrideable", _sdpa_forward),
+        ("_scaled_dot_product_fused_attention_overrideable_backward", _sdpa_backward),
+    )
+    if hasattr(aten, name)
+}
 
 
-register_missing_formulas()
+def flop_formulas() -> dict[Any, Callable[..., int]]:
+    """torch's registry plus :data:`CPU_SDPA_FORMULAS`, each called as ``formula(*args, out_val=out)``."""
+    extra = {op: shape_wrapper(f) for op, f in CPU_SDPA_FORMULAS.items() if op not in flop_registry}
+    return {**flop_registry, **extra}
 
 
-def classify_modules(model: nn.Module) -> dict[str, str]:
-    """Component of every module name (``""`` = the model itself, ``other``).
+def classify_modules(model: nn.Module, declared: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Cost component of every module name (``""`` is the model itself; None: declares none).
 
-    vision_tower.* -> vision; lm_head -> lm_head; embed_tokens -> embedding; a decoder
-    :class:`SelfAttention` -> attn_scores (its own ops) with its linear children -> attn_proj;
-    :class:`SwiGLU` -> ffn; a name with ``cross``/``xattn`` -> cross_attn; any other top-level
-    module (projectors, resamplers) -> connector; the decoder's own glue -> other.
+    A module's component is, first, the one ``declared`` for its name (an :class:`MLLM`'s
+    ``module_components()`` by default: ``lm_head``, the embedding, its spec's ``components``), else its
+    class's ``cost_component`` attribute, else what its parent gives its children (the parent's
+    ``cost_component_children``, default its own component). Unknown names are an error.
     """
-    comp: dict[str, str] = {}
+    if declared is None:
+        declared = model.module_components() if isinstance(model, MLLM) else {}
+    comp: dict[str, str | None] = {}
+    children: dict[str, str | None] = {}
     for name, mod in model.named_modules():
-        parent = comp.get(name.rpartition(".")[0], "other") if "." in name else "other"
-        if not name:
-            c = "other"
-        elif name.startswith("vision_tower"):
-            c = "vision"
-        elif name.startswith("lm_head"):
-            c = "lm_head"
-        elif name.startswith("language_model.embed_tokens"):
-            c = "embedding"
-        elif _CROSS_ATTN.search(name):
-            c = "cross_attn"
-        elif isinstance(mod, SelfAttention):
-            c = "attn_scores"
-        elif parent == "attn_scores":
-            c = "attn_proj"
-        elif isinstance(mod, SwiGLU):
-            c = "ffn"
-        elif parent != "other":
-            c = parent
-        elif name.startswith("language_model"):
-            c = "other"
-        else:
-            c = "connector"
+        inherited = children.get(name.rpartition(".")[0]) if name else None
+        c = declared.get(name) or getattr(mod, "cost_component", None) or inherited
+        if c is not None and c not in COMPONENTS:
+            raise ConfigError(f"module {name or '<model>'} ({type(mod).__name__}) declares cost component {c!r}; "
+                              f"allowed: {list(COMPONENTS)}")
         comp[name] = c
+        children[name] = getattr(mod, "cost_component_children", None) or c
     return comp
 
 
@@ -125,7 +108,7 @@ class CountedFlops:
     def flops(self, scope: str = "total", component: str | None = None, pass_: str | None = None) -> float:
         out = 0.0
         for (module, p), f in self.by_module_pass.items():
-            c = self.components.get(module, "other")
+            c = self.components[module]
             if in_scope(c, scope) and (component is None or c == component) and (pass_ is None or p == pass_):
                 out += f
         return out
@@ -133,7 +116,7 @@ class CountedFlops:
     def by_component(self, scope: str = "total", pass_: str | None = None) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
         for (module, p), f in self.by_module_pass.items():
-            c = self.components.get(module, "other")
+            c = self.components[module]
             if in_scope(c, scope) and (pass_ is None or p == pass_):
                 out[c] += f
         return dict(out)
@@ -145,6 +128,15 @@ class CountedFlops:
         return dict(out)
 
 
+def _undeclared(module: str, model: nn.Module, flops: float) -> ConfigError:
+    kind = type(model.get_submodule(module)).__name__ if module else type(model).__name__
+    return ConfigError(
+        f"{flops:.0f} FLOPs were counted in module {module or '<model>'} ({kind}), which declares no cost "
+        f"component; set `cost_component` on its class or name it in the architecture's ArchSpec.components "
+        f"(allowed: {list(COMPONENTS)})"
+    )
+
+
 def _needs_grad(args: Any) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in tree_flatten(args)[0])
 
@@ -152,10 +144,12 @@ def _needs_grad(args: Any) -> bool:
 class ComponentFlopCounter(TorchDispatchMode):
     """Count FLOPs of everything run inside, with torch's formula registry, by module and pass."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, strict: bool = True) -> None:
         super().__init__()
+        self.model, self.strict = model, strict
         self.names = {id(m): n for n, m in model.named_modules()}
         self.components = classify_modules(model)
+        self.formulas = flop_formulas()
         self.stack: list[str] = []
         self.seq_module: dict[int, str] = {}
         self.counts: dict[tuple[str, str], float] = defaultdict(float)
@@ -186,7 +180,7 @@ class ComponentFlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = self.formulas.get(func._overloadpacket)
         if formula is None:
             return out
         flops = formula(*args, **kwargs, out_val=out)
@@ -200,6 +194,8 @@ class ComponentFlopCounter(TorchDispatchMode):
             module, pass_ = self.seq_module.get(node._sequence_nr(), ""), "backward"
         else:
             module, pass_ = "", "forward"
+        if flops and self.strict and self.components.get(module) is None:
+            raise _undeclared(module, self.model, flops)
         self.counts[(module, pass_)] += flops
         self.ops[str(func._overloadpacket)] += flops
         return out
@@ -208,9 +204,13 @@ class ComponentFlopCounter(TorchDispatchMode):
         return CountedFlops(dict(self.counts), self.components, dict(self.ops))
 
 
-def count_call(model: nn.Module, fn: Callable[[], Any]) -> CountedFlops:
-    """FLOPs of ``fn()`` (which runs ``model``), attributed to ``model``'s modules."""
-    with ComponentFlopCounter(model) as counter:
+def count_call(model: nn.Module, fn: Callable[[], Any], strict: bool = True) -> CountedFlops:
+    """FLOPs of ``fn()`` (which runs ``model``), attributed to ``model``'s modules.
+
+    ``strict``: FLOPs in a module without a cost component are an error (else kept under component None,
+    for totals of modules that are not architectures).
+    """
+    with ComponentFlopCounter(model, strict) as counter:
         fn()
     return counter.result()
 
@@ -292,7 +292,7 @@ def fvcore_cross_check(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> d
 
     module = module.eval()
     with torch.no_grad():
-        ours = count_call(module, lambda: module(*inputs))
+        ours = count_call(module, lambda: module(*inputs), strict=False)
         analysis = FlopCountAnalysis(module, inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         fv_total = float(analysis.total())

@@ -1,11 +1,11 @@
 """Attention masks as descriptions, not tensors.
 
 Every architecture here attends causally *by RoPE position*: a query sees the keys whose position is
-not after its own. What differs is which rows are queries (SAISA: text only), which keys exist
-(visual keys with or without visual queries) and one extra rule (NAAViT: no visual-visual pairs
-except a token with itself). An :class:`AttentionMask` carries exactly that, so each attention
-backend can turn it into what it needs: a dense boolean tensor (SDPA), ``is_causal`` (flash), or a
-block mask (FlexAttention).
+not after its own. What differs is which rows are queries (e.g. text only), which keys exist (visual
+keys with or without visual queries) and, optionally, one extra rule an architecture defines as a
+:class:`MaskRule` (a named element-wise predicate). An :class:`AttentionMask` carries exactly that, so
+each attention backend can turn it into what it needs: a dense boolean tensor (SDPA), ``is_causal``
+(flash), or a block mask (FlexAttention), all from the same predicate.
 """
 
 from __future__ import annotations
@@ -17,13 +17,31 @@ from typing import Any
 import torch
 
 
+class MaskRule:
+    """An extra attention rule on top of causal-by-position, defined by the architecture that uses it.
+
+    ``allowed`` is element-wise over broadcast query/key tensors (positions and visual flags), so the
+    dense mask and FlexAttention's ``mask_mod`` evaluate the same predicate. ``applies`` says whether the
+    rule removes anything from a given mask (reads values: called once per mask); a mask whose rule
+    applies has no static block structure and is never plain causal.
+    """
+
+    name: str = ""
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, q_visual: torch.Tensor,
+                k_visual: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def applies(self, mask: AttentionMask) -> bool:
+        return True
+
+
 @dataclass
 class AttentionMask:
     """Who may attend to whom. All tensors are batch-first: queries (B, Tq), keys (B, Tk).
 
     ``q_pos``/``k_pos``: RoPE positions; ``q_valid``/``k_valid``: False for padding;
-    ``q_visual``/``k_visual``: visual tokens; ``visual_to_visual``: False removes attention among
-    visual tokens (a visual query still sees itself), the NAAViT rule.
+    ``q_visual``/``k_visual``: visual tokens; ``rule``: an architecture's extra :class:`MaskRule`.
     """
 
     q_pos: torch.Tensor
@@ -32,7 +50,7 @@ class AttentionMask:
     k_valid: torch.Tensor
     q_visual: torch.Tensor
     k_visual: torch.Tensor
-    visual_to_visual: bool = True
+    rule: MaskRule | None = None
     # On meta tensors values are unknown: the builder states whether the mask is plain causal.
     meta_plain_causal: bool = False
     # Optional hint for fast paths: the same mask as static blocks (see :class:`MaskStructure`). A
@@ -62,10 +80,9 @@ class AttentionMask:
     def _build_dense(self) -> torch.Tensor:
         allowed = self.k_pos.unsqueeze(1) <= self.q_pos.unsqueeze(2)
         allowed = allowed & self.k_valid.unsqueeze(1)
-        if not self.visual_to_visual:
-            both_visual = self.q_visual.unsqueeze(2) & self.k_visual.unsqueeze(1)
-            itself = self.k_pos.unsqueeze(1) == self.q_pos.unsqueeze(2)
-            allowed = allowed & ~(both_visual & ~itself)
+        if self.rule is not None:
+            allowed = allowed & self.rule.allowed(self.q_pos.unsqueeze(2), self.k_pos.unsqueeze(1),
+                                                  self.q_visual.unsqueeze(2), self.k_visual.unsqueeze(1))
         allowed = allowed | ~self.q_valid.unsqueeze(2)
         return allowed.unsqueeze(1)
 
@@ -78,8 +95,16 @@ class AttentionMask:
             self.memo["plain_causal"] = self._check_plain_causal()
         return self.memo["plain_causal"]
 
+    def rule_applies(self) -> bool:
+        """Whether the extra rule removes any pair from this mask (memoised: reads values once)."""
+        if self.rule is None:
+            return False
+        if "rule_applies" not in self.memo:
+            self.memo["rule_applies"] = bool(self.rule.applies(self))
+        return self.memo["rule_applies"]
+
     def _check_plain_causal(self) -> bool:
-        if not self.visual_to_visual and bool(self.q_visual.any()):
+        if self.rule_applies():
             return False
         if self.num_queries != self.num_keys:
             return False
@@ -104,7 +129,7 @@ def causal_mask(
     positions: torch.Tensor,
     valid: torch.Tensor | None = None,
     visual: torch.Tensor | None = None,
-    visual_to_visual: bool = True,
+    rule: MaskRule | None = None,
 ) -> AttentionMask:
     """The mask of a full sequence attending to itself (queries = keys)."""
     if valid is None:
@@ -112,8 +137,8 @@ def causal_mask(
     if visual is None:
         visual = torch.zeros_like(positions, dtype=torch.bool)
     # meta_plain_causal is read on meta tensors only (elsewhere the values are checked), so no host sync here
-    return AttentionMask(positions, positions, valid, valid, visual, visual, visual_to_visual,
-                         meta_plain_causal=visual_to_visual)
+    return AttentionMask(positions, positions, valid, valid, visual, visual, rule,
+                         meta_plain_causal=rule is None)
 
 
 # ----- static structure: what fused kernels need, decided once per mask ---------------------------
@@ -195,7 +220,7 @@ def _runs(flags: list[bool], offset: int = 0) -> list[tuple[int, int]]:
 
 
 def infer_structure(mask: AttentionMask) -> MaskStructure | None:
-    """The static blocks of ``mask``, or None when it has none (padding, NAAViT's rule, per-sample layouts).
+    """The static blocks of ``mask``, or None when it has none (padding, an extra rule, per-sample layouts).
 
     Needs the queries to be the last ``Tq`` keys (the order :class:`~mllm_bench.decoder.SelfAttention`
     builds: [cache, key-only rows, the queries' own rows]) in increasing position. The rest of the keys
@@ -210,10 +235,10 @@ def infer_structure(mask: AttentionMask) -> MaskStructure | None:
     tq, tk = mask.num_queries, mask.num_keys
     if tq == 0 or tk < tq:
         return None
-    cpu = {name: getattr(mask, name).cpu() for name in ("q_pos", "k_pos", "q_valid", "k_valid", "q_visual")}
+    cpu = {name: getattr(mask, name).cpu() for name in ("q_pos", "k_pos", "q_valid", "k_valid")}
     if not (bool(cpu["q_valid"].all()) and bool(cpu["k_valid"].all())):
         return None
-    if not mask.visual_to_visual and bool(cpu["q_visual"].any()):
+    if mask.rule_applies():
         return None
     q_pos, k_pos = cpu["q_pos"], cpu["k_pos"]
     if not (bool((q_pos == q_pos[:1]).all()) and bool((k_pos == k_pos[:1]).all())):
@@ -238,12 +263,12 @@ def infer_structure(mask: AttentionMask) -> MaskStructure | None:
 def mask_mod(mask: AttentionMask) -> Callable[..., torch.Tensor]:
     """``mask`` as a FlexAttention ``mask_mod(b, h, q, k)``, exactly :meth:`AttentionMask.dense`."""
     q_pos, k_pos, q_valid, k_valid = mask.q_pos, mask.k_pos, mask.q_valid, mask.k_valid
-    q_visual, k_visual, v2v = mask.q_visual, mask.k_visual, mask.visual_to_visual
+    q_visual, k_visual, rule = mask.q_visual, mask.k_visual, mask.rule
 
     def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         ok = (k_pos[b, k] <= q_pos[b, q]) & k_valid[b, k]
-        if not v2v:
-            ok = ok & ~(q_visual[b, q] & k_visual[b, k] & (k_pos[b, k] != q_pos[b, q]))
+        if rule is not None:
+            ok = ok & rule.allowed(q_pos[b, q], k_pos[b, k], q_visual[b, q], k_visual[b, k])
         return ok | ~q_valid[b, q]
 
     return allowed

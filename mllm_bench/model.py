@@ -2,8 +2,9 @@
 
 An :class:`MLLM` is an ``nn.Module`` with a vision tower, a Llama-style ``language_model`` and an
 ``lm_head``; how visual features reach the decoder is the subclass's business. Subclasses set
-``name``, ``Options`` (a frozen dataclass of connector settings) and implement ``forward``,
-``prefill``, ``decode`` and ``trainable_prefixes``.
+``spec`` (an :class:`~mllm_bench.spec.ArchSpec`: name, display name, colour, ...), ``Options`` (a frozen
+dataclass of connector settings) and implement ``forward``, ``prefill``, ``decode``,
+``trainable_prefixes`` and ``analytic_cost``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from torch import nn
 from .batch import IGNORE_INDEX, MultimodalBatch, check_prompt, shifted_targets, text_adjacency
 from .config import ConfigError, LLMConfig, VisionConfig
 from .decoder import KVCache, LlamaDecoder
+from .spec import ArchSpec
 from .static_decode import DECODE_MODES, decode_steps
 from .vision import build_vision_tower, encode_images
-from .workload import STAGES, Workload
+from .workload import STAGES, Workload, check_fits_context, check_workload_fits
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,16 @@ def parse_options(options_cls: type, arch: str, given: dict[str, Any] | Any | No
 class MLLM(nn.Module, ABC):
     """A multimodal LLM: images + text in, next-token logits out."""
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
+    spec: ClassVar[ArchSpec]
+    name: ClassVar[str] = ""  # spec.name, set for every subclass that declares a spec
     Options: ClassVar[type] = NoOptions
-    # The attention backend of this architecture's CUDA fast path (what ``attention_backend="fast"`` picks).
-    fast_attention_backend: ClassVar[str] = "flash"
+    # Cost components of modules the base builds whose class declares none (see mllm_bench/flops.py).
+    base_components: ClassVar[dict[str, str]] = {"lm_head": "lm_head", "language_model.embed_tokens": "embedding"}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            cls.name = cls.spec.name
 
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: Any = None) -> None:
         super().__init__()
@@ -110,12 +117,31 @@ class MLLM(nn.Module, ABC):
     def tokens_per_image(self) -> int:
         return self.vision_config.tokens_per_image
 
+    @property
+    def positions_per_image(self) -> int:
+        """Sequence positions (RoPE slots) one image takes in the decoder: its visual tokens, by default."""
+        return self.tokens_per_image
+
     def set_attention_backend(self, backend: str) -> None:
         self.language_model.attention_backend = backend
 
     def fsdp_units(self) -> list[nn.Module]:
-        """Connector blocks to shard (and compile) one by one besides the decoder layers; none by default."""
-        return []
+        """Connector blocks to shard (and compile) one by one besides the decoder layers: ``spec.fsdp_modules``,
+        each ``ModuleList``/``ModuleDict`` as its children."""
+        units: list[nn.Module] = []
+        for attr in self.spec.fsdp_modules:
+            module = getattr(self, attr)
+            units.extend(module.values() if isinstance(module, nn.ModuleDict)
+                         else module if isinstance(module, nn.ModuleList) else [module])
+        return units
+
+    def module_components(self) -> dict[str, str]:
+        """Cost components declared by module name (the base's and ``spec.components``)."""
+        return {**self.base_components, **self.spec.components}
+
+    def extra_cache_nbytes(self, cache: KVCache) -> dict[str, int]:
+        """Bytes of an architecture's own cached state in ``cache.extra``, by role (none by default)."""
+        return {}
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.language_model.gradient_checkpointing = enabled
@@ -198,6 +224,8 @@ class MLLM(nn.Module, ABC):
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if decode_mode not in DECODE_MODES:
             raise ConfigError(f"decode_mode must be one of {list(DECODE_MODES)}, got {decode_mode!r}")
+        check_fits_context(self.llm_config, batch.num_text + batch.images_per_sample * self.positions_per_image,
+                           max_new_tokens, "the batch's text and images")
         logits, cache = self.prefill(batch)
         tokens = [logits.argmax(-1)]
         if max_new_tokens > 1:
@@ -208,6 +236,7 @@ class MLLM(nn.Module, ABC):
 
     def example_batch(self, workload: Workload, seed: int = 0) -> MultimodalBatch:
         """A random batch of ``workload``'s shape on its device (meta allowed), labels when training."""
+        check_workload_fits(workload, self.llm_config, self.positions_per_image)
         device = torch.device(workload.device)
         gen = torch.Generator().manual_seed(seed)
         b, t, k = workload.batch_size, workload.num_text_tokens, workload.images_per_sample

@@ -9,6 +9,8 @@ from torch import nn
 class MLPProjector(nn.Module):
     """Linear(vision → h), GELU, Linear(h → h), with bias (transformers' ``linear_1``/``linear_2`` names)."""
 
+    cost_component = "connector"
+
     def __init__(self, vision_dim: int, hidden: int) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim, hidden)

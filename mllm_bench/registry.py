@@ -14,18 +14,30 @@ import torch
 from .config import ConfigError, LLMConfig, VisionConfig
 from .model import MLLM
 from .presets import llm_preset, vision_preset
+from .spec import ArchSpec
 from .workload import parse_dtype
 
 ENTRY_POINT_GROUP = "mllm_bench.architectures"
 _registered: dict[str, type[MLLM]] = {}
 
 
+def _check_spec(cls: Any, source: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, MLLM)):
+        raise ConfigError(f"{source} is not an MLLM subclass (got {cls!r})")
+    if not isinstance(cls.__dict__.get("spec"), ArchSpec):
+        raise ConfigError(f"{cls.__qualname__} ({source}) declares no `spec = ArchSpec(...)` of its own")
+
+
 def register(cls: type[MLLM]) -> type[MLLM]:
-    """Register an :class:`MLLM` subclass under ``cls.name`` (usable as a decorator)."""
-    if not cls.name:
-        raise ConfigError(f"{cls.__qualname__} has no `name`; set the class attribute before registering")
-    _registered[cls.name] = cls
+    """Register an :class:`MLLM` subclass under ``cls.spec.name`` (usable as a decorator)."""
+    _check_spec(cls, "register()")
+    _registered[cls.spec.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Forget an architecture added with :func:`register` (tests, notebooks)."""
+    _registered.pop(name, None)
 
 
 def _entry_points() -> dict[str, Any]:
@@ -33,7 +45,14 @@ def _entry_points() -> dict[str, Any]:
 
 
 def architecture_names() -> list[str]:
-    return sorted(set(_registered) | set(_entry_points()))
+    """Every architecture, in each spec's ``order`` (then by name)."""
+    names = set(_registered) | set(_entry_points())
+    return sorted(names, key=lambda n: (get_architecture(n).spec.order, n))
+
+
+def architecture_spec(name: str) -> ArchSpec:
+    """The :class:`ArchSpec` of architecture ``name``."""
+    return get_architecture(name).spec
 
 
 def get_architecture(name: str) -> type[MLLM]:
@@ -44,6 +63,9 @@ def get_architecture(name: str) -> type[MLLM]:
     if name not in eps:
         raise ConfigError(f"unknown architecture {name!r}; choose one of {architecture_names()}")
     cls = eps[name].load()
+    _check_spec(cls, f"entry point {name!r} ({eps[name].value})")
+    if cls.spec.name != name:
+        raise ConfigError(f"entry point {name!r} loads {cls.__qualname__}, whose spec is named {cls.spec.name!r}")
     _registered[name] = cls
     return cls
 

@@ -115,6 +115,8 @@ class VisionEncoder(nn.Module):
 class VisionTower(nn.Module):
     """A CLIP/SigLIP vision transformer with ``cfg.layers_run`` layers (up to the feature layer)."""
 
+    cost_component = "vision"
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.config = cfg

@@ -6,17 +6,14 @@ import torch
 
 from mllm_bench import MultimodalBatch, build_model
 from mllm_bench.model import MLLM
-
-TINY_OPTIONS: dict[str, dict] = {
-    "flamingo": {"num_latents": 4, "resampler_depth": 2, "resampler_heads": 2, "resampler_dim_head": 8,
-                 "xattn_heads": 2, "xattn_dim_head": 8, "cross_attn_every": 1},
-}
+from mllm_bench.registry import architecture_spec
 
 
 def tiny_model(arch: str, llm: str = "tiny-llm", vision: str = "tiny-clip", seed: int = 0, **options) -> MLLM:
-    """A tiny fp32 CPU model with deterministic random weights (biases and norms randomised too)."""
+    """A tiny fp32 CPU model with deterministic random weights (biases and norms randomised too), built with
+    the architecture's ``spec.tiny_options`` updated by ``options``."""
     torch.manual_seed(seed)
-    opts = {**TINY_OPTIONS.get(arch, {}), **options}
+    opts = {**architecture_spec(arch).tiny_options, **options}
     model = build_model(arch, llm, vision, options=opts, device="cpu", dtype="float32")
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mllm_bench.architectures.naavit import NoVisualToVisual
 
 from mllm_bench.attention import attend, available_backends, block_mask, record_paths
 from mllm_bench.config import ConfigError
 from mllm_bench.masks import AttentionMask, MaskStructure, QueryBlock, causal_mask, causal_structure, infer_structure
+from mllm_bench.registry import architecture_names
 from tests.helpers import random_batch, set_gates, tiny_model
 
 FAST = ("flash", "flex")
@@ -40,7 +42,7 @@ def llava_like(b: int, before: int, visual: int, after: int, v2v: bool = True) -
     n = before + visual + after
     vis = torch.zeros(b, n, dtype=torch.bool)
     vis[:, before:before + visual] = True
-    return causal_mask(torch.arange(n).expand(b, n), visual=vis, visual_to_visual=v2v)
+    return causal_mask(torch.arange(n).expand(b, n), visual=vis, rule=None if v2v else NoVisualToVisual())
 
 
 def padded(b: int, n: int) -> AttentionMask:
@@ -153,15 +155,13 @@ def test_naavit_block_mask_skips_visual_visual_blocks() -> None:
     assert int(blocks.sum()) == 21 - 6
 
 
-ARCHS = ("llava", "naavit", "saisa", "flamingo")
-
-
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", architecture_names())
 @pytest.mark.parametrize("backend", FAST)
 def test_models_match_sdpa_with_fast_backends(arch: str, backend: str) -> None:
     model = tiny_model(arch)
     set_gates(model, 0.5)  # Flamingo's; a no-op for the others
-    batch = random_batch(model, batch=2, text=9, positions=[[2, 6], [2, 6]] if arch != "naavit" else [[3], [3]])
+    # NAAViT with one image: its rule applies to the whole prompt (no static structure)
+    batch = random_batch(model, batch=2, text=9, positions=[[3], [3]] if arch == "naavit" else [[2, 6], [2, 6]])
     with torch.no_grad():
         ref = model(batch).logits
         ref_gen = model.generate(batch, 3)
@@ -172,11 +172,11 @@ def test_models_match_sdpa_with_fast_backends(arch: str, backend: str) -> None:
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(gen, ref_gen)
     assert all(p.startswith(backend + ":") for p in paths)
-    expected = {
+    expected = {  # the prefill path each built-in architecture's mask takes
         ("llava", "flash"): "flash:causal", ("flamingo", "flash"): "flash:causal",
         ("saisa", "flash"): "flash:split", ("naavit", "flash"): "flash:dense",
-    }.get((arch, backend), "flex:block_mask")
-    assert expected in paths and f"{backend}:decode_row" in paths
+    }.get((arch, backend), "flex:block_mask" if arch in ("llava", "naavit", "saisa", "flamingo") else None)
+    assert (expected is None or expected in paths) and f"{backend}:decode_row" in paths
 
 
 @pytest.mark.parametrize("arch", ("llava", "saisa"))
@@ -191,3 +191,15 @@ def test_flash_backward_matches_sdpa(arch: str) -> None:
         model(batch).loss.backward()
         grads[backend] = model.language_model.layers[0].self_attn.q_proj.weight.grad.clone()
     torch.testing.assert_close(grads["flash"], grads["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_masks_are_built_once_per_forward_not_per_layer():
+    from mllm_bench.masks import causal_mask
+
+    pos = torch.arange(6).expand(2, 6)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False
+    mask = causal_mask(pos, valid)
+    assert mask.dense() is mask.dense()  # every layer reuses one tensor
+    assert mask.is_plain_causal() is False and "plain_causal" in mask.memo
+    assert bool(mask.dense()[0, 0, 3, 4]) is False and bool(mask.dense()[0, 0, 4, 3]) is True

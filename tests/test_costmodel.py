@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import pytest
+from mllm_bench.architectures.naavit import naavit_pairs
 
 from mllm_bench import PAPER_WORKLOAD, Workload, build_model
 from mllm_bench.config import ConfigError, replace
 from mllm_bench.costmodel import causal_pairs, sequence_segments
 from mllm_bench.flops import count_decode, count_prefill, count_train_step
 from mllm_bench.presets import llm_preset, vision_preset
+from mllm_bench.registry import architecture_names, architecture_spec
 
-ARCHS = ["llava", "naavit", "saisa", "flamingo"]
+ARCHS = architecture_names()
 # 7B widths (vicuna-7b, CLIP ViT-L/14-336) with few layers so that meta counting stays quick
 MID_LLM = replace(llm_preset("vicuna-7b"), name="vicuna-7b-4layers", num_layers=4)
 MID_VISION = replace(vision_preset("clip-vit-l-336"), name="clip-l-336-3layers", num_layers=3)
+# options on top of each architecture's own (its spec's tiny options at the tiny size): Flamingo with a block
+# before every second layer, so text-only layers come before and after the blocks
 SIZES = {
-    "tiny": ("tiny-llm", "tiny-clip", {"flamingo": {"cross_attn_every": 2, "num_latents": 4, "resampler_depth": 2}}),
+    "tiny": ("tiny-llm", "tiny-clip", {"flamingo": {"cross_attn_every": 2}}),
     "mid": (MID_LLM, MID_VISION, {"flamingo": {"cross_attn_every": 2}}),
 }
 WORKLOADS = {
@@ -26,8 +30,9 @@ WORKLOADS = {
 
 
 def _model(arch: str, size: str):
-    llm, vision, options = SIZES[size]
-    return build_model(arch, llm, vision, options=options.get(arch))
+    llm, vision, overrides = SIZES[size]
+    base = dict(architecture_spec(arch).tiny_options) if size == "tiny" else {}
+    return build_model(arch, llm, vision, options={**base, **overrides.get(arch, {})})
 
 
 def _by_component_pass(terms_or_counted, analytic: bool) -> dict[tuple[str, str], float]:
@@ -115,7 +120,8 @@ def test_effective_attention_conventions() -> None:
     n = 3 + 16 + 5
     assert sum(causal_pairs(segs).values()) == n * (n + 1) // 2
     # NAAViT: each visual query sees the 3 text tokens before and itself
-    assert causal_pairs(segs, visual_to_visual=False)["visual"] == 16 * 4
+    assert naavit_pairs(segs)["visual"] == 16 * 4
+    assert naavit_pairs(segs)["text"] == causal_pairs(segs)["text"]
     llava, naavit, saisa, flamingo = (build_model(a, "tiny-llm", "tiny-clip", options=o) for a, o in
                                       (("llava", None), ("naavit", None), ("saisa", None),
                                        ("flamingo", {"cross_attn_every": 1, "num_latents": 4})))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mllm_bench.attention import attend, record_paths
+from mllm_bench.registry import architecture_names, architecture_spec
 from tests.helpers import random_batch, tiny_model
 from tests.test_attention_backends import MASKS, llava_like, qkv, saisa_like
 
@@ -71,14 +72,14 @@ def test_flex_block_mask_runs_compiled_on_naavit() -> None:
     assert mask.memo["block_mask"].to_dense().sum() < 21  # fewer than the 21 causal blocks: visual-visual skipped
 
 
-@pytest.mark.parametrize("arch", ("llava", "naavit", "saisa", "flamingo"))
+@pytest.mark.parametrize("arch", architecture_names())
 def test_models_on_cuda_bf16_match_sdpa(arch: str) -> None:
     model = tiny_model(arch).to(CUDA, torch.bfloat16)
     batch = random_batch(model, batch=2, text=12).to(CUDA)
     batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
     with torch.no_grad():
         ref = model(batch).logits.float()
-        for backend in ("flash", "flex") if arch == "naavit" else ("flash",):
+        for backend in sorted({"flash", architecture_spec(arch).fast_attention_backend}):
             model.set_attention_backend(backend)
             out = model(batch).logits.float()
             torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
@@ -87,7 +88,7 @@ def test_models_on_cuda_bf16_match_sdpa(arch: str) -> None:
             assert torch.isfinite(step).all()
 
 
-@pytest.mark.parametrize("arch", ("llava", "naavit", "saisa", "flamingo"))
+@pytest.mark.parametrize("arch", architecture_names())
 def test_cuda_graph_decode_generates_the_same_tokens(arch: str) -> None:
     model = tiny_model(arch).to(CUDA)
     batch = random_batch(model, batch=2, text=12).to(CUDA)

@@ -66,7 +66,7 @@ def test_naavit_differs_from_llava_only_through_visual_visual_attention():
     with torch.no_grad():
         ref = llava(batch).logits
         removed = naavit(batch).logits
-        naavit.visual_to_visual = True  # re-allow visual-visual attention on this instance
+        naavit.mask_rule = None  # re-allow visual-visual attention on this instance
         allowed = naavit(batch).logits
     torch.testing.assert_close(allowed, ref, atol=1e-6, rtol=1e-6)
     # text before the image never sees visual tokens: identical; text after it: changed

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from mllm_bench.config import ConfigError
+from mllm_bench.registry import architecture_names
 from mllm_bench.static_decode import DecodeGraph, StaticKVCache, decode_steps
 from tests.helpers import random_batch, tiny_model
 
-ARCHS = ("llava", "naavit", "flamingo", "saisa")
+ARCHS = architecture_names()
 
 
 def left_padded(model, positions: list[list[int]]):
