@@ -94,6 +94,9 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
                               f"{raw.strip()!r}; list each value once")
     if {"visual_tokens", "image_size"} <= set(out) or {"visual_tokens", "images_per_sample"} <= set(out):
         raise ConfigError("--vary visual_tokens sets images_per_sample/image_size itself; vary only one of them")
+    if "text_tokens" in out and {"text_before", "text_after"} & set(out):
+        raise ConfigError("--vary text_tokens sets text_after itself (from the fixed text_before); vary text_tokens "
+                          "or text_before/text_after, not both")
     return out
 
 
@@ -519,6 +522,8 @@ def run_sweep(
                     why = why_now
                     record = _profile_point(point, profile_fn, here, result)
                     if record is None:
+                        if on_point:
+                            on_point(point, "error")
                         continue
                     write_point(store, point.key, record)
                     fresh = True

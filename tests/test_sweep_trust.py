@@ -359,5 +359,21 @@ def test_repeated_vary_values_are_refused():
                         ("batch_size=1,2,01", "1")):
         with pytest.raises(ConfigError, match=f"--vary {spec.split('=')[0]}: {shown} given more than once"):
             parse_vary([spec])
+    for fields in (["text_tokens=8,20", "text_after=1,2"], ["text_before=1,2", "text_tokens=8,20"]):
+        with pytest.raises(ConfigError, match="text_tokens sets text_after itself"):
+            parse_vary(fields)
     result = runner.invoke(app, ["sweep", "--vary", "visual_tokens=144,144"])
     assert result.exit_code == 2 and "144 given more than once" in " ".join(result.output.split())
+
+
+def test_every_point_is_reported_once_to_on_point(tmp_path):
+    points = expand(["llava", "saisa"], {"visual_tokens": [16, 32]}, BASE, "tiny-llm", "tiny-clip")
+    run_sweep(points[:1], tmp_path, fake_profile(), origin=HERE)
+    _write_claim(tmp_path / "points", points[1].key, os.getpid())
+    seen: list = []
+    result = run_sweep(points, tmp_path, fake_profile(fail={("llava", 32): RuntimeError("kaput")}),
+                       on_point=lambda p, status: seen.append((p.arch, dict(p.values)["visual_tokens"], status)),
+                       origin=HERE)
+    assert seen == [("llava", 16, "skipped"), ("saisa", 16, "busy"), ("llava", 32, "error"), ("saisa", 32, "ok")]
+    assert [(o.status, o.run) for o in result.outcomes] == [("ok", "reused"), ("busy", "busy"), ("error", "failed"),
+                                                            ("ok", "new")]
