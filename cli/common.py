@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
-from typing import Annotated, Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import pandas as pd
 import typer
@@ -17,7 +21,7 @@ from mllm_bench.reports.tables import FORMATS
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from mllm_bench.config import ConfigError
+from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.costmodel import CONVENTIONS, SCOPES
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
@@ -95,8 +99,12 @@ def split_list(values: Iterable[str] | None) -> list[str]:
 
 
 def parse_archs(values: Iterable[str] | None, default: Sequence[str] = DEFAULT_ARCHS) -> list[str]:
-    archs = split_list(values) or list(default)
+    """``--arch`` values (``default`` when the option is not given; given but empty is an error)."""
     known = architecture_names()
+    if values and not split_list(values):
+        raise ConfigError(f"--arch: no architecture named (got {list(values)}); name one or more of {known}, "
+                          "or leave --arch out for the defaults")
+    archs = split_list(values) or list(default)
     bad = [a for a in archs if a not in known]
     if bad:
         raise ConfigError(f"--arch: unknown architecture(s) {bad}; choose from {known}")
@@ -111,8 +119,11 @@ def check_presets(llm: str, vision: str) -> None:
 
 
 def parse_stages(values: Iterable[str] | None, default: Sequence[str] = ("pretrain", "finetune")) -> list[str]:
-    stages = split_list(values) or list(default)
     allowed = [s for s in STAGES if s != "inference"]
+    if values and not split_list(values):
+        raise ConfigError(f"--stage: no stage named (got {list(values)}); name one or more of {allowed}, "
+                          "or leave --stage out for both")
+    stages = split_list(values) or list(default)
     bad = [s for s in stages if s not in allowed]
     if bad:
         raise ConfigError(f"--stage: unknown stage(s) {bad}; choose from {allowed}")
@@ -167,9 +178,218 @@ def parse_models(arch: Iterable[str] | None, llm: str, vision: str,
 
 
 def make_workload(dtype: str, device: str | None, **fields: Any) -> Workload:
-    """The workload of ``--dtype``, ``--device`` (default: :func:`default_device`) and the other fields."""
+    """The workload of ``--dtype``, ``--device`` (default: :func:`default_device`; one this machine has)."""
     check_dtype(dtype)
+    if device is not None:
+        check_device(device)
     return Workload(dtype=dtype, device=device or default_device(), **fields)
+
+
+# ----- refusing a run before any work: devices, output paths, models, workloads, memory ----------------
+def check_device(device: str) -> None:
+    """``--device``: cpu, meta, or a CUDA/MPS device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {device!r} is not a torch device; choose cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine "
+                              "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "meta"):
+        raise ConfigError(f"--device {device}: not supported; choose cpu, cuda, cuda:N or mps")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None when it can): tries one and removes it."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".mllm-bench-probe-")
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def check_out_folder(path: Path, option: str = "--out", beside: bool = False) -> None:
+    """``path`` is a folder (or can be made one) that files can be written in; with ``beside``, also its parent
+    (where a new set of files is staged before it is swapped in)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder; name a folder (it is created when missing)")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: cannot create the folder, {base} is a file")
+    folders = [base] if base != path.absolute() else [base, *([base.parent] if beside else [])]
+    for folder in folders:
+        why = _cannot_create_in(folder)
+        if why:
+            raise ConfigError(f"{option} {path}: cannot write in {folder} ({why})")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_db_file(path: Path, option: str = "--db") -> None:
+    """``path`` is a SQLite file that can be appended to, or can be created."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder, not a SQLite file")
+    if path.exists():
+        try:
+            with path.open("r+b") as f:  # opened for writing, nothing written
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as err:
+            raise ConfigError(f"{option} {path}: cannot open it for writing ({err.strerror or err})") from err
+        if head and head != SQLITE_HEADER:
+            raise ConfigError(f"{option} {path}: is not a SQLite database (it does not start with the SQLite "
+                              "header); name a new file or an existing .db file")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: cannot create its folder, {base} is a file")
+    why = _cannot_create_in(base)  # SQLite writes its journal beside the file
+    if why:
+        raise ConfigError(f"{option} {path}: cannot write in {base} ({why})")
+
+
+class Run(NamedTuple):
+    """One profiler call a command will make: what :func:`check_before_work` checks."""
+
+    arch: str
+    llm: str | LLMConfig
+    vision: str | VisionConfig
+    options: dict[str, Any] | None
+    workload: Workload
+    measure: str = "never"
+
+    @classmethod
+    def of_point(cls, point: Any) -> Run:
+        """The run of a sweep point (:class:`mllm_bench.reports.sweep.Point`)."""
+        return cls(point.arch, point.llm, point.vision_config(), dict(point.options) or None, point.make_workload(),
+                   point.measure)
+
+
+def available_memory(device: str) -> tuple[int, str] | None:
+    """Bytes free for a measurement on ``device`` and where the number comes from; None when unknown.
+
+    CPU: MemAvailable of /proc/meminfo, or the cgroup's limit minus its usage when that is lower;
+    CUDA: ``torch.cuda.mem_get_info``."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0]), f"free on {device} (torch.cuda.mem_get_info)"
+    if dev.type != "cpu":
+        return None
+    found: list[tuple[int, str]] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append((int(limit) - used, "the cgroup's memory.max minus memory.current"))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def estimated_peak_bytes(model: Any, workload: Workload) -> tuple[float, str]:
+    """The analytic memory a measurement of ``workload`` holds at least, and its parts (the ``weights_bytes``,
+    ``kv_cache_bytes`` and ``train_peak_memory_bytes`` rows; activations of inference not included)."""
+    from mllm_bench.memory import analytic_memory
+
+    mem = analytic_memory(model, model.analytic_cost(workload), workload.torch_dtype.itemsize)
+    if workload.is_training:
+        parts = (f"weights {gib(mem.weights)} + gradients {gib(mem.grads)} + optimizer state {gib(mem.optimizer)} "
+                 f"+ activations {gib(mem.activations)}")
+        return mem.train_peak, parts
+    kv = mem.kv_cache["all"] * workload.batch_size
+    return mem.weights + kv, f"weights {gib(mem.weights)} + KV cache {gib(kv)}"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode: str | None = None) -> None:
+    """Refuse what would fail or mislead part-way: each architecture is built on meta with its options and
+    LLM (no weights), each workload checked against its context, and each measured run against the device's
+    memory and the CUDA-only paths (decode mode ``graph``; the attention backends all have a CPU path, see
+    :mod:`mllm_bench.attention`). Models are built once per configuration."""
+    import torch
+
+    from mllm_bench.attention import available_backends
+    from mllm_bench.profile import should_measure
+    from mllm_bench.registry import build_model
+    from mllm_bench.static_decode import DECODE_MODES
+    from mllm_bench.workload import check_workload_fits
+
+    if attention_backend != "fast" and attention_backend not in available_backends():
+        raise ConfigError(f"--attention-backend {attention_backend!r}: attention_backend must be 'fast' or one of "
+                          f"{available_backends()}")
+    if decode_mode is not None and decode_mode not in DECODE_MODES:
+        raise ConfigError(f"--decode-mode {decode_mode!r}: decode_mode must be one of {list(DECODE_MODES)}")
+    models: dict[str, Any] = {}
+    largest: dict[str, tuple[float, str, str]] = {}  # device -> (estimate, its parts, which run)
+    for run in runs:
+        llm_name = run.llm if isinstance(run.llm, str) else run.llm.name
+        key = repr((run.arch, run.llm, run.vision, sorted((run.options or {}).items()), run.workload.dtype))
+        if key not in models:
+            try:
+                models[key] = build_model(run.arch, run.llm, run.vision, run.options, device="meta",
+                                          dtype=run.workload.dtype)
+            except ConfigError as err:
+                raise ConfigError(f"{run.arch} with --llm {llm_name}: {err}") from err
+        model = models[key]
+        try:
+            check_workload_fits(run.workload, model.llm_config, model.positions_per_image)
+        except ConfigError as err:
+            raise ConfigError(f"{run.arch} on {llm_name}: {err}") from err
+        device = run.workload.device if run.workload.device != "meta" else default_device()
+        if not should_measure(run.measure, device, model.num_parameters()):
+            continue
+        if decode_mode == "graph" and torch.device(device).type != "cuda":
+            raise ConfigError(f"--decode-mode graph captures decode steps as a CUDA graph and needs a CUDA device; "
+                              f"on {device} use dynamic or static")
+        estimate, parts = estimated_peak_bytes(model, run.workload)
+        if estimate > largest.get(device, (-1.0,))[0]:
+            largest[device] = (estimate, parts, f"{run.arch} {run.workload.stage} on {llm_name}")
+    for device, (estimate, parts, what) in largest.items():
+        free = available_memory(device)
+        if free is not None and estimate > free[0]:
+            raise ConfigError(
+                f"--measure: measuring {what} needs at least {gib(estimate)} ({parts}) on {device}, but "
+                f"{gib(free[0])} is available ({free[1]}); use --measure never (FLOPs and analytic memory only), "
+                "a smaller model or batch, or a device with more memory")
+
+
+def check_before_work(runs: Iterable[Run] = (), out: Path | None = None, db: Path | None = None,
+                      out_beside: bool = False, **run_checks: Any) -> None:
+    """Everything a command checks before its first profiler call: ``--out`` and ``--db`` paths
+    (:func:`check_out_folder`, :func:`check_db_file`) and the runs (:func:`check_runs`)."""
+    if out is not None:
+        check_out_folder(out, beside=out_beside)
+    if db is not None:
+        check_db_file(db)
+    check_runs(runs, **run_checks)
 
 
 def get_profile() -> Callable[..., pd.DataFrame]:
@@ -187,7 +407,20 @@ def default_device() -> str:
 
 @contextmanager
 def progress_bar(total: int, description: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar on stderr; yields ``advance(label)``."""
+    """A rich progress bar on stderr, or one plain line per step when stderr is not a terminal (a log, a
+    pipe, CI); yields ``advance(label)``."""
+    if not quiet and not err_console.is_terminal:
+        start, done = time.perf_counter(), 0
+        print(f"{description}: {total} steps", file=sys.stderr, flush=True)
+
+        def log(label: str) -> None:
+            nonlocal done
+            done += 1
+            print(f"{description} {done}/{total}: {label} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+                  flush=True)
+
+        yield log
+        return
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("[dim]{task.fields[label]}"), console=err_console,
                         transient=True, disable=quiet)

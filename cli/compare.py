@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +24,9 @@ from .common import (
     Format,
     Measure,
     Opt,
+    Run,
     Scope,
+    check_before_work,
     err_console,
     get_profile,
     handle_errors,
@@ -75,6 +81,10 @@ def compare(
                              text_between=text_between, generate_tokens=generate_tokens)
     stages = parse_stages(stage)
     vision_cfg = vision_for(vision, image_size)
+    runs = [Run(a, llm, vision_cfg, options.get(a), workload.replace(stage=s), measure.value)
+            for a in archs for s in ("inference", *stages)]
+    check_before_work(runs, out=out or (DEFAULT_PLOTS_OUT if make_plots else None), db=db, out_beside=True,
+                      attention_backend=attention_backend, decode_mode=decode_mode)
     profile = get_profile()
     with progress_bar(steps(archs, stages), "profiling") as advance:
         from mllm_bench.measure import MeasureSettings
@@ -114,17 +124,82 @@ def emit(rows: pd.DataFrame, stages: list[str], baseline: str, scope: str, conve
     else:
         typer.echo(tables.render(table, fmt.value, title, notes), nl=False)
     if make_plots and out is None:
-        out = Path("results/compare")
+        out = DEFAULT_PLOTS_OUT
     if out is not None:
-        written = [write_rows(rows, out / "results.json"), write_rows(rows, out / "results.csv")]
-        for kind, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
-            written.append(atomic_write_text(out / f"comparison.{suffix}", tables.render(table, kind, title, notes)))
-        if make_plots:
-            written += write_plots(rows, out / "plots", scope, convention, stages)
+
+        def write_set(folder: Path) -> list[Path]:
+            written = [write_rows(rows, folder / "results.json"), write_rows(rows, folder / "results.csv")]
+            for kind, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+                written.append(atomic_write_text(folder / f"comparison.{suffix}",
+                                                 tables.render(table, kind, title, notes)))
+            if make_plots:
+                written += write_plots(rows, folder / "plots", scope, convention, stages)
+            return written
+
+        written = replace_set(out, write_set, SET_NAMES)
         err_console.print(f"wrote {len(written)} files under {out}")
     if db is not None:
         n = append_sqlite(rows, db)
         err_console.print(f"appended {n} rows to {db}")
+
+
+DEFAULT_PLOTS_OUT = Path("results/compare")
+# What one comparison writes under --out: replaced together, never mixed with an earlier run's files.
+SET_NAMES = frozenset({"results.json", "results.csv", "comparison.md", "comparison.csv", "comparison.tex", "plots"})
+
+
+def replace_set(out: Path, write: Callable[[Path], list[Path]], names: frozenset[str]) -> list[Path]:
+    """Write a set of files with ``write(folder)`` into a new folder beside ``out``, then swap it in, so that
+    ``out`` holds either its old set or the whole new one (a full disk stops the writing, not the swap).
+
+    ``names``: the entries the set is made of. When ``out`` holds nothing else it is swapped whole (two
+    renames); otherwise (other files, the working folder, a symlink) each entry is renamed in and the old
+    set's remaining entries are removed, leaving the other files alone. Returns the paths under ``out``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        written = write(stage)
+        _swap_in(stage, out, names)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # nothing left when the swap succeeded
+    return [out / path.relative_to(stage) for path in written]
+
+
+def _swap_in(stage: Path, out: Path, names: frozenset[str]) -> None:
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    others = [p for p in out.iterdir() if p.name not in names]
+    inside = Path.cwd().resolve().is_relative_to(out.resolve())
+    if not others and not out.is_symlink() and not inside:
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, old)  # onto an empty folder: replaces it
+        try:
+            os.rename(stage, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    trash = stage / ".old"
+    trash.mkdir()
+    old = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    new = [entry.name for entry in stage.iterdir() if entry != trash]
+    placed: list[str] = []
+    try:
+        for name in old:  # the old set's entries go first, so no old file outlives the swap
+            os.rename(out / name, trash / name)
+        for name in new:
+            os.rename(stage / name, out / name)
+            placed.append(name)
+    except OSError:  # put the old set back
+        for name in placed:
+            os.rename(out / name, stage / name)
+        for name in old:
+            if (trash / name).exists():
+                os.rename(trash / name, out / name)
+        raise
 
 
 def write_plots(rows: pd.DataFrame, folder: Path, scope: str, convention: str, stages: list[str]) -> list[Path]:

@@ -62,7 +62,8 @@ def fake(monkeypatch):
 
 def test_compare_writes_every_format_and_the_db(fake, tmp_path):
     out = tmp_path / "out"
-    result = invoke("compare", *TINY, "--format", "csv", "--out", str(out), "--plots", "--db", str(tmp_path / "r.db"))
+    result = invoke("compare", *TINY, *TINY_FLAMINGO, "--format", "csv", "--out", str(out), "--plots", "--db",
+                    str(tmp_path / "r.db"))
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "comparison.csv")
     prefill = table[table["quantity"] == "prefill FLOPs"].set_index("arch")
