@@ -160,10 +160,7 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
             decoded = time_decode(model, batch, device, settings, mode)
             record("decode", "decode_latency_s", decoded.timing, decoded.memory, b, flops.get("decode"),
                    detail=f"; decode={mode}")
-            kv = decoded.cache.nbytes()
-            media = getattr(model, "cross_attn_cache_nbytes", None)  # an architecture's own cached state
-            if media is not None:
-                kv["media"] = media(decoded.cache)
+            kv = {**decoded.cache.nbytes(), **model.extra_cache_nbytes(decoded.cache)}  # + the architecture's own
             kv["all"] = sum(kv.values())
             rows += [make_row(base, "kv_cache_bytes", v / b, "measured", component="all", role=r, stage=stage,
                               phase="decode", note="per sample, after the timed decode steps") for r, v in kv.items()]

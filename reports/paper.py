@@ -74,7 +74,7 @@ def inference_table(rows: pd.DataFrame, scope: str, convention: str, llms: Seque
             value = c if not math.isnan(c) else a
             if arch == "llava":
                 base = value
-            rec = {"llm": llm, "arch": arch, "architecture": plots.ARCH_NAMES.get(arch, arch),
+            rec = {"llm": llm, "arch": arch, "architecture": plots.arch_name(arch),
                    "tflops_counted": c / 1e12,
                    "tflops_analytic": a / 1e12, "vs_llava": value / base - 1 if arch != "llava" else math.nan}
             if with_formula:

@@ -12,11 +12,10 @@ from mllm_bench.config import ConfigError
 from mllm_bench.devices import peak_flops
 from mllm_bench.environment import environment
 from mllm_bench.memory import analytic_memory, measure_peak, saved_activation_bytes
+from mllm_bench.registry import architecture_names
 from mllm_bench.results import COLUMNS, append_sqlite, make_row, read_results, to_frame, write_csv, write_json
 from mllm_bench.timing import Timing, time_fn
 from tests.helpers import random_batch, tiny_model
-
-FLAMINGO_TINY = {"cross_attn_every": 1, "num_latents": 4}
 
 
 def test_analytic_memory_7b() -> None:
@@ -33,9 +32,9 @@ def test_analytic_memory_7b() -> None:
     assert tmem.train_peak == tmem.weights + tmem.grads + tmem.optimizer + tmem.activations > tmem.weights
 
 
-@pytest.mark.parametrize("arch", ["llava", "saisa", "flamingo"])
+@pytest.mark.parametrize("arch", architecture_names())
 def test_analytic_kv_cache_equals_real_cache(arch: str) -> None:
-    model = tiny_model(arch, **(FLAMINGO_TINY if arch == "flamingo" else {}))
+    model = tiny_model(arch)
     wl = Workload(batch_size=2, text_before=3, text_after=7, generate_tokens=3, dtype="float32")
     batch = random_batch(model, batch=2, text=10)
     with torch.no_grad():
@@ -43,8 +42,7 @@ def test_analytic_kv_cache_equals_real_cache(arch: str) -> None:
         for _ in range(wl.generate_tokens):
             _, cache = model.decode(torch.zeros(2, dtype=torch.long), cache)
     real = {k: v / 2 for k, v in cache.nbytes().items() if v}
-    if arch == "flamingo":
-        real["media"] = model.cross_attn_cache_nbytes(cache) / 2
+    real.update({role: v / 2 for role, v in model.extra_cache_nbytes(cache).items()})  # Flamingo's media K/V
     assert model.analytic_cost(wl).kv_cache_bytes == real
 
 
