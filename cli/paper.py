@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from mllm_bench.reports.train_cost import DEVICE_PEAKS
 
-from .common import err_console, get_profile, handle_errors, progress_bar
+from .common import check_before_work, err_console, get_profile, handle_errors, progress_bar
 
 DEFAULT_ROOT = Path("out/paper")
 
@@ -53,6 +53,7 @@ def paper(
         peak_flops(device)
     except ConfigError as err:
         raise ConfigError(f"--device: {err}") from err
+    check_before_work(out=out)
     utilisation = parse_mfu(mfu, PAPER_ARCHS)
     if measured is not None:  # any LLM's rows: a 7B measurement serves 13B too
         utilisation, _ = measured_mfu(measured, PAPER_ARCHS, None, vision_preset(PAPER_VISION).tokens_per_image,

@@ -27,7 +27,9 @@ from .common import (
     Convention,
     Measure,
     Opt,
+    Run,
     Scope,
+    check_before_work,
     err_console,
     get_profile,
     handle_errors,
@@ -71,6 +73,7 @@ def sweep(
                          text_before=text_before, text_after=text_after, generate_tokens=generate_tokens, stage=stage)
     grid = parse_vary(vary)
     points = expand(archs, grid, base, llm, vision, options, measure.value)
+    check_before_work([Run.of_point(p) for p in points], out=out, db=db)
     if out is None:
         out = DEFAULT_ROOT / grid_slug(grid, [p.key for p in points])
     if db is not None:

@@ -15,7 +15,9 @@ from .common import (
     Convention,
     Format,
     Opt,
+    Run,
     Scope,
+    check_before_work,
     err_console,
     get_profile,
     handle_errors,
@@ -62,6 +64,7 @@ def train_cost(
     budget.peak_flops(device)  # an unknown device is bad usage, before any counting
     recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,
                                    "finetune-text"), pretrain_samples, finetune_samples)
+    check_before_work([Run(a, llm, vision, options.get(a), s.workload()) for a in archs for s in recipe], out=out)
     utilisation = budget.parse_mfu(mfu, archs)
     if measured is not None:
         utilisation, _ = budget.measured_mfu(measured, archs, llm, vision_preset(vision).tokens_per_image,
