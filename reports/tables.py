@@ -3,6 +3,10 @@
 :func:`comparison` builds the table in long form (quantity, model, value, unit, vs_baseline) from tidy
 result rows; the renderers turn it into a rich table, Markdown, CSV or LaTeX, each followed by the
 conventions the numbers follow.
+
+Measured numbers carry how far to trust them: a timed value shows the spread of its repeats (IQR as a
+percentage of the median), a memory quantity measured from the CPU's resident set says so in its label, and a
+value (or a change vs the baseline computed from one) that is noisy or was timed on a busy host is marked ``†``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import pandas as pd
 from rich.table import Table
 
 from mllm_bench.config import ConfigError
+from mllm_bench.environment import BUSY_LOAD_FRACTION, is_busy
 
 from .rows import (
     IDENTITY,
@@ -31,6 +36,20 @@ from .rows import (
 )
 
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv", "json", "latex")
+
+# The latency metric (median of timed repeats) of each timed phase; its ``latency_iqr_s`` row has the same phase.
+PHASE_LATENCY = {"vision_encode": "vision_encode_latency_s", "prefill": "prefill_latency_s",
+                 "decode": "decode_latency_s", "train_step": "train_step_latency_s"}
+LATENCY_PHASE = {metric: phase for phase, metric in PHASE_LATENCY.items()}
+# A timed value whose IQR exceeds this fraction of its median is marked noisy.
+NOISY_SPREAD = 0.25
+# How measured memory was taken (a row's ``note``) where it is not an allocator's peak: label and caveat.
+RSS_METHODS = {
+    "cpu_rss_peak_delta": "how far the process's peak resident set (VmHWM) rose during the phase",
+    "cpu_maxrss_delta": "how far the process's lifetime peak resident set (ru_maxrss) rose during the phase; 0 "
+                        "when an earlier phase peaked higher",
+}
+FLAG = "†"
 
 
 @dataclass(frozen=True)
@@ -63,11 +82,11 @@ def compare_quantities(scope: str = "language", convention: str = "dense",
     measured = ("measured",)
     out += [
         Quantity("vision encode latency", "vision_encode_latency_s", (), measured),
-        Quantity("prefill latency (TTFT)", "prefill_latency_s", (), measured),
+        Quantity("prefill latency (TTFT)", "prefill_latency_s", (("scope", scope),), measured),
         Quantity("decode latency / token", "decode_latency_s", (), measured),
         Quantity("decode throughput", "tokens_per_s", (("phase", "decode"),), measured),
-        Quantity("prefill MFU", "mfu", (("phase", "prefill"),), measured),
-        Quantity("prefill peak memory", "peak_memory_bytes", (("phase", "prefill"),), measured),
+        Quantity("prefill MFU", "mfu", (("phase", "prefill"), ("scope", scope)), measured),
+        Quantity("prefill peak memory", "peak_memory_bytes", (("phase", "prefill"), ("scope", scope)), measured),
     ]
     for s in stages:
         out += [
@@ -87,6 +106,7 @@ def comparison(df: pd.DataFrame, quantities: list[Quantity], baseline: str = "ll
     if baseline not in archs:
         raise ConfigError(f"baseline {baseline!r} is not among the compared architectures; choose one of {archs}")
     base_keys = [k for k in labels if k[0] == baseline]
+    measured = df[df["source"] == "measured"]
     records = []
     for q in quantities:
         rows = pick(df, q.metric, q.sources, **dict(q.where))
@@ -99,15 +119,56 @@ def comparison(df: pd.DataFrame, quantities: list[Quantity], baseline: str = "ll
                 continue
             r = values[key]
             change = math.nan if key[0] == baseline or not base else r["value"] / base - 1
+            iqr, spread = timing_spread(measured, r) if r["source"] == "measured" else (math.nan, math.nan)
             records.append({"quantity": q.label, "model": label, "arch": key[0], "llm": key[1], "vision": key[2],
                             "options": key[3], "metric": q.metric, "value": float(r["value"]), "unit": r["unit"],
-                            "source": r["source"], "vs_baseline": change})
+                            "source": r["source"], "vs_baseline": change, "iqr": iqr, "spread": spread,
+                            "memory_method": r["note"] if r["note"] in RSS_METHODS else "",
+                            "busy": r["source"] == "measured" and r["unit"] != "bytes" and row_busy(r)})
     out = pd.DataFrame.from_records(records)
     if out.empty:
         raise ConfigError("no result rows match the table's quantities; was anything profiled?")
+    out["flagged"] = out["busy"] | (out["spread"] > NOISY_SPREAD)
     out.attrs["baseline"] = baseline
     out.attrs["models"] = list(labels.values())
     return out
+
+
+def _number(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def row_busy(row: pd.Series) -> bool:
+    """Whether a measured row was made on a busy host (its environment's load average vs CPU count)."""
+    load, cpus = _number(row.get("load_avg_1m", "")), _number(row.get("cpu_count", ""))
+    return not (math.isnan(load) or math.isnan(cpus)) and is_busy(load, cpus)
+
+
+def timing_spread(measured: pd.DataFrame, row: pd.Series) -> tuple[float, float]:
+    """(IQR in the row's unit, IQR ÷ median) of the timed repeats a measured row comes from: the
+    ``latency_iqr_s`` row of its model, stage and phase, over the phase's latency median. The IQR is
+    NaN for rows that are not latencies (throughput, MFU: their relative spread is the timing's); both are
+    NaN for rows not timed (memory)."""
+    phase = LATENCY_PHASE.get(row["metric"], row["phase"])
+    if phase not in PHASE_LATENCY or row["unit"] == "bytes":
+        return math.nan, math.nan
+    same = measured
+    for col in (*IDENTITY, "stage"):
+        same = same[same[col] == row[col]]
+    same = same[same["phase"].isin([phase, ""])]
+
+    def one(metric: str) -> float:
+        sel = same[same["metric"] == metric]
+        if row["scope"] and (sel["scope"] == row["scope"]).any():
+            sel = sel[sel["scope"] == row["scope"]]
+        return float(sel["value"].iloc[0]) if len(sel) else math.nan
+
+    iqr, median = one("latency_iqr_s"), one(PHASE_LATENCY[phase])
+    spread = iqr / median if median > 0 else math.nan
+    return (iqr if row["metric"] == PHASE_LATENCY[phase] else math.nan), spread
 
 
 def wide(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -125,14 +186,32 @@ def wide(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     for quantity, group in table.groupby("quantity", sort=False):
         divisor, unit = scale_for(group["unit"].iloc[0], group["value"])
         by_model = {r["model"]: r for _, r in group.iterrows()}
-        row = [str(quantity), unit, "/".join(dict.fromkeys(group["source"]))]
+        label = str(quantity) + (" (CPU RSS growth)" if any(group.get("memory_method", pd.Series(dtype=str)))
+                                 else "")
+        row = [label, unit, "/".join(dict.fromkeys(group["source"]))]
+        base = next((by_model[m] for m in base_models if m in by_model), None)
         for m in models:
             r = by_model.get(m)
-            row.append(fmt_number(r["value"], divisor) if r is not None else "—")
+            row.append(_value_cell(r, divisor) if r is not None else "—")
             if m not in base_models:
-                row.append(fmt_change(r["vs_baseline"]) if r is not None else "—")
+                flagged = r is not None and (_flagged(r) or (base is not None and _flagged(base)))
+                change = fmt_change(r["vs_baseline"]) if r is not None else "—"
+                row.append(change + (f" {FLAG}" if flagged and change != "—" else ""))
         body.append(row)
     return header, body
+
+
+def _flagged(r: pd.Series) -> bool:
+    return bool(r.get("flagged", False))
+
+
+def _value_cell(r: pd.Series, divisor: float) -> str:
+    """The value, then for a timed value its spread ``(IQR 4%)``, then ``†`` when noisy or timed on a busy host."""
+    text = fmt_number(r["value"], divisor)
+    spread = r.get("spread", math.nan)
+    if spread is not None and not math.isnan(spread):
+        text += f" (IQR {spread * 100:.0f}%)" if spread >= 0.01 else f" (IQR {spread * 100:.1f}%)"
+    return text + (f" {FLAG}" if _flagged(r) else "")
 
 
 def to_rich(table: pd.DataFrame, title: str = "", notes: list[str] | None = None) -> Table:
@@ -176,11 +255,13 @@ def to_latex(table: pd.DataFrame, title: str = "", notes: list[str] | None = Non
 
 
 def to_csv(table: pd.DataFrame) -> str:
-    """The long form, machine-readable: raw values in their base units, vs_baseline as a fraction."""
+    """The long form, machine-readable: raw values in their base units, vs_baseline as a fraction; for measured
+    rows ``iqr`` (latencies, seconds), ``spread`` (IQR ÷ median of the timing), ``memory_method`` (CPU resident-set
+    methods) and ``flagged`` (noisy or timed on a busy host)."""
     buf = io.StringIO()
     cols = ["quantity", "model", "arch", "llm", "vision", "options", "metric", "value", "unit", "source",
-            "vs_baseline"]
-    table[cols].to_csv(buf, index=False)
+            "vs_baseline", "iqr", "spread", "memory_method", "flagged"]
+    table[[c for c in cols if c in table.columns]].to_csv(buf, index=False)
     return buf.getvalue()
 
 
@@ -198,4 +279,36 @@ def render(table: pd.DataFrame, fmt: str, title: str = "", notes: list[str] | No
 def notes_for(df: pd.DataFrame, scope: str, convention: str, extra: list[str] | None = None) -> list[str]:
     df = normalise(df)
     lines = [workload_line(df), options_line(df), *(extra or [])]
-    return Conventions(scope, convention, [line for line in lines if line]).lines(df)
+    return Conventions(scope, convention, [line for line in lines if line]).lines(df) + measured_notes(df)
+
+
+def measured_notes(df: pd.DataFrame) -> list[str]:
+    """What the measured rows' labels mean: the spread, the CPU memory method, the flag, a busy host."""
+    measured = df[df["source"] == "measured"]
+    if measured.empty:
+        return []
+    notes = []
+    if (measured["metric"] == "latency_iqr_s").any():
+        notes.append("(IQR n%) after a measured value: the interquartile range of its timed repeats as a percentage "
+                     "of their median (throughput and MFU share the timing of their phase); measured memory is "
+                     "one run.")
+    methods = [m for m in RSS_METHODS if (measured["note"] == m).any()]
+    for method in methods:
+        notes.append(f"Measured memory labelled \"CPU RSS growth\" ({method}): {RSS_METHODS[method]}. Coarse: it "
+                     "includes allocator caching and anything else the process allocated, and is not comparable "
+                     "with a CUDA allocator's peak.")
+    timed = measured[measured["unit"] != "bytes"]
+    busy = timed[[row_busy(r) for _, r in timed.iterrows()]]
+    noisy = [timing_spread(measured, r)[1] > NOISY_SPREAD for _, r in timed.iterrows()
+             if r["metric"] == "latency_iqr_s"]
+    if len(busy) or any(noisy):
+        notes.append(f"{FLAG} marks a measured value, or a change vs the baseline computed from one, whose IQR "
+                     f"exceeds {NOISY_SPREAD * 100:.0f}% of its median or that was timed on a busy host: not "
+                     "reliable.")
+    if len(busy):
+        loads = sorted({(r["load_avg_1m"], r["cpu_count"]) for _, r in busy.iterrows()})
+        seen = ", ".join(f"{load} on {cpus} CPUs" for load, cpus in loads[:3]) + ("…" if len(loads) > 3 else "")
+        notes.append(f"Warning: the host was busy while measuring {', '.join(dict.fromkeys(busy['arch']))} "
+                     f"(1-minute load average {seen}; busy = at least {BUSY_LOAD_FRACTION:g} × the CPU count): "
+                     "measured times are unreliable; rerun on an idle machine.")
+    return notes

@@ -11,13 +11,14 @@ import sys
 import pandas as pd
 import pytest
 from mllm_bench.cli.app import app
+from mllm_bench.reports import tables
 from mllm_bench.reports import train_cost as tc
 from typer.testing import CliRunner
 
 import mllm_bench
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
-from tests.reports_fakes import fake_profile
+from tests.reports_fakes import fake_profile, row
 
 runner = CliRunner()
 
@@ -84,6 +85,16 @@ def test_measured_profile_rows_carry_the_host_load():
     assert set(measured["cpu_count"]) == {str(os.cpu_count())}
     loads = pd.to_numeric(measured["load_avg_1m"])
     assert loads.notna().all() and (loads >= 0).all()
+    # the table built from them shows each timing's spread and labels the CPU memory method
+    table = tables.comparison(rows, tables.compare_quantities(stages=()), "llava")
+    header, body = tables.wide(table)
+    cells = {r[0]: r for r in body}
+    iqr = rows[(rows["metric"] == "latency_iqr_s") & (rows["phase"] == "prefill")]["value"].item()
+    median = rows[rows["metric"] == "prefill_latency_s"]["value"].item()
+    assert f"(IQR {iqr / median * 100:.{0 if iqr / median >= 0.01 else 1}f}%)" in cells["prefill latency (TTFT)"][3]
+    assert "prefill peak memory (CPU RSS growth)" in cells
+    notes = " ".join(tables.notes_for(rows, "language", "dense"))
+    assert "cpu_rss_peak_delta" in notes or "cpu_maxrss_delta" in notes
 
 
 # ----- train-cost: every count in the notes comes from the config used -----------------------------------
@@ -146,3 +157,64 @@ def test_break_even_search_counts_the_visual_tokens_of_the_vision_tower_used():
     found = tc.finetune_text_for_reduction(spy, recipe, "tiny-llm-mha", "tiny-siglip", target=-1.0, max_tokens=200)
     assert found is None
     assert max(calls) == 8 + (200 - 8 - visual)
+
+
+# ----- measured rows in the comparison table: spread, memory method, busy host ---------------------------
+def measured_rows(saisa_load: str = "0.10") -> pd.DataFrame:
+    """llava and saisa timed by hand: prefill (saisa noisy: IQR 40% of the median), a finetune train step (saisa
+    40× slower, on a host whose load is ``saisa_load`` on 2 CPUs) and CPU resident-set memory."""
+    env = {"source": "measured", "load_avg_1m": "0.10", "cpu_count": "2", "unit": "s"}
+    saisa_env = {**env, "load_avg_1m": saisa_load}
+    prefill = {"phase": "prefill", "stage": "inference", "note": "perf_counter"}
+    train = {"phase": "train_step", "stage": "finetune", "note": "perf_counter; compiled"}
+    memory = {"phase": "prefill", "stage": "inference", "note": "cpu_rss_peak_delta", "unit": "bytes"}
+    return pd.DataFrame([
+        row("llava", "prefill_latency_s", 0.010, **env, **prefill),
+        row("llava", "latency_iqr_s", 0.001, **env, **prefill),
+        row("saisa", "prefill_latency_s", 0.020, **env, **prefill),
+        row("saisa", "latency_iqr_s", 0.008, **env, **prefill),
+        row("llava", "train_step_latency_s", 0.100, **env, **train),
+        row("llava", "latency_iqr_s", 0.002, **env, **train),
+        row("saisa", "train_step_latency_s", 4.000, **saisa_env, **train),
+        row("saisa", "latency_iqr_s", 0.120, **saisa_env, **train),
+        row("llava", "peak_memory_bytes", 2**20, **{**env, **memory}),
+        row("saisa", "peak_memory_bytes", 2**21, **{**env, **memory}),
+    ])
+
+
+def test_measured_cells_show_their_spread_and_flag_noise_and_a_busy_host():
+    rows = measured_rows(saisa_load="1.60")  # 1.60 >= 0.75 × 2 CPUs
+    table = tables.comparison(rows, tables.compare_quantities(stages=("finetune",)), "llava")
+    header, body = tables.wide(table)
+    cells = {r[0]: dict(zip(header, r, strict=True)) for r in body}
+    prefill = cells["prefill latency (TTFT)"]
+    assert prefill["unit"] == "ms"
+    assert prefill["llava"] == f"{10.0:.2f} (IQR {0.001 / 0.010:.0%})"  # 10.00 (IQR 10%)
+    assert prefill["saisa"] == f"{20.0:.2f} (IQR {0.008 / 0.020:.0%}) †"  # noisy: 40% > 25%
+    assert prefill["saisa vs llava"] == "+100.0% †"
+    train = cells["train-step latency (finetune)"]
+    assert train["llava"] == f"0.100 (IQR {0.002 / 0.100:.0%})"
+    assert train["saisa"] == f"4.000 (IQR {0.120 / 4.0:.0%}) †"  # quiet timing, busy host
+    assert train["saisa vs llava"] == f"+{(4.0 / 0.1 - 1) * 100:.1f}% †"
+    assert cells["prefill peak memory (CPU RSS growth)"]["saisa vs llava"] == "+100.0%"  # memory: not flagged
+    notes = tables.notes_for(rows, "language", "dense")
+    text = " ".join(notes)
+    assert "interquartile range" in text and "cpu_rss_peak_delta" in text and "allocator caching" in text
+    assert "Warning: the host was busy while measuring saisa" in text
+    assert "1-minute load average 1.60 on 2 CPUs" in text and "0.75 × the CPU count" in text
+    md = tables.to_markdown(table, "t", notes)
+    assert "| 20.00 (IQR 40%) † |" in md and "- Warning: the host was busy" in md
+    csv = pd.read_csv(__import__("io").StringIO(tables.to_csv(table))).set_index(["quantity", "arch"])
+    assert csv.loc[("prefill latency (TTFT)", "saisa"), "iqr"] == pytest.approx(0.008)
+    assert csv.loc[("prefill latency (TTFT)", "saisa"), "spread"] == pytest.approx(0.4)
+    assert bool(csv.loc[("train-step latency (finetune)", "saisa"), "flagged"])
+
+
+def test_quiet_measurements_on_an_idle_host_carry_no_warning():
+    rows = measured_rows()
+    rows = rows[rows["phase"] != "prefill"]  # drop the noisy prefill timing and the memory rows
+    table = tables.comparison(rows, tables.compare_quantities(stages=("finetune",)), "llava")
+    header, body = tables.wide(table)
+    assert not any("†" in cell for r in body for cell in r)
+    text = " ".join(tables.notes_for(rows, "language", "dense"))
+    assert "busy" not in text and "†" not in text and "CPU RSS" not in text
