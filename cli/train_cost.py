@@ -64,11 +64,11 @@ def train_cost(
     budget.peak_flops(device)  # an unknown device is bad usage, before any counting
     recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,
                                    "finetune-text"), pretrain_samples, finetune_samples)
-    check_before_work([Run(a, llm, vision, options.get(a), s.workload()) for a in archs for s in recipe], out=out)
     utilisation = budget.parse_mfu(mfu, archs)
     if measured is not None:
         utilisation, _ = budget.measured_mfu(measured, archs, llm, vision_preset(vision).tokens_per_image,
                                              given=utilisation)
+    check_before_work([Run(a, llm, vision, options.get(a), s.workload()) for a in archs for s in recipe], out=out)
     profile = get_profile()
     with progress_bar(len(archs) * len(recipe), "counting training FLOPs") as advance:
         table, rows = budget.train_cost(archs, profile, recipe, llm, vision, options, device, utilisation,
