@@ -55,7 +55,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,13 +69,21 @@ from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
 from mllm_bench.devices import peak_flops
 from mllm_bench.environment import environment
 from mllm_bench.flops import count_prefill, count_train_step
-from mllm_bench.memory import measure_peak
-from mllm_bench.model import MLLM
-from mllm_bench.optim import OPTIMIZERS, make_optimizer, optimizer_state_bytes
+from mllm_bench.measure import (
+    MeasureSettings,
+    time_decode,
+    time_phase,
+    time_prefill,
+    timed_rows,
+    train_step,
+    vision_precomputed,
+)
+from mllm_bench.memory import MeasuredMemory
+from mllm_bench.optim import OPTIMIZERS, optimizer_state_bytes
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.results import atomic_write_text, make_row, to_frame, write_rows
-from mllm_bench.static_decode import DECODE_MODES, decode_steps
-from mllm_bench.timing import Timing, time_fn
+from mllm_bench.static_decode import DECODE_MODES
+from mllm_bench.timing import Timing
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("llava", "naavit", "flamingo", "saisa")
@@ -113,6 +121,12 @@ class Settings:
 
     def backend(self, arch: str) -> str:
         return dict(self.backends).get(arch) or get_architecture(arch).fast_attention_backend
+
+    def measure_settings(self, arch: str) -> MeasureSettings:
+        """How the profiler's engine measures ``arch`` in this run."""
+        return MeasureSettings(attention_backend=self.backend(arch), compile=self.compile, optimizer=self.optimizer,
+                               warmup=self.warmup, min_repeats=self.min_repeats, min_seconds=self.min_seconds,
+                               max_repeats=self.max_repeats)
 
 
 def preset_settings(args: argparse.Namespace) -> Settings:
@@ -208,44 +222,7 @@ def fitting_layers(s: Settings, device: torch.device) -> int | None:
     return 8
 
 
-# ----- timing ---------------------------------------------------------------------------------------
-
-
-SETTLE_CALLS = 6  # at most this many extra warm-up calls while torch.compile still compiles
-
-
-def settle(fn: Callable[[], Any]) -> int:
-    """Call ``fn`` until a call compiles nothing (torch.compile compiles again for new shapes or call
-    kinds, e.g. the first decode steps), at most ``SETTLE_CALLS`` times; returns the calls made."""
-    from torch._dynamo.utils import counters
-
-    for calls in range(1, SETTLE_CALLS + 1):
-        before = sum(counters["stats"].values())
-        fn()
-        if sum(counters["stats"].values()) == before:
-            return calls
-    return SETTLE_CALLS
-
-
-def measure(fn: Callable[[], Any], device: torch.device, s: Settings, warmup: int | None = None,
-            max_repeats: int | None = None) -> tuple[Timing, dict[str, float]]:
-    """Warm up (with compiled layers, until nothing compiles any more: :func:`settle`), then time ``fn``
-    until ``min_repeats`` and ``min_seconds`` (mllm_bench.timing); on CUDA also the peak allocated/reserved
-    bytes over all those calls (mllm_bench.memory; none on CPU)."""
-    limit = s.max_repeats if max_repeats is None else max_repeats
-    warmup = s.warmup if warmup is None else warmup
-    if s.compile:
-        warmup = max(1, warmup - settle(fn))  # the settling calls warm up too
-
-    def timing() -> Timing:
-        return time_fn(fn, device, warmup=warmup, min_repeats=min(s.min_repeats, limit), min_seconds=s.min_seconds,
-                       max_repeats=limit)
-
-    if device.type != "cuda":
-        return timing(), {}
-    torch.cuda.empty_cache()
-    result, mem = measure_peak(timing, device)
-    return result, {"peak_memory_bytes": mem.peak, "reserved_memory_bytes": mem.reserved}
+# ----- batches ------------------------------------------------------------------------------------
 
 
 def prefill_batch_that_fits(s: Settings, visual_tokens: int, device: torch.device) -> int:
@@ -270,31 +247,6 @@ def prefill_batch_that_fits(s: Settings, visual_tokens: int, device: torch.devic
 def batch_for(tokens_per_sample: int, token_budget: int, cap: int = 16) -> int:
     """Samples per batch so a batch holds about ``token_budget`` tokens (at least 1, at most ``cap``)."""
     return max(1, min(cap, token_budget // tokens_per_sample))
-
-
-# ----- the language scope: vision features computed once, outside the timed region ---------------
-
-
-@contextlib.contextmanager
-def vision_precomputed(model: MLLM) -> Iterator[None]:
-    """Within the block the vision tower's output is reused (computed on first use, per input tensor), so a
-    prefill times the connector and the decoder only. Overrides ``model.encode``, the one way every
-    architecture runs its vision tower."""
-    store: dict[tuple, torch.Tensor] = {}
-    encode = model.encode
-
-    def cached(pixels: torch.Tensor) -> torch.Tensor:
-        key = (pixels.data_ptr(), tuple(pixels.shape))
-        if key not in store:
-            with torch.no_grad():
-                store[key] = encode(pixels)
-        return store[key]
-
-    model.encode = cached
-    try:
-        yield
-    finally:
-        del model.encode
 
 
 # ----- FLOPs counted on a meta copy ---------------------------------------------------------------
@@ -340,9 +292,12 @@ class Rows:
         self.env = env
         self.rows: list[dict[str, Any]] = []
 
+    def base(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The identity and environment fields of ``point``'s rows."""
+        return {**self.env, "component": "all", "role": "all", "stage": "inference", **point}
+
     def add(self, point: dict[str, Any], metric: str, value: float, source: str = "measured", **fields: Any) -> None:
-        base = {**self.env, "component": "all", "role": "all", "stage": "inference", **point}
-        self.rows.append(make_row(base, metric, value, source, **fields))
+        self.rows.append(make_row(self.base(point), metric, value, source, **fields))
 
 
 # ----- one point ----------------------------------------------------------------------------------
@@ -401,23 +356,17 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
         torch._dynamo.reset()  # each point compiles afresh: no shapes marked dynamic by an earlier point
         model.compile_layers()
     how = ("compiled" if s.compile else "eager") + (f" ({note})" if note else "")
+    settings = s.measure_settings(arch)
     batch = model.example_batch(workload)
 
-    def timed(metric: str, phase: str, timing: Timing, paths: Counter, mem: dict[str, float], flop: int | None,
+    def timed(metric: str, phase: str, timing: Timing, paths: Counter, memory: MeasuredMemory, flop: int | None,
               stage: str = "inference", scope: str = "", batch: int = s.batch_size, detail: str = "",
-              **extra: Any) -> None:
+              tokens: float = 0, **extra: Any) -> None:
         tag = dict(phase=phase, stage=stage, scope=scope, attention_backend=f"{backend}[{describe_paths(paths)}]",
                    note=how + (f"; {detail}" if detail else ""), **extra)
-        at = {**point, "batch_size": batch}
-        rows.add(at, metric, timing.median, **tag)
-        rows.add(at, "latency_iqr_s", timing.iqr, **tag)
-        for name, value in mem.items():
-            rows.add(at, name, value, **tag)
-        if flop:
-            rate = flop / timing.median
-            rows.add(at, "achieved_flops_per_s", rate, convention="dense", **tag)
-            if peak:
-                rows.add(at, "mfu", rate / peak, convention="dense", **tag)
+        rows.rows += timed_rows(rows.base({**point, "batch_size": batch}), metric, timing, tokens=tokens, flops=flop,
+                                peak=peak, memory=memory if device.type == "cuda" else None,  # CPU RSS: too coarse
+                                memory_note=tag["note"], **tag)
 
     summary = []
     with torch.no_grad():
@@ -428,7 +377,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                     ctx = vision_precomputed(model) if scope == "language" else contextlib.nullcontext()
                     try:
                         with ctx, record_paths() as paths:
-                            timing, mem = measure(lambda pb=prompts: model.prefill(pb), device, s)
+                            timing, memory = time_prefill(model, prompts, device, settings)
                     except RuntimeError as err:  # e.g. OOM: the fit estimate was optimistic; say so, go on
                         reason = failure(err)
                         summary.append(f"prefill[b{b},{scope}] failed ({reason})")
@@ -436,7 +385,7 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                                  scope=scope, attention_backend=f"{backend}[]", note=f"{how}; failed: {reason}")
                         free(device)
                         continue
-                    timed("prefill_latency_s", "prefill", timing, paths, mem, flops[f"prefill_{scope}_{b}"],
+                    timed("prefill_latency_s", "prefill", timing, paths, memory, flops[f"prefill_{scope}_{b}"],
                           scope=scope, batch=b)
                     summary.append(f"prefill[b{b},{scope}] {timing.median * 1e3:.2f} ms "
                                    f"(IQR {timing.iqr / timing.median:.1%})")
@@ -444,15 +393,10 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                 free(device)
         if "decode" in s.phases:
             for mode in s.decode_modes:
-                warmup, repeats = max(s.warmup, 3), max(s.max_repeats // 2, 2)
-                token = torch.zeros(s.batch_size, dtype=torch.long, device=device)
                 try:
                     with record_paths() as paths:  # a graph records its paths once, when captured
-                        _, cache = model.prefill(batch)
-                        step, cache = decode_steps(model, cache, SETTLE_CALLS + warmup + repeats + 1, mode)
-                        prompt = cache.length
-                        timing, mem = measure(lambda step=step, token=token: step(token), device, s,
-                                              warmup=warmup, max_repeats=repeats)
+                        decoded = time_decode(model, batch, device, settings, mode, warmup=max(s.warmup, 3),
+                                              max_repeats=max(s.max_repeats // 2, 2))
                 except RuntimeError as err:  # e.g. a CUDA-graph capture the GPU refused, OOM
                     reason = failure(err)
                     summary.append(f"decode[{mode}] failed ({reason})")
@@ -460,31 +404,21 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
                              note=f"{how}; decode={mode}; failed: {reason}")
                     free(device)
                     continue
-                context = prompt + (cache.length - prompt) // 2  # the median step's context
-                timed("decode_latency_s", "decode", timing, paths, mem, None, context_len=context,
-                      detail=f"decode={mode}")
-                rows.add(point, "tokens_per_s", s.batch_size / timing.median, phase="decode", context_len=context,
-                         attention_backend=f"{backend}[{describe_paths(paths)}]", note=f"{how}; decode={mode}")
-                summary.append(f"decode[{mode}] {timing.median * 1e3:.2f} ms/token")
-                del cache, step
+                timed("decode_latency_s", "decode", decoded.timing, paths, decoded.memory, None,
+                      context_len=decoded.median_context, detail=f"decode={mode}", tokens=s.batch_size)
+                summary.append(f"decode[{mode}] {decoded.timing.median * 1e3:.2f} ms/token")
+                del decoded
                 free(device)
     for stage in s.train_stages if "train_step" in s.phases else ():
         try:
-            params = list(model.set_stage(stage).values())
-            optimizer = make_optimizer(s.optimizer, params, lr=1e-5, fused=device.type == "cuda")
             train_inputs = model.example_batch(workload.replace(stage=stage, batch_size=train_batch))
-
-            def train_step(optimizer: Any = optimizer, train_inputs: Any = train_inputs) -> None:
-                optimizer.zero_grad(set_to_none=True)
-                model(train_inputs).loss.backward()
-                optimizer.step()
-
+            step = train_step(model, stage, train_inputs, device, settings)
             with record_paths() as paths:
-                timing, mem = measure(train_step, device, s, warmup=max(s.warmup - 1, 1))
-            timed("train_step_latency_s", "train_step", timing, paths, mem, flops[f"train_step_{stage}"],
+                timing, memory = time_phase(step, device, settings, warmup=max(s.warmup - 1, 1))
+            timed("train_step_latency_s", "train_step", timing, paths, memory, flops[f"train_step_{stage}"],
                   stage=stage, scope="total", batch=train_batch, detail=f"optimizer={s.optimizer}")
             summary.append(f"train[{stage},b{train_batch}] {timing.median * 1e3:.1f} ms")
-            del optimizer, train_inputs
+            del step, train_inputs
         except RuntimeError as err:  # e.g. OOM
             reason = failure(err)
             summary.append(f"train[{stage}] failed ({reason})")
@@ -676,45 +610,9 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
               "|---|---|---|---|---|---|---|",
               *speedups, "", "## Issue 5's targets", "", *target_checks(rows.rows), "", *notes]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot(df, out, s.decode_modes[-1] if s.decode_modes else "dynamic")
+    from mllm_bench.reports.plots import measured_panels  # matplotlib loads only here
 
-
-def plot(df: Any, out: Path, decode_mode: str) -> None:
-    """Six panels; decode shows ``decode_mode`` (the run's last, fastest mode)."""
-    import matplotlib.pyplot as plt
-    from mllm_bench.reports.plots import save  # selects the Agg backend
-
-    panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total, batch 1), ms", 1e3),
-              ("prefill_latency_s", {"scope": "language"}, "prefill (language, batch 1), ms", 1e3),
-              ("decode_latency_s", {}, f"decode ({decode_mode}), ms/token", 1e3),
-              ("train_step_latency_s", {"stage": "finetune"}, "finetune step, ms", 1e3),
-              ("mfu", {"phase": "train_step", "stage": "finetune"}, "finetune-step MFU, %", 100),
-              ("prefill_speedup_vs_flops", {"scope": "language"},
-               "prefill speedup / FLOP-predicted\n(language, throughput batch)", 1)]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=150)
-    archs = list(dict.fromkeys(df["arch"]))
-    visual = sorted(set(df["visual_tokens"]))
-    for ax, (metric, match, title, scale) in zip(axes.flat, panels, strict=True):
-        sel = df[df["metric"] == metric]
-        for k, v in match.items():
-            sel = sel[sel[k] == v]
-        if metric == "decode_latency_s":
-            sel = sel[sel["note"].str.endswith(f"decode={decode_mode}")]
-        # one bar per (arch, visual): batch 1 for latencies, the throughput batch for the speedup ratio
-        sel = sel.sort_values("batch_size", ascending=metric != "prefill_speedup_vs_flops", kind="stable")
-        width = 0.8 / max(len(visual), 1)
-        for j, vt in enumerate(visual):
-            ys = [sel[(sel["arch"] == a) & (sel["visual_tokens"] == vt)]["value"] for a in archs]
-            heights = [float(y.iloc[0]) * scale if len(y) else 0.0 for y in ys]
-            ax.bar([i + j * width for i in range(len(archs))], heights, width, label=f"{vt} visual")
-        if metric == "prefill_speedup_vs_flops":
-            ax.axhline(0.9, color="k", ls="--", lw=1)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(archs))], archs)
-        ax.set_title(title, fontsize=10)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{df['device_name'].iloc[0]}: measured cost per architecture", fontsize=11)
-    fig.tight_layout()
-    save(fig, out / "gpu_bench")
+    measured_panels(df, out / "gpu_bench", s.decode_modes[-1] if s.decode_modes else "dynamic", SPEEDUP_TARGET)
 
 
 def main(argv: list[str] | None = None) -> Path:

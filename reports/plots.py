@@ -412,3 +412,40 @@ def roofline(df: pd.DataFrame, stem: str | Path, peak_flops: float, bandwidth: f
     ax.legend(fontsize=7.5, frameon=False, loc="lower right")
     fig.tight_layout()
     return save(fig, stem, f"peak {peak_flops:.3g} FLOP/s, bandwidth {bandwidth:.3g} B/s; FLOP = 2·MAC")
+
+
+def measured_panels(df: pd.DataFrame, stem: str | Path, decode_mode: str, speedup_target: float = 0.9) -> list[Path]:
+    """``benchmarks/gpu_bench.py``'s six panels of measured rows, one bar per (architecture, visual tokens):
+    prefill (total and language scope, batch 1), decode in ``decode_mode``, finetune step and its MFU, and
+    the prefill speedup ÷ FLOP-predicted (throughput batch; a dashed line at ``speedup_target``)."""
+    panels = [("prefill_latency_s", {"scope": "total"}, "prefill (total, batch 1), ms", 1e3),
+              ("prefill_latency_s", {"scope": "language"}, "prefill (language, batch 1), ms", 1e3),
+              ("decode_latency_s", {}, f"decode ({decode_mode}), ms/token", 1e3),
+              ("train_step_latency_s", {"stage": "finetune"}, "finetune step, ms", 1e3),
+              ("mfu", {"phase": "train_step", "stage": "finetune"}, "finetune-step MFU, %", 100),
+              ("prefill_speedup_vs_flops", {"scope": "language"},
+               "prefill speedup / FLOP-predicted\n(language, throughput batch)", 1)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=150)
+    archs = list(dict.fromkeys(df["arch"]))
+    visual = sorted(set(df["visual_tokens"]))
+    for ax, (metric, match, title, scale) in zip(axes.flat, panels, strict=True):
+        sel = df[df["metric"] == metric]
+        for k, v in match.items():
+            sel = sel[sel[k] == v]
+        if metric == "decode_latency_s":
+            sel = sel[sel["note"].str.endswith(f"decode={decode_mode}")]
+        # one bar per (arch, visual): batch 1 for latencies, the throughput batch for the speedup ratio
+        sel = sel.sort_values("batch_size", ascending=metric != "prefill_speedup_vs_flops", kind="stable")
+        width = 0.8 / max(len(visual), 1)
+        for j, vt in enumerate(visual):
+            ys = [sel[(sel["arch"] == a) & (sel["visual_tokens"] == vt)]["value"] for a in archs]
+            heights = [float(y.iloc[0]) * scale if len(y) else 0.0 for y in ys]
+            ax.bar([i + j * width for i in range(len(archs))], heights, width, label=f"{vt} visual")
+        if metric == "prefill_speedup_vs_flops":
+            ax.axhline(speedup_target, color="k", ls="--", lw=1)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(archs))], archs)
+        ax.set_title(title, fontsize=10)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{df['device_name'].iloc[0]}: measured cost per architecture", fontsize=11)
+    fig.tight_layout()
+    return save(fig, stem)

@@ -1,5 +1,5 @@
 """benchmarks/gpu_bench.py: end to end on CPU with tiny presets, the eager fallback when torch.compile fails,
-settings validation."""
+settings validation, and that it measures through the profiler's engine (mllm_bench/measure.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import pandas as pd
 import pytest
 from torch._dynamo.exc import TorchDynamoException
 
+from mllm_bench import Workload, measure
 from mllm_bench.config import ConfigError
+from mllm_bench.profile import MeasureSettings, profile
+from mllm_bench.timing import Timing
 
 
 def load_bench():
@@ -119,30 +122,6 @@ def test_resume_keeps_measured_points_and_refuses_other_settings(tmp_path) -> No
         bench.main([*base, "--archs", "llava", "--resume", "--prefill-batch", "3"])
 
 
-def test_settle_calls_until_nothing_compiles(monkeypatch) -> None:
-    from collections import Counter
-
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setitem(counters, "stats", Counter())  # this test's fake compilations leave no trace
-    bench = load_bench()
-    calls = []
-
-    def compiles_twice() -> None:
-        calls.append(1)
-        if len(calls) <= 2:
-            counters["stats"]["unique_graphs"] += 1  # what torch.compile records when it compiles
-
-    assert bench.settle(compiles_twice) == 3 and len(calls) == 3
-    calls.clear()
-
-    def always_compiles() -> None:
-        calls.append(1)
-        counters["stats"]["unique_graphs"] += 1
-
-    assert bench.settle(always_compiles) == bench.SETTLE_CALLS  # bounded
-
-
 def test_compiled_run_records_paths_without_recompiling(tmp_path, monkeypatch) -> None:
     """The compiled path of the bench (here torch.compile's aot_eager backend: no C++ toolchain needed):
     layers compile, settle, and every row records the attention path and that it was compiled."""
@@ -158,8 +137,8 @@ def test_compiled_run_records_paths_without_recompiling(tmp_path, monkeypatch) -
     compile_layers = MLLM.compile_layers
     monkeypatch.setattr(MLLM, "compile_layers", lambda self: compile_layers(self, backend="aot_eager"))
     settled = []
-    settle = bench.settle
-    monkeypatch.setattr(bench, "settle", lambda fn: settled.append(settle(fn)) or settled[-1])
+    settle = measure.settle
+    monkeypatch.setattr(measure, "settle", lambda fn: settled.append(settle(fn)) or settled[-1])
     graphs = counters["stats"]["unique_graphs"]
     out = bench.main(["--tiny", "--archs", "saisa", "--visual-tokens", "16", "--phases", "prefill,decode",
                       "--out", str(tmp_path)])
@@ -167,19 +146,19 @@ def test_compiled_run_records_paths_without_recompiling(tmp_path, monkeypatch) -
     timed = rows[rows["metric"].isin(["prefill_latency_s", "decode_latency_s"])]
     assert set(timed["note"]) == {"compiled", "compiled; decode=dynamic", "compiled; decode=static"}
     assert all("flash:" in paths for paths in timed["attention_backend"])
-    assert counters["stats"]["unique_graphs"] > graphs and max(settled) < bench.SETTLE_CALLS  # compiled, settled
+    assert counters["stats"]["unique_graphs"] > graphs and max(settled) < measure.SETTLE_CALLS  # compiled, settled
 
 
 def test_a_decode_mode_that_fails_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
     bench = load_bench()
-    decode_steps = bench.decode_steps
+    decode_steps = measure.decode_steps
 
     def refuse_static(model, cache, steps, mode):
         if mode == "static":
             raise RuntimeError("operation not permitted when stream is capturing")
         return decode_steps(model, cache, steps, mode)
 
-    monkeypatch.setattr(bench, "decode_steps", refuse_static)
+    monkeypatch.setattr(measure, "decode_steps", refuse_static)
     out = bench.main(["--tiny", "--archs", "llava", "--visual-tokens", "16", "--phases", "decode",
                       "--out", str(tmp_path)])
     rows = pd.read_json(out / "rows.json")
@@ -205,3 +184,44 @@ def test_target_checks_say_met_or_not_met() -> None:
     assert "2304 visual tokens, batch 32: 0.850 (target ≥ 0.9): **not met**" in text
     assert "llava finetune-step MFU, 576 visual tokens: 47.0% (target ≥ 45% on an H100): met" in text
     assert "1 of 2 timed medians: **not met**; over: saisa 576 decode b32 [compiled; decode=graph] (5.0%)" in text
+
+
+def test_the_bench_and_the_profiler_time_and_step_through_one_engine(tmp_path, monkeypatch) -> None:
+    """One fake clock and one recorded optimizer factory in mllm_bench.measure: the bench's and profile()'s
+    latencies, spreads and achieved FLOP/s all come from it, and both train with the optimizer it builds."""
+    samples = (0.25, 0.5, 0.75)  # median 0.5 s; quartiles 0.375 and 0.625, so IQR 0.25 s
+
+    def fake_time_fn(fn, device, warmup, min_repeats, min_seconds, max_repeats):
+        fn()
+        return Timing(samples)
+
+    built = []
+    make_optimizer = measure.make_optimizer
+
+    def recorded(name, params, lr, fused):
+        built.append(name)
+        return make_optimizer(name, params, lr=lr, fused=fused)
+
+    monkeypatch.setattr(measure, "time_fn", fake_time_fn)
+    monkeypatch.setattr(measure, "make_optimizer", recorded)
+    out = load_bench().main(["--tiny", "--archs", "llava", "--visual-tokens", "16", "--phases", "prefill,train_step",
+                             "--train-stages", "finetune", "--optimizer", "adamw-fp32-master", "--out", str(tmp_path)])
+    bench_rows = pd.read_json(out / "rows.json")
+    wl = Workload(batch_size=1, text_before=3, text_after=5, dtype="float32", device="cpu", stage="finetune")
+    settings = MeasureSettings(optimizer="adamw-fp32-master")
+    profiled = pd.concat([profile("llava", wl, llm="tiny-llm", vision="tiny-clip", measure=True, settings=settings),
+                          profile("llava", wl.replace(stage="inference"), llm="tiny-llm", vision="tiny-clip",
+                                  measure=True, settings=settings)])
+    assert built == ["adamw-fp32-master", "adamw-fp32-master"]  # the bench's finetune step, then profile's
+    for rows in (bench_rows, profiled):
+        timed = rows[rows["metric"].str.endswith("_latency_s")]
+        assert len(timed) >= 2 and set(timed["value"]) == {0.5}
+        assert set(rows[rows["metric"] == "latency_iqr_s"]["value"]) == {0.25}
+        for phase in ("prefill", "train_step"):
+            counted = rows[(rows["metric"] == f"{phase}_flops") & (rows["source"] == "counted")
+                           & (rows["scope"] == "total") & (rows["component"].isin(["all", ""]))]
+            achieved = rows[(rows["metric"] == "achieved_flops_per_s") & (rows["phase"] == phase)
+                            & (rows["scope"] == "total")]
+            pairs = counted.merge(achieved, on="batch_size", suffixes=("_flops", "_rate"))
+            assert len(pairs) >= 1
+            assert (pairs["value_rate"] == pairs["value_flops"] / 0.5).all(), phase

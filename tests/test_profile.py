@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from mllm_bench import Workload
+from mllm_bench import Workload, measure
 from mllm_bench.config import ConfigError
 from mllm_bench.profile import MeasureSettings, profile, should_measure
 from mllm_bench.results import COLUMNS
@@ -148,3 +148,26 @@ def test_measured_train_step_mfu_leaves_recomputation_out() -> None:
     rate = _one(df, metric="achieved_flops_per_s", phase="train_step")
     latency = _one(df, metric="train_step_latency_s", phase="train_step")
     assert rate * latency == pytest.approx(model_flops, rel=1e-9)
+
+
+def test_settle_calls_until_nothing_compiles(monkeypatch) -> None:
+    from collections import Counter
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(counters, "stats", Counter())  # this test's fake compilations leave no trace
+    calls = []
+
+    def compiles_twice() -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            counters["stats"]["unique_graphs"] += 1  # what torch.compile records when it compiles
+
+    assert measure.settle(compiles_twice) == 3 and len(calls) == 3
+    calls.clear()
+
+    def always_compiles() -> None:
+        calls.append(1)
+        counters["stats"]["unique_graphs"] += 1
+
+    assert measure.settle(always_compiles) == measure.SETTLE_CALLS  # bounded
