@@ -326,7 +326,8 @@ def estimated_peak_bytes(model: Any, workload: Workload) -> tuple[float, str]:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes in GiB (MiB below 1 GiB)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode: str | None = None) -> None:
