@@ -37,8 +37,12 @@ same in every layer, so FLOP ratios and MFU carry over and latency extrapolates 
 
 Writes ``rows.csv``/``rows.json`` (tidy result rows, saved after every point), ``run.json`` (the
 settings), ``summary.md`` and plots (PNG, PDF) under ``results/gpu/<device>/`` (``--out`` to change).
-``--resume`` keeps the points already in the folder (same settings, else a clear error) and measures
-the rest, so a run longer than one sitting continues where it stopped::
+Each finished point is also a file in the sweep's point store (``points/``, :mod:`mllm_bench.reports.sweep`),
+named by a hash of its architecture, visual tokens and the run's settings, and recording the code and device
+that made it; a point is claimed while measured, so two runs on one folder never measure the same point.
+``--resume`` keeps the points this code finished on this device with these settings and measures the rest
+(others are measured again, and the log says why), so a run longer than one sitting continues where it
+stopped::
 
     timeout 540 python benchmarks/gpu_bench.py --resume   # repeat until it finishes
 """
@@ -49,6 +53,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import re
@@ -61,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mllm_bench.reports.sweep import claim_point, point_origin, point_path, read_point, reuse_problem, write_point
 from torch._dynamo.exc import TorchDynamoException
 
 from mllm_bench import Workload, architecture_names, build_model, get_architecture
@@ -81,7 +87,7 @@ from mllm_bench.measure import (
 from mllm_bench.memory import MeasuredMemory
 from mllm_bench.optim import OPTIMIZERS, optimizer_state_bytes
 from mllm_bench.presets import llm_preset, vision_preset
-from mllm_bench.results import atomic_write_text, make_row, to_frame, write_rows
+from mllm_bench.results import atomic_write_text, make_row, rows_to_json, to_frame, write_rows
 from mllm_bench.static_decode import DECODE_MODES
 from mllm_bench.timing import Timing
 
@@ -450,7 +456,7 @@ def measure_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device
                   note=reason)
 
 
-# ----- resuming ------------------------------------------------------------------------------------
+# ----- resuming: the sweep's point store (reports/sweep.py) ----------------------------------------------
 
 
 def run_settings(s: Settings) -> dict[str, Any]:
@@ -461,20 +467,33 @@ def run_settings(s: Settings) -> dict[str, Any]:
     return json.loads(json.dumps(record))  # tuples as lists, as they read back
 
 
-def previous_rows(out: Path, s: Settings) -> list[dict[str, Any]]:
-    """The measured and counted rows of an earlier run in ``out`` with the same settings (derived rows are
-    recomputed); none when ``out`` holds no run. Points are saved whole, so every point found is complete."""
-    if not (out / "run.json").exists() or not (out / "rows.json").exists():
-        return []
-    before = json.loads((out / "run.json").read_text())
-    now = run_settings(s)
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if differ:
-        detail = ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
-        raise ConfigError(f"--resume: {out} holds a run with other settings ({detail}); use another --out or "
-                          "run without --resume")
-    rows = json.loads((out / "rows.json").read_text())
-    return [r for r in rows if r["metric"] != "prefill_speedup_vs_flops"]
+def point_params(s: Settings, arch: str, visual_tokens: int) -> dict[str, Any]:
+    return {"arch": arch, "visual_tokens": visual_tokens, "settings": run_settings(s)}
+
+
+def point_key(s: Settings, arch: str, visual_tokens: int) -> str:
+    """A point's name in the store: a hash of its architecture, visual tokens and the run's settings."""
+    text = json.dumps(point_params(s, arch, visual_tokens), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def run_origin(device: torch.device, s: Settings) -> dict[str, str]:
+    """The code and device a point of this run is made by (``--commit`` names the code when there is no .git)."""
+    from mllm_bench import __version__
+
+    origin = point_origin(str(device))
+    if s.commit:
+        origin["code"] = f"{__version__}@{s.commit}"
+    return origin
+
+
+def reusable_rows(store: Path, key: str, origin: dict[str, str]) -> tuple[list[dict[str, Any]] | None, str]:
+    """(rows, "") of a point this code finished on this device, else (None, why it is measured: "" = never was)."""
+    record = read_point(store, key)
+    if record is None:
+        return None, "its file did not parse" if point_path(store, key).exists() else ""
+    problem = reuse_problem(record, origin)
+    return (None, problem) if problem else (record["rows"], "")
 
 
 # ----- derived rows, outputs ----------------------------------------------------------------------
@@ -615,7 +634,7 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
     measured_panels(df, out / "gpu_bench", s.decode_modes[-1] if s.decode_modes else "dynamic", SPEEDUP_TARGET)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny presets on CPU (end-to-end check)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 layers, few repeats")
@@ -638,7 +657,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--resume", action="store_true",
                         help="keep the points already measured in OUT (same settings) and measure the rest")
     parser.add_argument("--commit", help="git commit to record (when the tree was copied without .git)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
     s = preset_settings(args)
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -652,26 +675,46 @@ def main(argv: list[str] | None = None) -> Path:
     env = run_environment(device, s)
     out = Path(args.out) if args.out else ROOT / "results" / "gpu" / device_slug(env["device_name"])
     rows = Rows(env)
-    if args.resume:
-        rows.rows = previous_rows(out, s)
+    store, origin = out / "points", run_origin(device, s)
     atomic_write_text(out / "run.json", json.dumps(run_settings(s), indent=1) + "\n")
-    done = {(r["arch"], r["visual_tokens"]) for r in rows.rows}
     start = time.perf_counter()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
     log(f"{env['device_name']}: {s.llm} x {llm_for_run(s).num_layers} layers, visual tokens {s.visual_tokens}, "
-        f"archs {s.archs}, torch {torch.__version__} -> {out}" + (f" (resuming: {len(done)} points kept)"
-                                                                  if args.resume else ""))
+        f"archs {s.archs}, torch {torch.__version__} -> {out}" + (" (resuming)" if args.resume else ""))
+    kept = 0
     for visual_tokens in s.visual_tokens:
-        prefill_batch = prefill_batch_that_fits(s, visual_tokens, device)
+        prefill_batch = None
         for arch in s.archs:
-            if (arch, visual_tokens) in done:
+            key = point_key(s, arch, visual_tokens)
+            if args.resume:
+                earlier, why = reusable_rows(store, key, origin)
+                if earlier is not None:
+                    rows.rows += earlier
+                    kept += 1
+                    continue
+                if why:
+                    log(f"{arch} v={visual_tokens}: measured again: {why}")
+            claim = claim_point(store, key)
+            if not claim.held:
+                log(f"{arch} v={visual_tokens}: skipped, {claim.holder} is measuring it")
                 continue
-            measure_point(arch, visual_tokens, s, rows, device, log, prefill_batch)
+            try:
+                if prefill_batch is None:
+                    prefill_batch = prefill_batch_that_fits(s, visual_tokens, device)
+                first = len(rows.rows)
+                measure_point(arch, visual_tokens, s, rows, device, log, prefill_batch)
+                point_rows = json.loads(rows_to_json(to_frame(rows.rows[first:])))
+                write_point(store, key, {"params": point_params(s, arch, visual_tokens), "status": "ok",
+                                         "origin": origin, "rows": point_rows})
+            finally:
+                claim.release()
             free(device)
             save_rows(rows, out)  # after every point: an interrupted run keeps what it measured
+    if args.resume:
+        log(f"{kept} points kept from earlier runs")
     speedups = add_speedups(rows)
     notes = [f"Run time {time.perf_counter() - start:.0f} s" + (" (this invocation; earlier points kept by --resume)."
                                                                 if args.resume else ".")]

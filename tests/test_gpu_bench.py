@@ -105,7 +105,13 @@ def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
     assert (out / "gpu_bench.png").stat().st_size > 10_000
 
 
-def test_resume_keeps_measured_points_and_refuses_other_settings(tmp_path) -> None:
+def test_resume_keeps_this_codes_points_and_measures_the_rest(tmp_path, capsys) -> None:
+    """--resume goes through the sweep's point store: a point this code finished on this device with these
+    settings is kept; one with other settings, or made by other code, is measured again."""
+    import json
+
+    from mllm_bench.reports.sweep import finished_points
+
     bench = load_bench()
     base = ["--tiny", "--visual-tokens", "16", "--phases", "prefill", "--out", str(tmp_path)]
     bench.main([*base, "--archs", "llava"])
@@ -118,8 +124,43 @@ def test_resume_keeps_measured_points_and_refuses_other_settings(tmp_path) -> No
     assert len(rows[rows["metric"] == "prefill_speedup_vs_flops"]) == 4  # recomputed over both runs' points
     summary = (tmp_path / "summary.md").read_text()
     assert "| llava | 16 |" in summary and "| saisa | 16 |" in summary
-    with pytest.raises(ConfigError, match="prefill_batch: 2 there, 3 now"):
-        bench.main([*base, "--archs", "llava", "--resume", "--prefill-batch", "3"])
+    store = tmp_path / "points"
+    points = finished_points(store)
+    assert len(points) == 2 and {p["params"]["arch"] for p in points.values()} == {"llava", "saisa"}
+    assert not list(store.glob("*.claim"))  # claims released
+
+    bench.main([*base, "--archs", "llava", "--resume", "--prefill-batch", "3"])  # other settings: other points
+    rows = pd.read_json(tmp_path / "rows.json")
+    assert set(rows["arch"]) == {"llava"} and set(rows["batch_size"]) == {1, 3}
+    assert not set(rows["timestamp"]) & llava_stamp
+    assert len(finished_points(store)) == 3
+
+    llava = next(k for k, p in points.items() if p["params"]["arch"] == "llava")
+    record = json.loads((store / f"{llava}.json").read_text())
+    record["origin"]["code"] = "0.0.1@0123abcd"
+    (store / f"{llava}.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    bench.main([*base, "--archs", "llava,saisa", "--resume"])
+    log = capsys.readouterr().out
+    assert "llava v=16: measured again: made by mllm-bench 0.0.1@0123abcd" in log and "1 points kept" in log
+    rows = pd.read_json(tmp_path / "rows.json")
+    assert not set(rows[rows["arch"] == "llava"]["timestamp"]) & llava_stamp
+
+
+def test_a_point_another_run_is_measuring_is_left_to_it(tmp_path, capsys) -> None:
+    import os
+
+    from mllm_bench.reports.sweep import claim_point
+
+    bench = load_bench()
+    s = bench.preset_settings(bench.parse_args(["--tiny", "--phases", "prefill"]))
+    claim = claim_point(tmp_path / "points", bench.point_key(s, "saisa", 16))  # this (live) process holds it
+    assert claim.held
+    out = bench.main(["--tiny", "--visual-tokens", "16", "--phases", "prefill", "--archs", "llava,saisa",
+                      "--out", str(tmp_path)])
+    assert f"saisa v=16: skipped, pid {os.getpid()} is measuring it" in capsys.readouterr().out
+    assert set(pd.read_json(out / "rows.json")["arch"]) == {"llava"}
+    claim.release()
 
 
 def test_compiled_run_records_paths_without_recompiling(tmp_path, monkeypatch) -> None:
