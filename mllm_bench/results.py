@@ -282,7 +282,7 @@ def _parse_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        hint = " (the file is cut short: truncated?)" if err.pos >= len(text.rstrip()) else ""
+        hint = "; it stops mid-way (truncated?)" if not text.rstrip().endswith(("]", "}")) else ""
         raise ConfigError(f"{str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
                           f"{hint}") from err
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from mllm_bench.config import ConfigError
 from mllm_bench.results import IDENTITY as IDENTITY  # the core ones, re-exported for the reports
+from mllm_bench.results import MEASURE, WORKLOAD
 from mllm_bench.results import normalise as normalise
 
 SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
@@ -51,7 +53,122 @@ def pick(
             rank = rank + _rank(rows[col], ("all", "")) * 10
     rank = rank + _rank(rows["source"], sources)
     rows = rows.assign(_rank=rank).sort_values("_rank", kind="stable")
+    best = rows[rows["_rank"] == rows.groupby(list(by))["_rank"].transform("min")]
+    _refuse_ties(best, metric, by)
     return rows.drop_duplicates(list(by)).drop(columns="_rank")
+
+
+def _refuse_ties(best: pd.DataFrame, metric: str, by: Sequence[str]) -> None:
+    """Rows that rank first together for one model must agree: which one would be "the" number otherwise?"""
+    for key, group in best.groupby(list(by), sort=False):
+        if len(group) > 1 and not _same_values(group["value"]):
+            differ = [c for c in (*MEASURE, *WORKLOAD) if c != "value" and c in group.columns
+                      and group[c].map(field_text).nunique() > 1]
+            values = ", ".join(f"{v:g}" for v in group["value"])
+            raise ConfigError(f"{metric} of {' '.join(str(k) for k in key if k)}: {len(group)} rows qualify with "
+                              f"different values ({values}); they differ in {differ or 'nothing but the value'}")
+
+
+def _same_values(values: pd.Series) -> bool:
+    finite = [float(v) for v in values if not math.isnan(float(v))]
+    if len(finite) not in (0, len(values)):
+        return False
+    return all(math.isclose(v, finite[0], rel_tol=1e-9, abs_tol=0.0) for v in finite)
+
+
+def field_text(value: object) -> str:
+    """A field as text for comparing rows: "" when blank (None, NaN, ""), whole numbers without ".0"."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value).strip()
+
+
+# ----- one workload per table ------------------------------------------------------------------------
+# Workload fields every model of one table shares; ``visual_tokens`` (tokens per image differ by
+# architecture) and ``context_len`` (set on decode rows) are compared within one model only.
+SHARED_WORKLOAD = tuple(c for c in WORKLOAD if c not in ("visual_tokens", "context_len"))
+MODEL_WORKLOAD = ("visual_tokens", "context_len")
+# The fields that make two rows "the same number": a second row with this key repeats or contradicts it.
+ROW_KEY: tuple[str, ...] = IDENTITY + tuple(c for c in MEASURE if c != "value") + WORKLOAD
+
+
+def _workload_text(df: pd.DataFrame, col: str) -> pd.Series:
+    text = df[col].map(field_text)
+    return text.where(text != "meta", "") if col == "device" else text  # meta: counted, not run on a device
+
+
+def varying_workload(df: pd.DataFrame, over: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Workload fields with more than one value among rows that one table would mix: the rows of a stage
+    (and of one model, for :data:`MODEL_WORKLOAD`), grouped further by the ``over`` fields (e.g. the field
+    a plot varies). Blank values are ignored. Returns field → its values, sorted."""
+    out: dict[str, list[str]] = {}
+    for col in SHARED_WORKLOAD + MODEL_WORKLOAD:
+        if col not in df.columns or col in over:
+            continue
+        keys = ["stage", *over] + (list(IDENTITY) if col in MODEL_WORKLOAD else [])
+        text = _workload_text(df, col)
+        filled = df[keys].astype(str).assign(_v=text)[text != ""]
+        counts = filled.groupby(keys)["_v"].nunique()
+        if (counts > 1).any():
+            out[col] = sorted(set(filled["_v"]), key=_number_first)
+    return out
+
+
+def _number_first(text: str) -> tuple:
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def workloads(df: pd.DataFrame, fields: Sequence[str], limit: int = 6) -> list[str]:
+    """The distinct combinations of ``fields`` in ``df`` as ``a=1 b=2`` (at most ``limit``, then "…")."""
+    text = pd.DataFrame({c: _workload_text(df, c) for c in fields})
+    combos = sorted({tuple(r) for r in text.itertuples(index=False, name=None)},
+                    key=lambda r: tuple(_number_first(v) for v in r))
+    shown = [" ".join(f"{c}={v}" for c, v in zip(fields, combo, strict=True) if v) for combo in combos[:limit]]
+    return shown + (["…"] if len(combos) > limit else [])
+
+
+def drop_repeated_rows(df: pd.DataFrame, origin: Sequence[str] | None = None) -> pd.DataFrame:
+    """``df`` without rows that repeat another (same :data:`ROW_KEY`, same value; e.g. two runs of the same
+    analytic model). Rows with the same key and different values are never resolved silently: a
+    :class:`ConfigError` names the metric and where each value comes from (``origin``: a label per row,
+    e.g. its file) with its timestamp."""
+    if df.empty:
+        return df
+    origin = list(origin) if origin is not None else [""] * len(df)
+    key = df[[c for c in ROW_KEY if c in df.columns]].map(field_text)
+    groups = key.groupby(list(key.columns), sort=False).ngroup().to_numpy()
+    keep = ~pd.Series(groups).duplicated().to_numpy()
+    sizes = pd.Series(groups).map(pd.Series(groups).value_counts())
+    conflicts = []
+    for g in sorted(set(groups[(sizes > 1).to_numpy()])):
+        members = (groups == g).nonzero()[0]
+        if not _same_values(df["value"].iloc[members]):
+            conflicts.append(members)
+    if conflicts:
+        raise ConfigError(_conflict_message(df, origin, conflicts))
+    return df.loc[keep].reset_index(drop=True)
+
+
+def _conflict_message(df: pd.DataFrame, origin: list[str], conflicts: list) -> str:
+    members = conflicts[0]
+    row = df.iloc[members[0]]
+    shown = ("llm", "vision", "options", "source", "stage", "phase", "scope", "convention", "component", "role")
+    what = ", ".join(f"{c} {field_text(row[c])}" for c in shown if field_text(row[c]) not in ("", "all"))
+    stamps = df["timestamp"] if "timestamp" in df.columns else pd.Series([""] * len(df))
+    seen = []
+    for i in members:
+        where = " ".join(p for p in (origin[i], f"(timestamp {stamps.iloc[i]})" if stamps.iloc[i] else "") if p)
+        seen.append(f"{df['value'].iloc[i]:g}{' from ' + where if where else ''}")
+    more = f"; {len(conflicts) - 1} more number(s) conflict likewise" if len(conflicts) > 1 else ""
+    return (f"conflicting rows: {row['arch']} {row['metric']} ({what}) is {'; '.join(seen)}{more}. The rows come "
+            "from different runs (other code, device or settings); a table needs one value")
 
 
 def model_labels(df: pd.DataFrame) -> dict[tuple, str]:

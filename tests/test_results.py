@@ -91,7 +91,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not a JSON list"):
         read_results(tmp_path / "dict.json")
     (tmp_path / "table.csv").write_text("quantity,value\nx,1\n")
-    with pytest.raises(ConfigError, match="columns 'metric' and 'value' missing"):
+    with pytest.raises(ConfigError, match=r"holds no result rows \(column\(s\) \['metric'\] missing"):
         read_results(tmp_path / "table.csv")
     with pytest.raises(ConfigError, match="suffix must be one of"):
         write_rows(rows(), tmp_path / "r.txt")
