@@ -234,7 +234,8 @@ def check_out_folder(path: Path, option: str = "--out", beside: bool = False) ->
     base = _nearest_existing(path)
     if not base.is_dir():
         raise ConfigError(f"{option} {path}: cannot create the folder, {base} is a file")
-    folders = [base] if base != path.absolute() else [base, *([base.parent] if beside else [])]
+    # the staging folder goes where compare's replace_set puts it: path.parent, as written
+    folders = [base] if base != path.absolute() else [path, *([path.parent] if beside else [])]
     for folder in folders:
         why = _cannot_create_in(folder)
         if why:
@@ -248,6 +249,8 @@ def check_db_file(path: Path, option: str = "--db") -> None:
     """``path`` is a SQLite file that can be appended to, or can be created."""
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder, not a SQLite file")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{option} {path}: is not a regular file; name a new file or an existing .db file")
     if path.exists():
         try:
             with path.open("r+b") as f:  # opened for writing, nothing written

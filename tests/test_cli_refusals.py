@@ -275,6 +275,11 @@ def test_a_failed_write_leaves_the_old_set_intact(calls, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "No space left on device" in flat(result)
     assert snapshot(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
+    monkeypatch.setattr(compare_cmd, "write_rows", real)  # room again: the folder is swapped whole
+    assert invoke("compare", *TINY, "--arch", "llava,saisa", "--text-after", "8", "--out", str(out)).exit_code == 0
+    assert set(snapshot(out)) == set(old)
+    assert {r["text_after"] for r in json.loads((out / "results.json").read_text())} == {8}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_new_set_replaces_the_old_one_whole_and_keeps_other_files(calls, tmp_path):
