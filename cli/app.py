@@ -42,16 +42,12 @@ def option_defaults(options_cls: type) -> list[tuple[str, str]]:
     return out
 
 
-def _description(cls: type) -> str:
-    spec = getattr(cls, "spec", None)
-    return getattr(spec, "description", None) or getattr(cls, "description", "")
-
-
 def list_cmd() -> None:
     """List architectures (with their options and defaults) and presets."""
     from rich.console import Console
     from rich.table import Table
 
+    from mllm_bench.config import ConfigError
     from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
     from mllm_bench.registry import architecture_names, get_architecture
 
@@ -71,8 +67,8 @@ def list_cmd() -> None:
         try:
             cls = get_architecture(name)
             options = "\n".join(f"{k}={v}" for k, v in option_defaults(cls.Options)) or "none"
-            arch.add_row(name, _description(cls), options)
-        except ImportError as err:  # a broken third-party plugin must not hide the others
+            arch.add_row(name, cls.spec.description, options)
+        except (ImportError, ConfigError) as err:  # a broken third-party plugin must not hide the others
             arch.add_row(name, f"[red]failed to load: {err}[/red]", "")
     console.print(arch)
     llms = table("LLM presets", ["name", "hidden", "layers", "heads", "kv heads", "ffn", "vocab"], list(LLM_PRESETS))

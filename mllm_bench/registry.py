@@ -46,8 +46,13 @@ def _entry_points() -> dict[str, Any]:
 
 def architecture_names() -> list[str]:
     """Every architecture, in each spec's ``order`` (then by name)."""
-    names = set(_registered) | set(_entry_points())
-    return sorted(names, key=lambda n: (get_architecture(n).spec.order, n))
+    def order(name: str) -> tuple[int, str]:
+        try:
+            return get_architecture(name).spec.order, name
+        except (ImportError, ConfigError):  # a broken plugin is listed last; using it raises its error
+            return 10**9, name
+
+    return sorted(set(_registered) | set(_entry_points()), key=order)
 
 
 def architecture_spec(name: str) -> ArchSpec:
