@@ -53,14 +53,14 @@ def pick(
             rank = rank + _rank(rows[col], ("all", "")) * 10
     rank = rank + _rank(rows["source"], sources)
     rows = rows.assign(_rank=rank).sort_values("_rank", kind="stable")
-    best = rows[rows["_rank"] == rows.groupby(list(by))["_rank"].transform("min")]
+    best = rows[rows["_rank"] == rows.groupby(list(by), dropna=False)["_rank"].transform("min")]
     _refuse_ties(best, metric, by)
     return rows.drop_duplicates(list(by)).drop(columns="_rank")
 
 
 def _refuse_ties(best: pd.DataFrame, metric: str, by: Sequence[str]) -> None:
     """Rows that rank first together for one model must agree: which one would be "the" number otherwise?"""
-    for key, group in best.groupby(list(by), sort=False):
+    for key, group in best.groupby(list(by), sort=False, dropna=False):
         if len(group) > 1 and not _same_values(group["value"]):
             differ = [c for c in (*MEASURE, *WORKLOAD) if c != "value" and c in group.columns
                       and group[c].map(field_text).nunique() > 1]
@@ -83,7 +83,7 @@ def field_text(value: object) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return ""
-        return str(int(value)) if value.is_integer() else repr(value)
+        return str(int(value)) if value.is_integer() else repr(float(value))
     return str(value).strip()
 
 
@@ -141,19 +141,16 @@ def drop_repeated_rows(df: pd.DataFrame, origin: Sequence[str] | None = None) ->
     e.g. its file) with its timestamp."""
     if df.empty:
         return df
+    df = df.reset_index(drop=True)
     origin = list(origin) if origin is not None else [""] * len(df)
     key = df[[c for c in ROW_KEY if c in df.columns]].map(field_text)
-    groups = key.groupby(list(key.columns), sort=False).ngroup().to_numpy()
-    keep = ~pd.Series(groups).duplicated().to_numpy()
-    sizes = pd.Series(groups).map(pd.Series(groups).value_counts())
-    conflicts = []
-    for g in sorted(set(groups[(sizes > 1).to_numpy()])):
-        members = (groups == g).nonzero()[0]
-        if not _same_values(df["value"].iloc[members]):
-            conflicts.append(members)
+    group = pd.Series(key.groupby(list(key.columns), sort=False).ngroup().to_numpy())
+    repeated = group[group.duplicated(keep=False)]
+    conflicts = [members.index.to_numpy() for _, members in repeated.groupby(repeated, sort=False)
+                 if not _same_values(df["value"].iloc[members.index])]
     if conflicts:
         raise ConfigError(_conflict_message(df, origin, conflicts))
-    return df.loc[keep].reset_index(drop=True)
+    return df.loc[~group.duplicated().to_numpy()].reset_index(drop=True)
 
 
 def _conflict_message(df: pd.DataFrame, origin: list[str], conflicts: list) -> str:
