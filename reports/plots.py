@@ -276,7 +276,7 @@ def default_curve_panels(scope: str, convention: str) -> list[tuple[str, dict[st
         ("prefill_flops", {"stage": "inference", **flops}, "prefill FLOPs"),
         ("train_step_flops", {"stage": "finetune", **flops}, "train-step FLOPs (finetune)"),
         ("kv_cache_bytes", {"role": "all"}, "KV cache / sample"),
-        ("prefill_latency_s", {}, "prefill latency (measured)"),
+        ("prefill_latency_s", {"scope": scope}, "prefill latency (measured)"),
     ]
 
 
