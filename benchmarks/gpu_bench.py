@@ -1,4 +1,4 @@
-"""Measured GPU cost of llava, naavit, flamingo and saisa side by side: prefill, decode, training step.
+"""Measured GPU cost of every registered architecture side by side: prefill, decode, training step.
 
     python benchmarks/gpu_bench.py            # the full measurement (GPU): 7B width, 576 and 2304 visual tokens
     python benchmarks/gpu_bench.py --quick    # a smoke run: 8 layers, few repeats
@@ -7,8 +7,9 @@
 
 Every point builds the model in bf16 with random weights (timing does not depend on their values),
 compiles its layers and blocks (``MLLM.compile_layers``; a point whose compilation fails runs eager and
-its rows say so) and measures, with the attention backend chosen per architecture (``--backend``; defaults:
-``flash`` with its static-structure paths, ``flex`` for NAAViT's block-sparse mask):
+its rows say so) and measures it with the profiler's engine (:mod:`mllm_bench.measure`, the one
+``mllm_bench.profile`` uses), with the attention backend chosen per architecture (``--backend``; default:
+the architecture's spec's ``fast_attention_backend``, e.g. ``flash`` or ``flex`` for NAAViT's block-sparse mask):
 
 - ``prefill`` (time to first token) in two scopes: ``total`` (vision tower + connector + decoder +
   last-token lm_head) and ``language`` (vision features precomputed: connector + decoder); at batch 1
@@ -61,7 +62,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,7 @@ from mllm_bench.static_decode import DECODE_MODES
 from mllm_bench.timing import Timing
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("llava", "naavit", "flamingo", "saisa")
-TINY_OPTIONS = {"flamingo": {"num_latents": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dim_head": 8,
-                             "xattn_heads": 2, "xattn_dim_head": 8, "cross_attn_every": 1}}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -104,7 +103,7 @@ class Settings:
     vision: str = "clip-vit-l-336"
     layers: int | None = None  # None: the preset's depth
     visual_tokens: tuple[int, ...] = (576, 2304)
-    archs: tuple[str, ...] = ARCHS
+    archs: tuple[str, ...] = field(default_factory=lambda: tuple(architecture_names()))  # every registered one
     backends: tuple[tuple[str, str], ...] = ()  # (arch, backend) overrides; others use their fast backend
     text_before: int = 32
     text_after: int = 32
@@ -126,7 +125,7 @@ class Settings:
     tiny: bool = False
 
     def backend(self, arch: str) -> str:
-        return dict(self.backends).get(arch) or get_architecture(arch).fast_attention_backend
+        return dict(self.backends).get(arch) or get_architecture(arch).spec.fast_attention_backend
 
     def measure_settings(self, arch: str) -> MeasureSettings:
         """How the profiler's engine measures ``arch`` in this run."""
@@ -159,7 +158,7 @@ def preset_settings(args: argparse.Namespace) -> Settings:
         given: dict[str, str] = {}
         for item in args.backend.split(","):
             arch, _, name = item.rpartition("=")
-            given.update({a: name for a in ([arch] if arch else ARCHS)})
+            given.update({a: name for a in ([arch] if arch else architecture_names())})
         changes["backends"] = tuple(given.items())
     if args.eager:
         changes["compile"] = False
@@ -203,7 +202,7 @@ def llm_for_run(s: Settings) -> LLMConfig:
 
 
 def options_for(s: Settings, arch: str) -> dict[str, Any]:
-    return dict(TINY_OPTIONS.get(arch, {})) if s.tiny else {}
+    return dict(get_architecture(arch).spec.tiny_options) if s.tiny else {}
 
 
 def fitting_layers(s: Settings, device: torch.device) -> int | None:
@@ -526,11 +525,11 @@ def add_speedups(rows: Rows, baseline: str = "llava") -> list[str]:
     return lines
 
 
-SPEEDUP_TARGET, TRAIN_MFU_TARGET, IQR_TARGET = 0.9, 0.45, 0.02  # issue 5's targets
+SPEEDUP_TARGET, TRAIN_MFU_TARGET, IQR_TARGET = 0.9, 0.45, 0.02  # what a good run reaches
 
 
 def target_checks(rows: list[dict[str, Any]], baseline: str = "llava") -> list[str]:
-    """Issue 5's targets against this run's rows, one Markdown line each: SAISA's prefill speedup over the
+    """The targets against this run's rows, one Markdown line each: SAISA's prefill speedup over the
     baseline ÷ its FLOP-predicted speedup at the throughput batch (language scope), the baseline's finetune
     MFU (the target is stated for an H100), and the spread of every timed median."""
     def mark(ok: bool) -> str:
@@ -590,7 +589,8 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
              + "".join(f" | {st} step ms (batch) | {st} MFU" for st in s.train_stages) + " |",
              "|---" * (7 + len(s.decode_modes) + 2 * len(s.train_stages)) + "|"]
     present = {(r["arch"], r["visual_tokens"]) for r in rows.rows}
-    archs = sorted({a for a, _ in present}, key=lambda a: (ARCHS.index(a) if a in ARCHS else len(ARCHS), a))
+    order = architecture_names()
+    archs = sorted({a for a, _ in present}, key=lambda a: (order.index(a) if a in order else len(order), a))
     for arch in archs:
         for v in sorted({v for a, v in present if a == arch}):
             def cell(metric: str, arch: str = arch, v: int = v, **m: Any) -> str:
@@ -627,7 +627,7 @@ def write_outputs(rows: Rows, out: Path, s: Settings, speedups: list[str], notes
     lines += ["", "## Prefill speedup over llava: measured vs predicted by counted FLOPs", "",
               "| arch | visual | batch | scope | measured | FLOP-predicted | prefill_speedup_vs_flops |",
               "|---|---|---|---|---|---|---|",
-              *speedups, "", "## Issue 5's targets", "", *target_checks(rows.rows), "", *notes]
+              *speedups, "", "## Targets", "", *target_checks(rows.rows), "", *notes]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     from mllm_bench.reports.plots import measured_panels  # matplotlib loads only here
 
@@ -641,8 +641,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llm"), parser.add_argument("--vision")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's; width unchanged)")
     parser.add_argument("--visual-tokens", help="comma-separated perfect squares (default 576,2304)")
-    parser.add_argument("--archs", help=f"comma-separated, default {','.join(ARCHS)}")
-    parser.add_argument("--backend", help="NAME for all, or ARCH=NAME,... (defaults: flash; naavit=flex)")
+    parser.add_argument("--archs", help=f"comma-separated, default all: {','.join(architecture_names())}")
+    parser.add_argument("--backend", help="NAME for all, or ARCH=NAME,... (default: each architecture's fast backend)")
     parser.add_argument("--phases", help="comma-separated: prefill,decode,train_step")
     parser.add_argument("--device"), parser.add_argument("--dtype")
     parser.add_argument("--warmup", type=int), parser.add_argument("--min-repeats", type=int)

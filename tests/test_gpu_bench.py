@@ -101,7 +101,7 @@ def test_gpu_bench_runs_end_to_end_on_cpu_with_tiny_presets(tmp_path) -> None:
     assert step_flops["saisa", "pretrain"] < step_flops["saisa", "finetune"]  # no LLM weight gradients
     summary = (out / "summary.md").read_text()
     assert summary.count("| saisa |") >= 2 and "decode ms/token (static)" in summary and "pretrain MFU" in summary
-    assert "## Issue 5's targets" in summary and "- SAISA prefill speedup ÷ FLOP-predicted, 16 visual" in summary
+    assert "## Targets" in summary and "- SAISA prefill speedup ÷ FLOP-predicted, 16 visual" in summary
     assert (out / "gpu_bench.png").stat().st_size > 10_000
 
 
