@@ -1,4 +1,17 @@
-"""mllm-bench: multimodal LLM architectures side by side, and what they cost."""
+"""mllm-bench: multimodal LLM architectures side by side, and what they cost.
+
+The core modules, by what they are for (architectures live in ``architectures/``, one file or folder each):
+
+* describing a run: ``config`` (LLM / vision configs, HF config files), ``presets``, ``workload``, ``spec``
+  (an architecture's metadata), ``registry`` (finding and building architectures)
+* building models: ``model`` (the :class:`MLLM` interface), ``batch`` (sequence layout), ``masks``,
+  ``attention`` (backends), ``decoder`` (Llama layers, KV cache), ``static_decode`` (static cache, CUDA
+  graphs), ``vision`` (CLIP/SigLIP tower), ``projector``, ``checkpoint`` (local weights)
+* counting and measuring: ``costmodel`` (analytic primitives), ``flops`` (counted), ``memory``, ``timing``,
+  ``measure`` (the measurement engine), ``profile`` (rows for one architecture and workload), ``devices``
+  (peaks), ``environment``, ``results`` (the row schema and files)
+* training infrastructure: ``optim``, ``distributed`` (FSDP2)
+"""
 
 from __future__ import annotations
 
