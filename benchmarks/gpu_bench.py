@@ -78,6 +78,7 @@ from mllm_bench.environment import environment
 from mllm_bench.flops import count_prefill, count_train_step
 from mllm_bench.measure import (
     MeasureSettings,
+    prepare_model,
     time_decode,
     time_phase,
     time_prefill,
@@ -355,13 +356,9 @@ def run_point(arch: str, visual_tokens: int, s: Settings, rows: Rows, device: to
     t_count = time.perf_counter() - t0
 
     torch.manual_seed(0)
-    model = build_model(arch, llm, vision, options, device=str(device), dtype=s.dtype).eval()
-    model.set_attention_backend(backend)
-    if s.compile:
-        torch._dynamo.reset()  # each point compiles afresh: no shapes marked dynamic by an earlier point
-        model.compile_layers()
-    how = ("compiled" if s.compile else "eager") + (f" ({note})" if note else "")
     settings = s.measure_settings(arch)
+    model = prepare_model(build_model(arch, llm, vision, options, device=str(device), dtype=s.dtype).eval(), settings)
+    how = ("compiled" if s.compile else "eager") + (f" ({note})" if note else "")
     batch = model.example_batch(workload)
 
     def timed(metric: str, phase: str, timing: Timing, paths: Counter, memory: MeasuredMemory, flop: int | None,

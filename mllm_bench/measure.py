@@ -1,11 +1,12 @@
 """The measurement engine: how a prefill, a decode step and a training step are timed, and their result rows.
 
 ``MeasureSettings`` is how a measurement runs (attention backend, compilation, decode mode, optimizer,
-timing). ``time_phase`` warms a call up (with compiled layers: until nothing compiles any more) and times
-it (:mod:`mllm_bench.timing`), with the peak memory over the timed calls (:mod:`mllm_bench.memory`);
-``time_prefill``, ``time_decode`` and ``train_step`` set up the three phases; ``timed_rows`` turns one
-timed phase into tidy rows (latency, IQR, memory, tokens/s, achieved FLOP/s, MFU).
-:func:`mllm_bench.profile.profile` and ``benchmarks/gpu_bench.py`` both measure through these functions.
+timing); ``prepare_model`` sets a model up for it. ``time_phase`` warms a call up (with compiled layers:
+until nothing compiles any more) and times it (:mod:`mllm_bench.timing`), with the peak memory over the
+timed calls (:mod:`mllm_bench.memory`); ``time_prefill``, ``time_decode`` and ``train_step`` set up the
+three phases; ``timed_rows`` turns one timed phase into tidy rows (latency, IQR, memory, tokens/s,
+achieved FLOP/s, MFU). :func:`mllm_bench.profile.profile` and ``benchmarks/gpu_bench.py`` both measure
+through these functions.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from .results import make_row
 from .static_decode import DECODE_MODES, decode_steps
 from .timing import Timing, time_fn
 
-__all__ = ["MeasureSettings", "settle", "time_phase", "time_prefill", "time_decode", "train_step", "timed_rows",
-           "vision_precomputed", "Decoded", "SETTLE_CALLS"]
+__all__ = ["MeasureSettings", "prepare_model", "settle", "time_phase", "time_prefill", "time_decode", "train_step",
+           "timed_rows", "vision_precomputed", "Decoded", "SETTLE_CALLS"]
 
 SETTLE_CALLS = 6  # at most this many extra warm-up calls while torch.compile still compiles
 
@@ -71,6 +72,19 @@ class MeasureSettings:
 
     def decode_mode_on(self, device: str | torch.device) -> str:
         return self.decode_mode or ("graph" if torch.device(device).type == "cuda" else "dynamic")
+
+
+def prepare_model(model: MLLM, settings: MeasureSettings) -> MLLM:
+    """Set ``model``'s attention backend as ``settings`` say and, with ``settings.compile``, compile its layers
+    and blocks (:meth:`~mllm_bench.model.MLLM.compile_layers`) after resetting torch.compile's caches (shapes an
+    earlier model marked dynamic can break this one); returns ``model``."""
+    model.set_attention_backend(settings.backend_for(model.spec.fast_attention_backend))
+    if settings.compile:
+        import torch._dynamo as dynamo  # imported only when compiling (it takes seconds)
+
+        dynamo.reset()
+        model.compile_layers()
+    return model
 
 
 def settle(fn: Callable[[], Any]) -> int:

@@ -22,7 +22,7 @@ from .costmodel import COMPONENTS, CostBreakdown
 from .devices import peak_flops
 from .environment import environment
 from .flops import CountedFlops, count_inference, count_train_step
-from .measure import MeasureSettings, time_decode, time_phase, time_prefill, timed_rows, train_step
+from .measure import MeasureSettings, prepare_model, time_decode, time_phase, time_prefill, timed_rows, train_step
 from .memory import MeasuredMemory, analytic_memory
 from .model import MLLM
 from .registry import build_model, get_architecture
@@ -239,13 +239,8 @@ def profile(
         flops = {p: (counted[p].total - counted[p].flops(pass_="recompute") if p in counted
                      else cost.flops(p) - cost.flops(p, pass_="recompute")) for p in cost.phases}
         flops["vision"] = cost.flops("prefill", component="vision") if stage == "inference" else 0.0
-        model = build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype)
-        model.set_attention_backend(attention_backend)
-        if settings.compile:
-            import torch._dynamo as dynamo  # imported only when compiling (it takes seconds)
-
-            dynamo.reset()  # compile afresh: shapes an earlier model marked dynamic can break this one
-            model.compile_layers()
+        model = prepare_model(build_model(arch, llm, vision, options, device=run_device, dtype=workload.torch_dtype),
+                              settings)
         rows += _measured_rows(base, model, workload.replace(device=run_device), stage, flops, settings)
         del model
     return to_frame(rows)
