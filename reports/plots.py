@@ -18,10 +18,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from mllm_bench.config import ConfigError  # noqa: E402
+from mllm_bench.registry import architecture_spec  # noqa: E402
+from mllm_bench.spec import ArchSpec  # noqa: E402
+
 from .rows import IDENTITY, model_labels, normalise, pick, scale_for  # noqa: E402
 
-ARCH_COLORS = {"llava": "#1f77b4", "naavit": "#9467bd", "flamingo": "#ff7f0e", "saisa": "#2ca02c"}
-ARCH_NAMES = {"llava": "LLaVA-1.5", "naavit": "NAAViT", "flamingo": "Flamingo-style", "saisa": "SAISA"}
 COMPONENT_ORDER = ("vision", "connector", "attn_proj", "attn_scores", "ffn", "cross_attn", "lm_head", "embedding",
                    "norm")
 COMPONENT_NAMES = {"vision": "vision tower", "connector": "connector", "attn_proj": "attention proj.",
@@ -37,8 +39,24 @@ def _style() -> None:
     plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 200, "pdf.fonttype": 42, "axes.titleweight": "bold"})
 
 
+def _spec(arch: str) -> ArchSpec | None:
+    """The registered spec of ``arch``, or None for rows of an architecture this install does not have."""
+    try:
+        return architecture_spec(arch)
+    except ConfigError:
+        return None
+
+
+def arch_name(arch: str) -> str:
+    """The display name from the architecture's spec (the registry name if it is not installed)."""
+    spec = _spec(arch)
+    return spec.display_name if spec else arch
+
+
 def arch_color(arch: str, fallback_index: int = 0) -> str:
-    return ARCH_COLORS.get(arch, sns.color_palette("tab10")[(fallback_index + 4) % 10])
+    """The colour from the architecture's spec (a palette colour if it is not installed)."""
+    spec = _spec(arch)
+    return spec.color if spec else sns.color_palette("tab10")[(fallback_index + 4) % 10]
 
 
 def save(fig: plt.Figure, stem: str | Path, footnote: str = "") -> list[Path]:
@@ -80,7 +98,7 @@ def _model_ticks(ax: plt.Axes, names: list[str]) -> None:
 
 def _pretty(label: str) -> str:
     arch, _, rest = label.partition(" ")
-    return ARCH_NAMES.get(arch, arch) + (f" {rest}" if rest else "")
+    return arch_name(arch) + (f" {rest}" if rest else "")
 
 
 # ----- FLOPs by component ----------------------------------------------------------------------------
@@ -298,7 +316,7 @@ def tradeoff(points: pd.DataFrame, stem: str | Path, x_label: str = "training bu
                        edgecolor="black", linewidth=0.6, zorder=3)
     archs = list(dict.fromkeys(points["arch"]))
     handles = [plt.Line2D([], [], ls="", marker="o", ms=9, color=arch_color(a, i), markeredgecolor="black",
-                          label=ARCH_NAMES.get(a, a)) for i, a in enumerate(archs)]
+                          label=arch_name(a)) for i, a in enumerate(archs)]
     if groups != [""]:
         handles += [plt.Line2D([], [], ls="", marker=markers[i % len(markers)], ms=9, color="0.85",
                                markeredgecolor="black", label=g) for i, g in enumerate(groups)]
@@ -403,7 +421,7 @@ def roofline(df: pd.DataFrame, stem: str | Path, peak_flops: float, bandwidth: f
     markers = {"prefill": "o", "decode": "s", "train_step": "^"}
     for i, (arch, phase, x, y) in enumerate(points):
         ax.scatter(x, y, color=arch_color(arch, i), marker=markers.get(phase, "o"), s=60, edgecolor="black",
-                   zorder=3, label=f"{ARCH_NAMES.get(arch, arch)} {phase}")
+                   zorder=3, label=f"{arch_name(arch)} {phase}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
