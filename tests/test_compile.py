@@ -11,10 +11,9 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from mllm_bench.attention import record_paths
+from mllm_bench.registry import architecture_names, architecture_spec
 from mllm_bench.static_decode import StaticLayerKV, decode_steps
 from tests.helpers import random_batch, tiny_model
-
-BACKENDS = {"llava": "flash", "naavit": "flex", "flamingo": "flash", "saisa": "flash"}
 
 
 def layer_calls(model: Any, run: Any) -> list[tuple[tuple, dict]]:
@@ -38,10 +37,10 @@ def layer_calls(model: Any, run: Any) -> list[tuple[tuple, dict]]:
     return calls
 
 
-@pytest.mark.parametrize("arch", sorted(BACKENDS))
+@pytest.mark.parametrize("arch", architecture_names())
 def test_decoder_layer_traces_without_graph_breaks(arch: str) -> None:
     model = tiny_model(arch)
-    model.set_attention_backend(BACKENDS[arch])
+    model.set_attention_backend(architecture_spec(arch).fast_attention_backend)
     batch = random_batch(model, batch=2, text=9)
     with torch.no_grad():
         logits, cache = model.prefill(batch)
