@@ -291,6 +291,19 @@ def environment_line(df: pd.DataFrame) -> str:
     return "Environment: " + (", ".join(parts) if parts else "not recorded") + "."
 
 
+def _natural(text: str) -> tuple[int, float | str]:
+    """Numbers in numeric order, then anything else."""
+    try:
+        return 0, float(text)
+    except ValueError:
+        return 1, text
+
+
+def _count(value: object) -> str:
+    """A workload count as written (``0``, not the ``0.0`` a column with blanks reads back as)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def workload_line(df: pd.DataFrame) -> str:
     """The workload shared by the rows (or the ranges when they differ)."""
     parts = []
@@ -300,7 +313,7 @@ def workload_line(df: pd.DataFrame) -> str:
         ("text_before", "before image"), ("text_after", "after image"), ("generate_tokens", "generated"),
     ):
         if col in df.columns:
-            values = sorted({str(v) for v in df[col] if str(v) not in ("", "nan")})
+            values = sorted({_count(v) for v in df[col] if str(v) not in ("", "nan")}, key=_natural)
             if values:
                 parts.append(f"{name} {'/'.join(values[:4])}{'…' if len(values) > 4 else ''}")
     return "Workload: " + ", ".join(parts) + "." if parts else "Workload: not recorded."

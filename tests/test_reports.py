@@ -134,3 +134,11 @@ def test_paper_regeneration_on_tiny_presets(tmp_path):
     budget = result.budget.set_index(["arch", "stage"])
     assert budget.loc[("saisa", "total"), "gpu_hours"] == pytest.approx(
         budget.loc[("saisa", "pretrain"), "gpu_hours"] + budget.loc[("saisa", "finetune"), "gpu_hours"])
+
+
+def test_workload_line_writes_counts_as_integers_in_numeric_order():
+    from mllm_bench.reports.rows import workload_line
+
+    # a column with blanks reads back from CSV as floats
+    df = pd.DataFrame({"batch_size": [1.0, 16.0, 2.0, float("nan")], "generate_tokens": [0.0, float("nan"), 0.0, 0.0]})
+    assert workload_line(df) == "Workload: batch 1/2/16, generated 0."
