@@ -74,13 +74,26 @@ class MLLM(nn.Module, ABC):
         self.llm_config = llm
         self.vision_config = vision
         self.options = parse_options(self.Options, self.name, options)
-        self.vision_tower = build_vision_tower(vision)
-        self.language_model = LlamaDecoder(llm)
+        self.vision_tower = self.build_vision_tower(vision)
+        self.language_model = self.build_language_model(llm)
         self.lm_head = nn.Linear(llm.hidden_size, llm.vocab_size, bias=False)
         if llm.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # ----- what each architecture provides -------------------------------------------------------
+    def build_vision_tower(self, vision: VisionConfig) -> nn.Module:
+        """The vision tower (a CLIP/SigLIP ViT); an architecture with a tower of its own overrides this
+        (it runs after ``self.options`` is set)."""
+        return build_vision_tower(vision)
+
+    def build_language_model(self, llm: LLMConfig) -> LlamaDecoder:
+        """The decoder; an architecture whose decoder has layers of its own overrides this."""
+        return LlamaDecoder(llm)
+
+    def vision_blocks(self) -> list[nn.Module]:
+        """The vision tower's repeated blocks (compiled one by one)."""
+        return list(self.vision_tower.encoder.layers)
+
     @abstractmethod
     def forward(self, batch: MultimodalBatch) -> ModelOutput:
         """Logits at every text position, and the loss when ``batch.labels`` is given."""
@@ -163,7 +176,7 @@ class MLLM(nn.Module, ABC):
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the older name
         setattr(config, name, max(getattr(config, name), 64))
-        for block in [*self.language_model.layers, *self.vision_tower.encoder.layers, *self.fsdp_units()]:
+        for block in [*self.language_model.layers, *self.vision_blocks(), *self.fsdp_units()]:
             block.compile(**{"dynamic": None, **compile_options})
         self.language_model.compiled_layers = True
 

@@ -27,6 +27,14 @@ LLM_PRESETS: dict[str, LLMConfig] = {
         rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=8192),
     ),
+    # meta-llama/Llama-3.2-11B-Vision's text model (architecture mllama): Llama-3.1-8B widths in 40 decoder
+    # slots, of which 8 ([3, 8, ..., 38]) hold gated cross-attention layers
+    "llama3.2-11b-vision": LLMConfig(
+        name="llama3.2-11b-vision", hidden_size=4096, num_layers=40, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+    ),
     "tiny-llm": LLMConfig(
         name="tiny-llm", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
         intermediate_size=128, vocab_size=256, max_position_embeddings=512,
@@ -49,6 +57,13 @@ VISION_PRESETS: dict[str, VisionConfig] = {
         name="siglip-so400m-384", kind="siglip", hidden_size=1152, num_layers=27, num_heads=16,
         intermediate_size=4304, image_size=384, patch_size=14, feature_layer=-2,
         layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", allow_partial_patches=True,
+    ),
+    # meta-llama/Llama-3.2-11B-Vision's tiled tower (architecture mllama): 560 px tiles, 32 local layers (its
+    # 8 global layers and tile settings are mllama options)
+    "llama3.2-11b-vision": VisionConfig(
+        name="llama3.2-11b-vision", kind="clip", hidden_size=1280, num_layers=32, num_heads=16,
+        intermediate_size=5120, image_size=560, patch_size=14, feature_layer=-1, layer_norm_eps=1e-5,
+        hidden_act="gelu",
     ),
     "tiny-clip": VisionConfig(
         name="tiny-clip", kind="clip", hidden_size=32, num_layers=3, num_heads=4,

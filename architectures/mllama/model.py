@@ -1,0 +1,226 @@
+"""The Llama-3.2-Vision model: tiled vision encoder -> projector -> a decoder whose cross-attention slots
+read the projected vision tokens (see ``mllm_bench/architectures/mllama/__init__.py`` for the sources)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mllm_bench.batch import MultimodalBatch, rope_positions
+from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
+from mllm_bench.costmodel import CostBreakdown
+from mllm_bench.decoder import KVCache, LlamaDecoder
+from mllm_bench.masks import AttentionMask, causal_mask
+from mllm_bench.model import MLLM, ModelOutput
+from mllm_bench.spec import ArchSpec
+from mllm_bench.workload import Workload, check_workload_fits
+
+from .config import EXTRA_EMBEDDINGS, MllamaOptions
+from .cost import mllama_cost
+from .text import KV, CrossAttentionDecoderLayer, CrossMask, cross_mask
+from .vision import TiledVisionModel
+
+
+class Mllama(MLLM):
+    spec = ArchSpec(
+        name="mllama",
+        display_name="Llama-3.2-Vision",
+        description="Llama-3.2-Vision: tiled ViT (local + gated global layers) -> projector -> gated "
+                    "cross-attention layers in fixed decoder slots",
+        color="#8c564b",
+        fast_attention_backend="sdpa",
+        # the tiny presets: a 2-slot decoder (slot 1 cross-attention), 1 global layer, 2 tiles of 2 (1 x 2)
+        tiny_options={"cross_attention_layers": [1], "num_global_layers": 1, "intermediate_layers": [0, 1],
+                      "max_num_tiles": 2, "tile_rows": 1, "tile_cols": 2},
+        checkpoint_renames=(("model.vision_model.", "vision_tower."),
+                            ("model.multi_modal_projector.", "multi_modal_projector.")),
+        fsdp_modules=("multi_modal_projector",),
+        components={"multi_modal_projector": "connector"},
+        order=60,
+    )
+    Options = MllamaOptions
+
+    def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
+        super().__init__(llm, vision, options)
+        self.multi_modal_projector = nn.Linear(self.vision_tower.output_dim, llm.hidden_size)
+
+    def build_vision_tower(self, vision: VisionConfig) -> nn.Module:
+        return TiledVisionModel(vision, self.options)
+
+    def build_language_model(self, llm: LLMConfig) -> LlamaDecoder:
+        """A Llama decoder whose cross-attention slots hold :class:`CrossAttentionDecoderLayer` (names as
+        transformers' ``MllamaTextModel``: ``layers.N`` for both kinds), with ``vocab_size + 8`` embeddings."""
+        self.cross_layers = self.options.cross_layers(llm.num_layers)
+        decoder = LlamaDecoder(llm)
+        decoder.embed_tokens = nn.Embedding(llm.vocab_size + EXTRA_EMBEDDINGS, llm.hidden_size)
+        for i in self.cross_layers:
+            decoder.layers[i] = CrossAttentionDecoderLayer(llm)
+        return decoder
+
+    def vision_blocks(self) -> list[nn.Module]:
+        return [*self.vision_tower.transformer.layers, *self.vision_tower.global_transformer.layers]
+
+    # ----- what a cost model needs -----------------------------------------------------------------
+    @property
+    def self_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.llm_config.num_layers) if i not in self.cross_layers)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Vision tokens (cross-attention keys) one image gives: every tile, used or not, x (patches + CLS)."""
+        return self.options.max_num_tiles * self.vision_tower.tokens
+
+    @property
+    def positions_per_image(self) -> int:
+        """None: images reach the decoder through cross-attention only (their ``<|image|>`` token is text)."""
+        return 0
+
+    def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
+        """Llama-3.2-Vision's adapter training: vision encoder, projector and cross-attention layers, LLM frozen."""
+        adapter = ("vision_tower.", "multi_modal_projector.",
+                   *(f"language_model.layers.{i}." for i in self.cross_layers))
+        if stage == "finetune" and self.options.train_llm_in_finetune:
+            return adapter + ("language_model.", "lm_head.")
+        return adapter
+
+    def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
+        return mllama_cost(self, workload, context_len)
+
+    # ----- inputs ------------------------------------------------------------------------------------
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """(height, width) of each image: its tile grid at the tower's tile size."""
+        s = self.vision_config.image_size
+        return self.options.tile_rows * s, self.options.tile_cols * s
+
+    def check_batch(self, batch: MultimodalBatch) -> None:
+        """As the base does, except that an image is the tile grid's canvas (tile_rows x tile_cols tiles)."""
+        h, w = self.canvas
+        pix = batch.pixel_values
+        require(pix.dim() == 5 and tuple(pix.shape[-2:]) == (h, w),
+                f"pixel_values must be (batch, images, 3, {h}, {w}): mllama images are tile_rows x tile_cols = "
+                f"{self.options.tile_rows} x {self.options.tile_cols} tiles of {self.vision_config.image_size} px; "
+                f"got {tuple(pix.shape)}")
+        s = self.vision_config.image_size
+        square = MultimodalBatch(batch.input_ids, pix[..., :s, :s], batch.image_positions, batch.attention_mask,
+                                 batch.labels)
+        square.validate(s, self.llm_config.vocab_size + EXTRA_EMBEDDINGS)  # <|image|> and the reserved ids
+
+    def example_batch(self, workload: Workload, seed: int = 0) -> MultimodalBatch:
+        check_workload_fits(workload, self.llm_config, self.positions_per_image)
+        if workload.image_size is not None and workload.image_size != self.vision_config.image_size:
+            raise ConfigError(f"Workload.image_size {workload.image_size} differs from the mllama tile size "
+                              f"{self.vision_config.image_size}; the image size is the tile grid (options tile_rows, "
+                              "tile_cols) of tiles of the vision preset's image_size")
+        device = torch.device(workload.device)
+        gen = torch.Generator().manual_seed(seed)
+        b, t, k = workload.batch_size, workload.num_text_tokens, workload.images_per_sample
+        h, w = self.canvas
+        if device.type == "meta":
+            ids = torch.zeros(b, t, dtype=torch.long, device=device)
+            pixels = torch.empty(b, k, 3, h, w, device=device, dtype=workload.torch_dtype)
+        else:
+            ids = torch.randint(0, self.llm_config.vocab_size, (b, t), generator=gen).to(device)
+            pixels = torch.randn(b, k, 3, h, w, generator=gen).to(device, workload.torch_dtype)
+        positions = torch.tensor([workload.image_positions()] * b, dtype=torch.long).reshape(b, k).to(device)
+        return MultimodalBatch(ids, pixels, positions, None, ids.clone() if workload.is_training else None)
+
+    def tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, max_num_tiles, 3, S, S): each canvas cut into its grid row by row (the processor's
+        ``split_to_tiles``), then zero tiles up to ``max_num_tiles`` (``pack_images``)."""
+        n = pixel_values.shape[0]
+        s, rows, cols = self.vision_config.image_size, self.options.tile_rows, self.options.tile_cols
+        tiles = pixel_values.reshape(n, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, 3, s, s)
+        pad = self.options.max_num_tiles - rows * cols
+        if pad:
+            tiles = torch.cat([tiles, tiles.new_zeros(n, pad, 3, s, s)], dim=1)
+        return tiles
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tower output (B*K, max_num_tiles, tokens, out_dim) of images (B, K, 3, H, W)."""
+        flat = pixel_values.flatten(0, 1)
+        n, used = flat.shape[0], self.options.num_tiles
+        ratio = torch.full((n,), self.options.aspect_ratio_id, dtype=torch.long, device=flat.device)
+        tiles_used = (torch.arange(self.options.max_num_tiles, device=flat.device) < used).expand(n, -1)
+        return self.vision_tower(self.tiles(flat), ratio, tiles_used)
+
+    # ----- the model -------------------------------------------------------------------------------
+    def vision_states(self, batch: MultimodalBatch) -> torch.Tensor | None:
+        """Projected vision tokens (B, K * max_num_tiles * tokens, h), or None without images."""
+        if batch.images_per_sample == 0:
+            return None
+        return self.multi_modal_projector(self.encode(batch.pixel_values)).reshape(
+            batch.batch_size, -1, self.llm_config.hidden_size)
+
+    def cross_kv(self, states: torch.Tensor | None) -> dict[int, KV] | None:
+        if states is None:
+            return None
+        return {i: self.language_model.layers[i].cross_attn.vision_kv(states) for i in self.cross_layers}
+
+    def run_decoder(self, x: torch.Tensor, positions: torch.Tensor, mask: AttentionMask, kv: dict[int, KV] | None,
+                    xmask: CrossMask | None, cache: KVCache | None = None) -> torch.Tensor:
+        """Every slot in order; cross-attention slots are skipped without images (as transformers does)."""
+        lm = self.language_model
+        rope = lm.rope(positions, x.dtype)
+        slots = None
+        if cache is not None:  # self-attention layer j of the cache serves decoder slot self_attention_layers[j]
+            layers = [None] * self.llm_config.num_layers
+            for j, i in enumerate(self.self_attention_layers):
+                layers[i] = cache.layers[j]
+            slots = SimpleNamespace(layers=layers)
+        for i, layer in enumerate(lm.layers):
+            if i not in self.cross_layers:
+                x = lm.run_layer(i, x, rope, mask, slots)
+            elif kv is not None:
+                if lm.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, kv[i], xmask, use_reentrant=False)
+                else:
+                    x = layer(x, kv[i], xmask)
+        return lm.norm(x)
+
+    def _prompt(self, batch: MultimodalBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMask, CrossMask | None]:
+        self.check_batch(batch)
+        valid = batch.text_mask()
+        positions = rope_positions(valid)
+        x = self.language_model.embed_tokens(batch.input_ids)
+        xmask = None
+        if batch.images_per_sample:
+            xmask = cross_mask(batch.image_positions, batch.num_text, self.options.num_tiles,
+                               self.options.max_num_tiles, self.vision_tower.tokens)
+        return x, positions, causal_mask(positions, valid), xmask
+
+    def forward(self, batch: MultimodalBatch) -> ModelOutput:
+        x, positions, mask, xmask = self._prompt(batch)
+        hidden = self.run_decoder(x, positions, mask, self.cross_kv(self.vision_states(batch)), xmask)
+        return self.text_output(batch, self.lm_head(hidden))
+
+    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
+        """The prompt's self-attention cache and, in ``cache.extra``, every cross-attention layer's vision
+        keys/values (``cross_attn_kv``) with the last prompt token's cross mask, which generated tokens
+        inherit (transformers' generate repeats the mask's last row)."""
+        self.check_prompt(batch)
+        x, positions, mask, xmask = self._prompt(batch)
+        kv = self.cross_kv(self.vision_states(batch))
+        cache = KVCache.empty(len(self.self_attention_layers), batch.batch_size, x.device)
+        hidden = self.run_decoder(x, positions, mask, kv, xmask, cache)
+        cache.add_prompt(mask)
+        cache.extra["cross_attn_kv"] = kv
+        cache.extra["cross_mask"] = None if xmask is None else CrossMask(xmask.allowed[:, :, -1:],
+                                                                         xmask.has_image[:, -1:])
+        return self.lm_head(hidden[:, -1]), cache
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        x = self.language_model.embed_tokens(tokens.view(-1, 1))
+        pos, mask = cache.step()
+        hidden = self.run_decoder(x, pos, mask, cache.extra["cross_attn_kv"], cache.extra["cross_mask"], cache)
+        return self.lm_head(hidden[:, -1]), cache
+
+    def extra_cache_nbytes(self, cache: KVCache) -> dict[str, int]:
+        """Every cross-attention layer's vision keys/values (role ``media``)."""
+        kv = cache.extra.get("cross_attn_kv")
+        if not kv:
+            return {"media": 0}
+        return {"media": sum(t.numel() * t.element_size() for pair in kv.values() for t in pair)}
