@@ -145,7 +145,7 @@ def test_text_only_skips_the_cross_attention_layers_as_transformers_does():
     hf = hf_tiny_model()
     model = ours_from(hf)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
-    batch = MultimodalBatch(ids, torch.zeros(2, 0, 3, 32, 64), torch.zeros(2, 0, dtype=torch.long))
+    batch = MultimodalBatch(ids, torch.zeros(2, 0, 3, *model.canvas), torch.zeros(2, 0, dtype=torch.long))
     torch.testing.assert_close(model(batch).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -183,7 +183,7 @@ def test_vision_encoder_equals_transformers_at_the_default_depths():
 def test_cached_generation_equals_full_recomputation(positions):
     model = ours_from(hf_tiny_model(seed=2))
     batch = tiny_batch(model, positions, text=8, pad=[1, 0]) if positions[0] else MultimodalBatch(
-        torch.randint(0, 256, (2, 8)), torch.zeros(2, 0, 3, 32, 64), torch.zeros(2, 0, dtype=torch.long),
+        torch.randint(0, 256, (2, 8)), torch.zeros(2, 0, 3, *model.canvas), torch.zeros(2, 0, dtype=torch.long),
         torch.tensor([[False] + [True] * 7, [True] * 8]))
     steps = 4
     generated = model.generate(batch, steps)
@@ -289,8 +289,28 @@ def test_bad_options_are_refused(options, field):
 
 
 def test_images_must_be_canvases_of_the_tile_grid():
-    model = tiny_model("mllama")
+    model = tiny_model("mllama", tile_cols=2)
     batch = MultimodalBatch(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 1, 3, 32, 32),
                             torch.tensor([[1]]))
     with pytest.raises(ConfigError, match="tile_rows x tile_cols"):
         model(batch)
+
+
+@pytest.mark.parametrize(("grid", "used"), [((1, 2), 34), ((1, 1), 17)])
+def test_effective_attention_pairs_follow_the_masks(grid, used):
+    """Text 5 + image + 3 + image + 9: rows 0-4 see no image (mask cleared: all 68 keys), rows 5-7 image 1's used
+    tiles, rows 8-16 image 2's; the tower leaves out padding-to-padding pairs only."""
+    from mllm_bench import Workload
+
+    model = tiny_model("mllama", tile_rows=grid[0], tile_cols=grid[1])
+    wl = Workload(batch_size=2, images_per_sample=2, text_before=5, text_between=3, text_after=9, dtype="float32")
+    cost = model.analytic_cost(wl)
+    width = 64  # 4 heads x 16
+    scores = [t for t in cost.terms if t.phase == "prefill" and t.component == "cross_attn" and t.pass_ == "forward"
+              and t.dense == 2 * 17 * 68 * 4 * width]
+    assert len(scores) == 1 and scores[0].effective == 2 * (5 * 68 + 3 * used + 9 * used) * 4 * width
+    # tower: 2 tiles x 24 tokens (17 padded to 24); padding = 48 - used tokens; 3 local + 1 global layers
+    seq, pad = 48, 48 - used
+    vision = [t for t in cost.terms if t.phase == "prefill" and t.component == "vision" and t.dense != t.effective]
+    assert len(vision) == 1
+    assert vision[0].dense == 4 * seq * seq * 4 * 32 * 4 and vision[0].effective == 4 * (seq**2 - pad**2) * 4 * 32 * 4

@@ -32,9 +32,10 @@ class Mllama(MLLM):
                     "cross-attention layers in fixed decoder slots",
         color="#8c564b",
         fast_attention_backend="sdpa",
-        # the tiny presets: a 2-slot decoder (slot 1 cross-attention), 1 global layer, 2 tiles of 2 (1 x 2)
+        # the tiny presets: a 2-slot decoder (slot 1 cross-attention), 1 global layer, images of 1 tile of 2 (the
+        # other zero and masked), so an image is one tiny-clip-sized square as the shared tests build it
         tiny_options={"cross_attention_layers": [1], "num_global_layers": 1, "intermediate_layers": [0, 1],
-                      "max_num_tiles": 2, "tile_rows": 1, "tile_cols": 2},
+                      "max_num_tiles": 2, "tile_rows": 1, "tile_cols": 1},
         checkpoint_renames=(("model.vision_model.", "vision_tower."),
                             ("model.multi_modal_projector.", "multi_modal_projector.")),
         fsdp_modules=("multi_modal_projector",),
