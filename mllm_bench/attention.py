@@ -97,6 +97,20 @@ def attend(
     return _BACKENDS[backend](q, k, v, mask)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask, rows: torch.Tensor) -> torch.Tensor:
+    """Softmax attention probabilities (B, H, r, Tk), in fp32, of the query rows ``rows`` (B, r) of q (B, H, Tq, D)
+    over k (B, Hkv, Tk, D) under ``mask``'s rows: softmax(q k^T / sqrt(D)) written out, since fused kernels do
+    not return them. Counted as path ``math:weights``; costs one QK^T over those rows (no PV)."""
+    b, h, _, d = q.shape
+    q_rows = q.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+    k = repeat_kv(k, h // k.shape[1])
+    sub = AttentionMask(mask.q_pos.gather(1, rows), mask.k_pos, mask.q_valid.gather(1, rows), mask.k_valid,
+                        mask.q_visual.gather(1, rows), mask.k_visual, mask.rule)
+    scores = torch.matmul(q_rows, k.transpose(-1, -2)) / math.sqrt(d)
+    note_path("math:weights")
+    return torch.softmax(scores.float().masked_fill(~sub.dense(), float("-inf")), dim=-1)
+
+
 _RECORDERS: list[Counter[str]] = []
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, attention_path, note_path, prepare_mask
+from .attention import attend, attention_path, attention_weights, note_path, prepare_mask
 from .config import LLMConfig, RopeScaling
 from .masks import AttentionMask
 
@@ -172,14 +172,17 @@ class SelfAttention(nn.Module):
         num_key_rows: int = 0,
         key_rows: torch.Tensor | None = None,
         key_rope: Rope | None = None,
-    ) -> torch.Tensor:
+        weight_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention output (B, T, h) of the query rows of ``x`` (normed hidden states).
 
         Rows that give keys and values only (SAISA's visual tokens) come before the query rows' own keys,
         either inside ``x`` (its first ``num_key_rows`` rows: one K and one V projection for all rows) or
         apart (``key_rows``: projected on their own, so no gradient is computed for rows that need none).
         ``rope`` rotates the queries, ``key_rope`` (default ``rope``) all keys. Keys follow the cache:
-        [cache, key-only rows, query rows], ``mask``'s key order.
+        [cache, key-only rows, query rows], ``mask``'s key order. ``weight_rows`` (B, r): also return the
+        attention probabilities (B, H, r, Tk) of those query rows (:func:`~mllm_bench.attention.attention_weights`,
+        computed without gradient).
         """
         queries = x[:, num_key_rows:] if num_key_rows else x
         q = apply_rope(self._heads(self.q_proj(queries), self.num_heads), rope)
@@ -193,7 +196,11 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         out = attend(q, k, v, mask, backend)
-        return self.o_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.num_heads * self.head_dim))
+        out = self.o_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.num_heads * self.head_dim))
+        if weight_rows is None:
+            return out
+        with torch.no_grad():
+            return out, attention_weights(q, k, mask, weight_rows)
 
 
 class SwiGLU(nn.Module):
@@ -225,8 +232,10 @@ class DecoderLayer(nn.Module):
         cache: LayerKV | None = None,
         kv_only: tuple[torch.Tensor, Rope] | None = None,
         backend: str = "sdpa",
-    ) -> torch.Tensor:
-        """Pre-norm block over the rows of ``x``.
+        weight_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block over the rows of ``x``; with ``weight_rows``, also those query rows' attention
+        probabilities (see :meth:`SelfAttention.forward`).
 
         ``kv_only`` = (rows, key rope): hidden states (B, n, h), un-normed, that give keys and values only,
         and the RoPE tables of all keys, [those rows, x]. They share x's input RMSNorm and K/V projections
@@ -236,15 +245,18 @@ class DecoderLayer(nn.Module):
         is computed that nothing needs.
         """
         if kv_only is None:
-            return self._residual(x, self.self_attn(self.input_layernorm(x), rope, mask, cache, backend))
-        rows, key_rope = kv_only
-        if torch.is_grad_enabled() and rows.requires_grad != x.requires_grad:
-            attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, backend,
-                                  key_rows=self.input_layernorm(rows), key_rope=key_rope)
+            attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, backend, weight_rows=weight_rows)
         else:
-            attn = self.self_attn(self.input_layernorm(torch.cat([rows, x], 1)), rope, mask, cache, backend,
-                                  num_key_rows=rows.shape[1], key_rope=key_rope)
-        return self._residual(x, attn)
+            rows, key_rope = kv_only
+            if torch.is_grad_enabled() and rows.requires_grad != x.requires_grad:
+                attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, backend,
+                                      key_rows=self.input_layernorm(rows), key_rope=key_rope, weight_rows=weight_rows)
+            else:
+                attn = self.self_attn(self.input_layernorm(torch.cat([rows, x], 1)), rope, mask, cache, backend,
+                                      num_key_rows=rows.shape[1], key_rope=key_rope, weight_rows=weight_rows)
+        if weight_rows is None:
+            return self._residual(x, attn)
+        return self._residual(x, attn[0]), attn[1]
 
     def _residual(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         x = x + attn
@@ -268,8 +280,10 @@ class LlamaDecoder(nn.Module):
         return rope_tables(positions, self.config.head_dim, self.config.rope_theta, dtype, self.config.rope_scaling)
 
     def run_layer(self, index: int, x: torch.Tensor, rope: Rope, mask: AttentionMask,
-                  cache: KVCache | None = None, kv_only: tuple[torch.Tensor, Rope] | None = None) -> torch.Tensor:
-        """Run layer ``index`` (with activation checkpointing when enabled and training)."""
+                  cache: KVCache | None = None, kv_only: tuple[torch.Tensor, Rope] | None = None,
+                  weight_rows: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run layer ``index`` (with activation checkpointing when enabled and training); with ``weight_rows``
+        (B, r) it also returns those query rows' attention probabilities (B, H, r, Tk)."""
         layer = self.layers[index]
         layer_cache = None if cache is None else cache.layers[index]
         prepare_mask(mask, self.attention_backend)  # host-side work here, not inside a compiled layer
@@ -277,10 +291,13 @@ class LlamaDecoder(nn.Module):
             inputs_grad = x.requires_grad or (kv_only is not None and kv_only[0].requires_grad)
             needs_grad = torch.is_grad_enabled() and (inputs_grad or any(p.requires_grad for p in layer.parameters()))
             note_path(attention_path(mask, self.attention_backend, needs_grad))
+            if weight_rows is not None:
+                note_path("math:weights")
         # recomputation would append to the cache a second time, so cached calls are never checkpointed
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-            return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, use_reentrant=False)
-        return layer(x, rope, mask, layer_cache, kv_only, self.attention_backend)
+            return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, weight_rows,
+                              use_reentrant=False)
+        return layer(x, rope, mask, layer_cache, kv_only, self.attention_backend, weight_rows)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> torch.Tensor:
