@@ -314,3 +314,22 @@ def test_effective_attention_pairs_follow_the_masks(grid, used):
     vision = [t for t in cost.terms if t.phase == "prefill" and t.component == "vision" and t.dense != t.effective]
     assert len(vision) == 1
     assert vision[0].dense == 4 * seq * seq * 4 * 32 * 4 and vision[0].effective == 4 * (seq**2 - pad**2) * 4 * 32 * 4
+
+
+def test_counted_equals_analytic_at_the_real_size():
+    """Llama-3.2-11B-Vision on meta tensors, two images of 2 x 2 tiles: prefill, decode and a pretraining step."""
+    from mllm_bench import Workload
+    from mllm_bench.flops import count_decode, count_prefill, count_train_step
+
+    model = build_model("mllama", "llama3.2-11b-vision", "llama3.2-11b-vision")
+    wl = Workload(images_per_sample=2, text_before=5, text_between=7, text_after=20)
+    cost = model.analytic_cost(wl)
+    assert count_prefill(model, wl).total == pytest.approx(cost.flops("prefill"), rel=1e-9)
+    assert count_decode(model, wl)[0].total == pytest.approx(cost.flops("decode"), rel=1e-9)
+    train = wl.replace(stage="pretrain")
+    assert count_train_step(model, train).total == pytest.approx(model.analytic_cost(train).flops("train_step"),
+                                                                 rel=1e-9)
+    # the tower per image, by hand: 4 tiles x (1600 patches + CLS, padded to 1608) = 6432 tokens, 40 layers
+    n, d, m = 6432, 1280, 5120
+    tower = 2 * 4 * 1600 * 3 * 14 * 14 * d + 40 * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
+    assert cost.flops("prefill", component="vision") == pytest.approx(2 * tower, rel=1e-12)

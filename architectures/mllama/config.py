@@ -37,10 +37,11 @@ class MllamaOptions:
     """Cross-attention placement, the tiled tower's extra settings, the workload's tile grid, training.
 
     ``cross_attention_layers``: decoder slots that are cross-attention layers (None: every 5th from 3, the
-    11B's [3, 8, ..., 38] of 40). ``intermediate_layers``: local-encoder layer outputs concatenated to the
-    tower's output (None: the 11B's [3, 7, 15, 23, 30], those the local encoder has). ``tile_rows`` x
-    ``tile_cols``: each image's tile grid (the processor's best fit; default 2 x 2, a 1120 x 1120 canvas
-    at 560 px tiles); every image runs ``max_num_tiles`` tiles, the unused ones zero and masked.
+    11B's [3, 8, ..., 38] of 40; the last slot of a decoder of 3 slots or fewer). ``intermediate_layers``:
+    local-encoder layer outputs concatenated to the tower's output (None: the 11B's [3, 7, 15, 23, 30], those
+    the local encoder has). ``tile_rows`` x ``tile_cols``: each image's tile grid (the processor's best fit;
+    default 2 x 2, a 1120 x 1120 canvas at 560 px tiles); every image runs ``max_num_tiles`` tiles, the
+    unused ones zero and masked.
     """
 
     cross_attention_layers: tuple[int, ...] | None = None
@@ -72,8 +73,10 @@ class MllamaOptions:
     def cross_layers(self, num_layers: int) -> tuple[int, ...]:
         """The cross-attention slots of a ``num_layers``-slot decoder, checked against it."""
         layers = self.cross_attention_layers
-        if layers is None:
-            layers = tuple(range(CROSS_ATTENTION_FIRST, num_layers, CROSS_ATTENTION_EVERY))
+        if layers is None:  # a decoder of 3 slots or fewer gets one cross-attention slot, its last
+            layers = tuple(range(CROSS_ATTENTION_FIRST, num_layers, CROSS_ATTENTION_EVERY)) or (num_layers - 1,)
+        require(len(layers) > 0, "mllama option cross_attention_layers must name at least one decoder slot "
+                                 "(without one the images reach nothing)")
         require(all(i < num_layers for i in layers),
                 f"mllama option cross_attention_layers {list(layers)} must be slots of the {num_layers}-layer decoder")
         require(len(layers) < num_layers,
