@@ -52,7 +52,7 @@ from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, Segment, causal_pairs, stage_trains
 from mllm_bench.decoder import KVCache, LayerKV
-from mllm_bench.masks import causal_mask
+from mllm_bench.masks import causal_mask, causal_structure
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
 from mllm_bench.spec import ArchSpec
@@ -246,6 +246,9 @@ class FastV(MLLM):
         else:
             x = lm.run_layer(k - 1, x, rope, mask, cache)
         pruned_mask = causal_mask(new_layout.positions, new_layout.valid, new_layout.is_visual)
+        if visual and x.device.type != "meta" and bool(new_layout.valid.all()):
+            # kept rows are in position order: causal by row, the gaps in positions change nothing (fused kernels)
+            pruned_mask.structure = causal_structure(new_layout.length)
         pruned_rope = lm.rope(new_layout.positions, x.dtype)
         for i in range(k, len(lm.layers)):
             x = lm.run_layer(i, x, pruned_rope, pruned_mask, pruned_cache)
