@@ -333,3 +333,18 @@ def test_counted_equals_analytic_at_the_real_size():
     n, d, m = 6432, 1280, 5120
     tower = 2 * 4 * 1600 * 3 * 14 * 14 * d + 40 * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
     assert cost.flops("prefill", component="vision") == pytest.approx(2 * tower, rel=1e-12)
+
+
+def test_cli_options_take_layer_lists_as_text(tmp_path):
+    from mllm_bench.cli.app import app
+    from typer.testing import CliRunner
+
+    assert Mllama.Options(cross_attention_layers="[3, 8]", intermediate_layers="0,1").cross_attention_layers == (3, 8)
+    result = CliRunner().invoke(app, ["compare", "-a", "llava,mllama", "--llm", "tiny-llm", "--vision", "tiny-clip",
+                                      "-o", "mllama.cross_attention_layers=1", "-o", "mllama.intermediate_layers=0,1",
+                                      "--measure", "never", "--count", "none", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    bad = CliRunner().invoke(app, ["compare", "-a", "mllama", "--llm", "tiny-llm", "--vision", "tiny-clip",
+                                   "-o", "mllama.cross_attention_layers=x", "--baseline", "mllama",
+                                   "--measure", "never"])
+    assert bad.exit_code == 2 and "cross_attention_layers" in bad.output

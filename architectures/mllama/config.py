@@ -28,6 +28,12 @@ def supported_aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(1, max_num_tiles + 1) for b in range(1, max_num_tiles + 1) if a * b <= max_num_tiles]
 
 
+def _parse_indices(text: str) -> tuple[int, ...] | str:
+    """``"3,8,13"`` or ``"[3, 8, 13]"`` as a tuple of ints (the text itself when it is not one, for the error)."""
+    parts = [p.strip() for p in text.strip().strip("[]()").split(",") if p.strip()]
+    return tuple(int(p) for p in parts) if parts and all(p.isdigit() for p in parts) else text
+
+
 def _int_tuple(value: Any) -> bool:
     return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
@@ -55,8 +61,11 @@ class MllamaOptions:
     def __post_init__(self) -> None:
         for name in ("cross_attention_layers", "intermediate_layers"):
             value = getattr(self, name)
+            if isinstance(value, str):  # the CLI's -o mllama.cross_attention_layers=3,8,13 (or [3, 8, 13])
+                value = _parse_indices(value)
             if isinstance(value, list):
-                object.__setattr__(self, name, value := tuple(value))
+                value = tuple(value)
+            object.__setattr__(self, name, value)
             require(value is None or (_int_tuple(value) and len(set(value)) == len(value)
                                       and all(v >= 0 for v in value)),
                     f"mllama option {name} must be a list of distinct layer indices >= 0 (or None), got {value!r}")
