@@ -22,9 +22,10 @@ is the text index of image k's ``<|image|>`` token (any id: the model never look
 
 Where it deviates, and why: transformers' cross-attention does not zero the attention output of rows
 that see no image (it clears their mask, so they attend to every vision token; Meta's reference code
-multiplies that output by ``full_text_row_masked_out_mask``); we follow transformers. ``padding_idx`` of
-the embedding (no gradient for the pad row) is not kept. One tile grid per batch (transformers allows one
-per image).
+multiplies that output by ``full_text_row_masked_out_mask``: meta-llama/llama-models,
+``models/llama3/multimodal/model.py``, ``CrossAttention``); we follow transformers (the FLOPs are the
+same). ``padding_idx`` of the embedding (no gradient for the pad row) is not kept. One tile grid per batch
+(transformers allows one per image).
 
 Training stages (Llama 3 paper 7.2/7.4; Meta's Llama-3.2 release: "we also updated the parameters of the
 image encoder, but intentionally did not update the language-model parameters"): ``pretrain`` and
