@@ -9,15 +9,22 @@ build it ourselves rather than import transformers' modelling code because that 
 
 LLaVA-1.5 reads the second-to-last layer, so the last encoder layer (and the post-layernorm and pooling
 head, which only the last layer feeds) are never built: they cost no parameters, FLOPs or time.
+
+A connector that ranks tokens by the tower's own attention calls :meth:`VisionTower.forward_probed`: the same
+hidden states, plus one layer's keys and the softmax attention of its first few query rows
+(:class:`AttentionProbe`). The layer itself still runs fused attention; the probed rows cost one extra
+QK^T on those rows only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VISION_ACTIVATIONS, VisionConfig
+from .config import VISION_ACTIVATIONS, VisionConfig, require
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +62,19 @@ class VisionEmbeddings(nn.Module):
         return patches + self.position_embedding.weight
 
 
+@dataclass
+class AttentionProbe:
+    """What one encoder layer's attention exposes: ``weights`` (N, heads, rows, T), the softmax attention of its
+    first ``rows`` queries over every token, and ``keys`` (N, heads, T, head_dim), the key projection (with bias,
+    before any scaling)."""
+
+    weights: torch.Tensor
+    keys: torch.Tensor
+
+
+Probed = tuple[torch.Tensor, AttentionProbe]  # hidden states and the probe of the layer that gave them
+
+
 class VisionAttention(nn.Module):
     """Bidirectional multi-head self-attention with biased projections."""
 
@@ -65,14 +85,20 @@ class VisionAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, probe_rows: int = 0) -> torch.Tensor | Probed:
+        """The attention output; with ``probe_rows`` > 0, also the probe of the first ``probe_rows`` queries."""
         b, t, d = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+        q, k = heads(self.q_proj(x)), heads(self.k_proj(x))
+        out = F.scaled_dot_product_attention(q, k, heads(self.v_proj(x)))
+        out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+        if not probe_rows:
+            return out
+        scores = q[:, :, :probe_rows] @ k.transpose(-1, -2) * self.head_dim ** -0.5
+        return out, AttentionProbe(scores.softmax(-1), k)
 
 
 class VisionMLP(nn.Module):
@@ -96,9 +122,14 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, probe_rows: int = 0) -> torch.Tensor | Probed:
+        """The layer's output; with ``probe_rows`` > 0, also its attention probe (see :class:`VisionAttention`)."""
+        if not probe_rows:
+            x = x + self.self_attn(self.layer_norm1(x))
+            return x + self.mlp(self.layer_norm2(x))
+        attn, probe = self.self_attn(self.layer_norm1(x), probe_rows)
+        x = x + attn
+        return x + self.mlp(self.layer_norm2(x)), probe
 
 
 class VisionEncoder(nn.Module):
@@ -106,10 +137,12 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.layers_run))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, probe_rows: int = 0) -> torch.Tensor | Probed:
+        """The last layer's output; with ``probe_rows`` > 0, also that layer's attention probe."""
+        *before, last = self.layers
+        for layer in before:
             x = layer(x)
-        return x
+        return last(x, probe_rows) if probe_rows else last(x)
 
 
 class VisionTower(nn.Module):
@@ -125,12 +158,19 @@ class VisionTower(nn.Module):
             self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.encoder = VisionEncoder(cfg)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Hidden states (N, tokens, width) at the feature layer, CLS included for CLIP."""
+    def forward(self, pixel_values: torch.Tensor, probe_rows: int = 0) -> torch.Tensor | Probed:
+        """Hidden states (N, tokens, width) at the feature layer, CLS included for CLIP; with ``probe_rows`` > 0,
+        also the feature layer's attention probe (see :meth:`forward_probed`)."""
         hidden = self.embeddings(pixel_values)
         if self.config.kind == "clip":
             hidden = self.pre_layrnorm(hidden)
-        return self.encoder(hidden)
+        return self.encoder(hidden, probe_rows)
+
+    def forward_probed(self, pixel_values: torch.Tensor, probe_rows: int = 1) -> Probed:
+        """:meth:`forward`'s hidden states and the feature layer's (the last layer run) attention probe of its
+        first ``probe_rows`` queries (CLIP's CLS token is query 0)."""
+        require(probe_rows >= 1, f"probe_rows must be >= 1, got {probe_rows}")
+        return self(pixel_values, probe_rows)
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

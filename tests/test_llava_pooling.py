@@ -97,10 +97,8 @@ def test_image_features_equal_naive_shuffle_project_pool(arch, options):
     torch.testing.assert_close(got, expected.reshape(2, -1, expected.shape[-1]), rtol=1e-5, atol=1e-5)
 
 
-def test_forward_equals_llama_on_hand_spliced_reduced_tokens():
-    """Two images per sample and left padding: transformers' Llama fed the naive reduced tokens at the image
-    places, positions counting valid tokens only, gives our text logits."""
-    model = tiny_model("llava", pixel_shuffle=2, pool=2)
+def hf_llama(model) -> LlamaForCausalLM:
+    """transformers' Llama with ``model``'s decoder and lm_head weights."""
     c = model.llm_config
     hf_cfg = LlamaConfig(
         hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
@@ -110,23 +108,26 @@ def test_forward_equals_llama_on_hand_spliced_reduced_tokens():
     )
     hf_cfg._attn_implementation = "eager"
     hf = LlamaForCausalLM(hf_cfg).eval()
-    state = {k.replace("language_model.", "model.", 1): v for k, v in model.state_dict().items()
-             if k.startswith(("language_model.", "lm_head."))}
-    hf.load_state_dict(state)
-    batch = random_batch(model, batch=2, text=8, positions=[[3, 5], [4, 6]], pad=[0, 2])
+    hf.load_state_dict({k.replace("language_model.", "model.", 1): v for k, v in model.state_dict().items()
+                        if k.startswith(("language_model.", "lm_head."))})
+    return hf
+
+
+def assert_logits_equal_hand_spliced(model, batch, feats: torch.Tensor) -> None:
+    """Our text logits equal transformers' Llama fed, per sample, the text embeddings with ``feats`` (one row
+    block per image, images in batch order) at each image's place; positions count valid tokens only."""
+    hf = hf_llama(model)
+    k = batch.images_per_sample
     with torch.no_grad():
         ours = model(batch).logits
-        feats = naive_pool(model.multi_modal_projector(naive_shuffle(model.encode(batch.pixel_values), 2)), 2)
-        v = feats.shape[1]
-        assert v == 1
-        for b in range(2):
+        for b in range(batch.batch_size):
             rows, valid, is_text = [], [], []
             ids, pos = batch.input_ids[b], batch.image_positions[b].tolist()
             for i in range(len(ids) + 1):
                 for img in [n for n, p in enumerate(pos) if p == i]:
-                    rows += list(feats[b * 2 + img])
-                    valid += [True] * v
-                    is_text += [False] * v
+                    rows += list(feats[b * k + img])
+                    valid += [True] * feats.shape[1]
+                    is_text += [False] * feats.shape[1]
                 if i < len(ids):
                     rows.append(model.language_model.embed_tokens(ids[i]))
                     valid.append(bool(batch.text_mask()[b, i]))
@@ -137,6 +138,16 @@ def test_forward_equals_llama_on_hand_spliced_reduced_tokens():
                         position_ids=positions[None]).logits[0]
             keep = torch.tensor(is_text) & mask
             torch.testing.assert_close(ours[b][batch.text_mask()[b]], theirs[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_equals_llama_on_hand_spliced_reduced_tokens():
+    """Two images per sample and left padding, the naive reduced tokens spliced by hand."""
+    model = tiny_model("llava", pixel_shuffle=2, pool=2)
+    batch = random_batch(model, batch=2, text=8, positions=[[3, 5], [4, 6]], pad=[0, 2])
+    with torch.no_grad():
+        feats = naive_pool(model.multi_modal_projector(naive_shuffle(model.encode(batch.pixel_values), 2)), 2)
+    assert feats.shape[1] == 1
+    assert_logits_equal_hand_spliced(model, batch, feats)
 
 
 def test_cached_generation_equals_recomputation_with_pool_and_shuffle():
