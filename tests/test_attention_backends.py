@@ -171,7 +171,8 @@ def test_models_match_sdpa_with_fast_backends(arch: str, backend: str) -> None:
             gen = model.generate(batch, 3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(gen, ref_gen)
-    assert all(p.startswith(backend + ":") for p in paths)
+    # besides the backend's own paths only the explicit probabilities a layer was asked for (math:weights)
+    assert all(p.startswith(backend + ":") or p == "math:weights" for p in paths)
     expected = {  # the prefill path each built-in architecture's mask takes
         ("llava", "flash"): "flash:causal", ("flamingo", "flash"): "flash:causal",
         ("saisa", "flash"): "flash:split", ("naavit", "flash"): "flash:dense",
