@@ -61,35 +61,35 @@ def _count(value: object) -> bool:
 
 @dataclass(frozen=True)
 class VisionZipOptions:
-    """``tokens`` (64, 128 or 192: the paper's splits) or explicit ``dominant`` (CLS included) and ``contextual``."""
+    """``tokens`` (64, 128 or 192: the paper's splits) or explicit ``dominant`` (CLS included) and ``contextual``;
+    0 = not set (all 0: the paper's default, 64 = 54 + 10)."""
 
-    tokens: int | None = None
-    dominant: int | None = None
-    contextual: int | None = None
+    tokens: int = 0
+    dominant: int = 0
+    contextual: int = 0
 
     def __post_init__(self) -> None:
-        explicit = (self.dominant, self.contextual)
-        if explicit == (None, None):
-            tokens = 64 if self.tokens is None else self.tokens
-            require(_count(tokens) and tokens in PAPER_SPLITS,
+        for name in ("tokens", "dominant", "contextual"):
+            value = getattr(self, name)
+            require(_count(value) and value >= 0, f"visionzip option {name} must be an integer >= 1, got {value!r}")
+        if not (self.dominant or self.contextual):
+            require(self.tokens in PAPER_SPLITS or not self.tokens,
                     f"visionzip option tokens must be one of {sorted(PAPER_SPLITS)} (the paper's LLaVA-1.5 splits), "
                     f"got {self.tokens!r}; set visionzip.dominant and visionzip.contextual for another split")
             return
-        require(None not in explicit, "visionzip options dominant and contextual go together; "
-                                      f"got dominant={self.dominant!r}, contextual={self.contextual!r}")
-        for name in ("dominant", "contextual"):
-            value = getattr(self, name)
-            require(_count(value) and value >= 1, f"visionzip option {name} must be an integer >= 1, got {value!r}")
-        require(self.tokens is None or self.tokens == self.dominant + self.contextual,
+        require(self.dominant >= 1 and self.contextual >= 1,
+                "visionzip options dominant and contextual go together, each an integer >= 1; "
+                f"got dominant={self.dominant!r}, contextual={self.contextual!r}")
+        require(not self.tokens or self.tokens == self.dominant + self.contextual,
                 f"visionzip option tokens={self.tokens!r} differs from dominant + contextual = "
                 f"{self.dominant} + {self.contextual}")
 
     @property
     def split(self) -> tuple[int, int]:
         """(dominant, contextual)."""
-        if self.dominant is not None and self.contextual is not None:
+        if self.dominant:
             return self.dominant, self.contextual
-        return PAPER_SPLITS[64 if self.tokens is None else self.tokens]
+        return PAPER_SPLITS[self.tokens or 64]
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

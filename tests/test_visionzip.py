@@ -136,7 +136,9 @@ def test_paper_splits(tokens, split):
     ("tiny-clip", {}, "exceeds the 16 patches"),  # the paper's 54 + 10 on a 4x4 grid
     ("tiny-clip", {"tokens": 100}, "tokens must be one of"),
     ("tiny-clip", {"dominant": 4}, "go together"),
-    ("tiny-clip", {"dominant": 0, "contextual": 3}, "dominant must be an integer >= 1"),
+    ("tiny-clip", {"dominant": 0, "contextual": 3}, "go together, each an integer >= 1"),
+    ("tiny-clip", {"dominant": -1, "contextual": 3}, "dominant must be an integer >= 1"),
+    ("tiny-clip", {"tokens": "64"}, "tokens must be an integer"),
     ("tiny-clip", {"tokens": 64, "dominant": 4, "contextual": 3}, "differs from dominant"),
 ])
 def test_bad_options_are_config_errors(vision, options, needle):
