@@ -9,7 +9,7 @@ import pytest
 import torch
 from mllm_bench.architectures.fastv import FastV, kept_visual_tokens
 
-from mllm_bench import PAPER_WORKLOAD, MultimodalBatch, build_model
+from mllm_bench import PAPER_WORKLOAD, MultimodalBatch, Workload, build_model
 from mllm_bench.attention import record_paths
 from mllm_bench.config import ConfigError
 from mllm_bench.flops import count_prefill
@@ -222,3 +222,34 @@ def test_bad_options_are_named() -> None:
         build_model("fastv", "tiny-llm", "tiny-clip", options={"layer": 0})
     with pytest.raises(ConfigError, match="drop_ratio must be a number in"):
         build_model("fastv", "tiny-llm", "tiny-clip", options={"layer": 1, "drop_ratio": 1.5})
+
+
+def _eq5(n: int, d: int, m: int) -> float:
+    """FastV's eq. 5 per layer: 4nd^2 + 2n^2d + 2ndm (a multiply-add counted once, two FFN matrices)."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+@pytest.mark.parametrize(("llm", "layers", "d", "m", "k", "published"), [
+    ("vicuna-7b", 32, 4096, 11008, 3, 0.57),  # FastV README, lmms-eval table: "FastV K=3 R=50% (FLOPS=57%)"
+    ("vicuna-13b", 40, 5120, 13824, 2, 0.55),  # FastV abstract: "45% reduction in FLOPs for LLaVA-1.5-13B"
+])
+def test_published_flops_ratios(llm: str, layers: int, d: int, m: int, k: int, published: float) -> None:
+    """FastV's figures under its eq. 5 with the official code's prompt (36 text tokens + 576 visual, R=50%),
+    and our exact count (2 FLOPs per multiply-add, three FFN matrices, the ranking row) beside them."""
+    n, visual = 36 + 576, 576
+    theirs = (k * _eq5(n, d, m) + (layers - k) * _eq5(n - visual // 2, d, m)) / (layers * _eq5(n, d, m))
+    assert round(theirs, 2) == published
+    wl = Workload(batch_size=1, text_before=35, text_after=1)
+    fastv = build_model("fastv", llm, "clip-vit-l-336", options={"layer": k, "drop_ratio": 0.5})
+    llava = build_model("llava", llm, "clip-vit-l-336")
+    decoder = ("attn_proj", "attn_scores", "ffn")
+    ours = (sum(fastv.analytic_cost(wl).flops("prefill", component=c) for c in decoder)
+            / sum(llava.analytic_cost(wl).flops("prefill", component=c) for c in decoder))
+    assert abs(ours - theirs) < 0.002
+
+
+def test_shortv_quotes_fastv_under_the_saisa_convention() -> None:
+    """ShortV (arXiv 2504.00502) quotes LLaVA-1.5-7B at 8.5 and FastV (K=2, R=50%) at 4.9 TFLOPs: language
+    scope, dense attention, 576 visual + 64 text tokens."""
+    fastv = build_model("fastv", "vicuna-7b", "clip-vit-l-336")
+    assert round(fastv.analytic_cost(PAPER_WORKLOAD).flops("prefill", scope="language") / 1e12, 1) == 4.9
