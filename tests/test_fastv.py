@@ -14,6 +14,7 @@ from mllm_bench.attention import record_paths
 from mllm_bench.config import ConfigError
 from mllm_bench.flops import count_prefill
 from mllm_bench.registry import architecture_names, register, unregister
+from mllm_bench.static_decode import decode_steps
 
 from .helpers import assert_gradients_reach_exactly, random_batch, tiny_model
 
@@ -253,3 +254,24 @@ def test_shortv_quotes_fastv_under_the_saisa_convention() -> None:
     scope, dense attention, 576 visual + 64 text tokens."""
     fastv = build_model("fastv", "vicuna-7b", "clip-vit-l-336")
     assert round(fastv.analytic_cost(PAPER_WORKLOAD).flops("prefill", scope="language") / 1e12, 1) == 4.9
+
+
+def test_static_cache_rolls_back_as_a_captured_decode_graph_needs() -> None:
+    """A CUDA graph's warm-up decodes and then restores the static cache's state; the later layers' cache is
+    derived from it each step, so decoding after the rollback equals the growing cache."""
+    model = tiny_model("fastv")
+    batch = random_batch(model, batch=2, text=9, positions=[[2, 5], [3, 4]], pad=[2, 0])
+    with torch.no_grad():
+        logits, cache = model.prefill(batch)
+        _, ref_cache = model.prefill(batch)
+        step, static = decode_steps(model, cache, 4, "static")
+        state = static.state()
+        for _ in range(2):
+            step(torch.zeros(2, dtype=torch.long))
+        static.restore(state)
+        tokens = logits.argmax(-1)
+        for _ in range(4):
+            ref, ref_cache = model.decode(tokens, ref_cache)
+            torch.testing.assert_close(step(tokens), ref, atol=1e-5, rtol=1e-5)
+            tokens = ref.argmax(-1)
+    assert model.extra_cache_nbytes(static) == model.extra_cache_nbytes(ref_cache)
