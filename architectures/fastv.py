@@ -199,8 +199,8 @@ class FastV(MLLM):
         super().__init__(llm, vision, options)
         if self.options.layer >= llm.num_layers:
             raise ConfigError(f"fastv option layer={self.options.layer} must be below the LLM's {llm.num_layers} "
-                              f"layers (tokens are dropped from layer K on; K = {llm.num_layers} drops nothing): "
-                              f"choose 1..{llm.num_layers - 1}")
+                              f"layers (tokens are dropped from layer K on; K = {llm.num_layers} would drop nothing): "
+                              f"set fastv.layer to 1..{llm.num_layers - 1}")
         self.multi_modal_projector = MLPProjector(vision.hidden_size, llm.hidden_size)
 
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
