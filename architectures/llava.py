@@ -152,7 +152,7 @@ class LLaVA(MLLM):
 
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
         super().__init__(llm, vision, options)
-        shuffle, pool = self.options.pixel_shuffle, self.options.pool
+        shuffle, pool = self.pixel_shuffle_factor, self.pool_factor
         if shuffle > 1 or pool > 1:
             side = square_grid(vision.tokens_per_image, f"{self.name} options pixel_shuffle/pool")
             side = check_grid_divides(side, shuffle, f"{self.name}.pixel_shuffle")
@@ -160,19 +160,28 @@ class LLaVA(MLLM):
                                "grid left by pixel_shuffle" if shuffle > 1 else "patch grid")
         self.multi_modal_projector = MLPProjector(self.projector_input_size, llm.hidden_size)
 
+    # a subclass whose Options lack pixel_shuffle / pool gets neither
+    @property
+    def pixel_shuffle_factor(self) -> int:
+        return getattr(self.options, "pixel_shuffle", 1)
+
+    @property
+    def pool_factor(self) -> int:
+        return getattr(self.options, "pool", 1)
+
     @property
     def projector_input_size(self) -> int:
         """Width of a projector input row: vision_dim, times s² after pixel shuffle."""
-        return self.vision_config.hidden_size * self.options.pixel_shuffle ** 2
+        return self.vision_config.hidden_size * self.pixel_shuffle_factor ** 2
 
     @property
     def projector_tokens(self) -> int:
         """Rows per image the projector runs on (after pixel shuffle, before pooling)."""
-        return self.vision_config.tokens_per_image // self.options.pixel_shuffle ** 2
+        return self.vision_config.tokens_per_image // self.pixel_shuffle_factor ** 2
 
     @property
     def tokens_per_image(self) -> int:
-        return self.projector_tokens // self.options.pool ** 2
+        return self.projector_tokens // self.pool_factor ** 2
 
     def trainable_prefixes(self, stage: str) -> tuple[str, ...]:
         if stage == "pretrain":
@@ -188,8 +197,8 @@ class LLaVA(MLLM):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (B, K*V, h) of images (B, K, C, H, W): shuffle, project, pool."""
-        features = pixel_shuffle(self.encode(pixel_values), self.options.pixel_shuffle)
-        projected = pool_grid(self.multi_modal_projector(features), self.options.pool)
+        features = pixel_shuffle(self.encode(pixel_values), self.pixel_shuffle_factor)
+        projected = pool_grid(self.multi_modal_projector(features), self.pool_factor)
         return projected.reshape(pixel_values.shape[0], -1, self.llm_config.hidden_size)
 
     def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
