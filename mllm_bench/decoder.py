@@ -294,10 +294,11 @@ class LlamaDecoder(nn.Module):
             if weight_rows is not None:
                 note_path("math:weights")
         # recomputation would append to the cache a second time, so cached calls are never checkpointed
+        extra = () if weight_rows is None else (weight_rows,)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-            return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, weight_rows,
+            return checkpoint(layer, x, rope, mask, layer_cache, kv_only, self.attention_backend, *extra,
                               use_reentrant=False)
-        return layer(x, rope, mask, layer_cache, kv_only, self.attention_backend, weight_rows)
+        return layer(x, rope, mask, layer_cache, kv_only, self.attention_backend, *extra)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> torch.Tensor:
