@@ -18,7 +18,9 @@ path with KV cache; the same as the ``fast_v_inplace`` branch of ``LlamaModel.fo
 * kept: ``topk(round(V * (1 - R)))`` of those (Python's ``round``, halves to even), then
   ``keep_indexs.sort()``: kept tokens, text included, stay in their original order;
 * positions: ``position_ids = keep_indexs``, so kept tokens keep their RoPE positions; decode steps continue
-  the full sequence's numbering (``cache_position`` from the first layer's cache length);
+  the full sequence's numbering (``cache_position`` from the first layer's cache length; the older
+  ``modeling_llama_fastv_kvcache.py`` numbers them after the kept tokens instead, marked "todo" there);
+* K >= 1 (``assert AGG_LAYER > 0``);
 * KV cache: layers >= K cache the kept tokens only; decode steps attend to that fixed set (the official
   README's "static kv-cache pruning": no re-ranking per generated token).
 
@@ -30,6 +32,12 @@ Fused attention kernels return no probabilities, so layer K-1 computes them expl
 full sequence, component ``attn_scores``, counted and in the analytic cost); the layer's output takes the
 model's attention backend as usual. The ranking is not differentiated: ``topk`` indices carry no gradient,
 the kept rows' hidden states do.
+
+Caches: the :class:`~mllm_bench.decoder.KVCache` a prefill returns holds layers < K over the full prompt;
+a second one in its ``extra`` holds layers >= K over text + kept tokens (in a static cache, lined up with the
+first so each decode step derives its slot and metadata from it: what a captured CUDA graph replays). The
+pruned sequence is causal by row (kept rows stay in position order), so without padding its mask carries the
+plain causal structure and fused kernels keep ``is_causal`` despite the gaps in its positions.
 
 Deviations, all where the official code assumes one sample with one image at a fixed offset
 (``image_token_start_index``, ``image_token_length``, and ``[0]`` picks sample 0's ranking for the batch):
