@@ -275,3 +275,26 @@ def test_static_cache_rolls_back_as_a_captured_decode_graph_needs() -> None:
             torch.testing.assert_close(step(tokens), ref, atol=1e-5, rtol=1e-5)
             tokens = ref.argmax(-1)
     assert model.extra_cache_nbytes(static) == model.extra_cache_nbytes(ref_cache)
+
+
+def test_right_padding_ranks_by_the_last_real_token() -> None:
+    """A training batch may pad on the right: the ranking row is each sample's last real token."""
+    model = tiny_model("fastv")
+    batch = random_batch(model, batch=2, text=9, positions=[[2, 5], [3, 4]], labels=True)
+    batch.attention_mask = torch.ones(2, 9, dtype=torch.bool)
+    batch.attention_mask[0, -3:] = False
+    with torch.no_grad():
+        logits = model(batch).logits
+        naive = naive_fastv_logits(model, batch)
+    torch.testing.assert_close(logits[0, :6], naive[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], naive[1], atol=1e-4, rtol=1e-4)
+
+
+def test_text_only_is_llava() -> None:
+    llava = tiny_model("llava")
+    fastv = tiny_model("fastv")
+    fastv.load_state_dict(llava.state_dict())
+    batch = random_batch(llava, batch=2, text=7, positions=[[], []], pad=[2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(fastv(batch).logits, llava(batch).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fastv.generate(batch, 3), llava.generate(batch, 3))
