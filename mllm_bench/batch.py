@@ -24,6 +24,11 @@ class MultimodalBatch:
     all text); positions are non-decreasing within a sample. ``attention_mask`` (B, T) is True for
     real tokens, False for padding. ``labels`` (B, T) are the token ids to predict at each position
     (``-100`` = ignored); the model shifts them itself, as transformers does.
+
+    ``image_sizes`` (B, K, 2), optional: each image's original (height, width) in pixels, as
+    transformers' ``image_sizes``, for architectures that cut an image into crops by its size; their
+    ``pixel_values`` are then (B, K, P, C, H, W), the crops of each image first and unused crops last.
+    It stays on the CPU (``to`` leaves it there): the token counts it sets are tensor shapes.
     """
 
     input_ids: torch.Tensor
@@ -31,6 +36,7 @@ class MultimodalBatch:
     image_positions: torch.Tensor
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -55,12 +61,22 @@ class MultimodalBatch:
 
         return MultimodalBatch(
             move(self.input_ids), move(self.pixel_values), move(self.image_positions),
-            move(self.attention_mask), move(self.labels),
+            move(self.attention_mask), move(self.labels), self.image_sizes,
         )
 
-    def validate(self, image_size: int, vocab_size: int | None = None) -> None:
-        """Check shapes and ranges; errors name the field and what is allowed."""
+    def validate(self, image_size: int, vocab_size: int | None = None, crops: bool = False) -> None:
+        """Check shapes and ranges; errors name the field and what is allowed.
+
+        ``crops``: the architecture takes each image as crops, ``pixel_values`` (B, K, P, C, H, W), and
+        needs ``image_sizes``.
+        """
         ids, pix, pos = self.input_ids, self.pixel_values, self.image_positions
+        if crops:
+            require(pix.dim() == 6, "pixel_values must be (batch, images, crops, channels, height, width) for an "
+                                    f"architecture that cuts images into crops, got shape {tuple(pix.shape)}")
+            require(pix.shape[2] > 0, f"pixel_values must hold at least one crop per image, got {tuple(pix.shape)}")
+            self._validate_image_sizes()
+            pix = pix[:, :, 0]  # the checks below hold for every crop alike
         require(ids.dim() == 2, f"input_ids must be (batch, text_tokens), got shape {tuple(ids.shape)}")
         require(ids.dtype == torch.long, f"input_ids must be torch.long, got {ids.dtype}")
         b, t = ids.shape
@@ -113,6 +129,19 @@ class MultimodalBatch:
             )
 
 
+    def _validate_image_sizes(self) -> None:
+        sizes, pix = self.image_sizes, self.pixel_values
+        require(sizes is not None, "image_sizes (batch, images, 2) is required: this architecture cuts each image "
+                                   "into crops by its original (height, width)")
+        require(sizes.dtype == torch.long and tuple(sizes.shape) == (*pix.shape[:2], 2),
+                f"image_sizes must be torch.long of shape (batch, images, 2) = {(*pix.shape[:2], 2)}, "
+                f"got {sizes.dtype} {tuple(sizes.shape)}")
+        require(sizes.device.type == "cpu", f"image_sizes must be on the CPU (its values set shapes), "
+                                            f"got {sizes.device}")
+        require(not sizes.numel() or int(sizes.min()) > 0,
+                f"image_sizes must be positive (height, width) pixels, got {sizes.tolist()}")
+
+
 @dataclass
 class SplicedLayout:
     """Where every token lands once each image's ``tokens_per_image`` visual tokens are spliced in.
@@ -138,8 +167,14 @@ def rope_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def splice_layout(batch: MultimodalBatch, tokens_per_image: int) -> SplicedLayout:
-    """Compute the spliced layout (same length for every sample: T + K * tokens_per_image)."""
+def splice_layout(batch: MultimodalBatch, tokens_per_image: int | torch.Tensor) -> SplicedLayout:
+    """Compute the spliced layout (same length for every sample: T + K * tokens_per_image).
+
+    ``tokens_per_image`` may also be a (B, K) CPU tensor of each image's own count; see
+    :func:`splice_layout_by_image`.
+    """
+    if isinstance(tokens_per_image, torch.Tensor):
+        return splice_layout_by_image(batch, tokens_per_image)
     b, t = batch.input_ids.shape
     k = batch.images_per_sample
     v = tokens_per_image
@@ -156,6 +191,52 @@ def splice_layout(batch: MultimodalBatch, tokens_per_image: int) -> SplicedLayou
     valid = torch.ones(b, length, dtype=torch.bool, device=device)
     if k:
         is_visual.scatter_(1, visual_index, True)
+    valid.scatter_(1, text_index, batch.text_mask())
+    return SplicedLayout(text_index, visual_index, rope_positions(valid), valid, is_visual)
+
+
+def splice_layout_by_image(batch: MultimodalBatch, counts: torch.Tensor) -> SplicedLayout:
+    """The spliced layout when image k of sample b brings its own ``counts[b, k]`` visual tokens.
+
+    Every sample is as long as the longest, T + max_b sum_k counts[b, k]; a sample with fewer visual
+    tokens starts with filler slots (neither valid nor visual: left padding, as transformers pads the
+    shorter of its expanded prompts). ``visual_index`` (B, N), N = the most visual tokens of any
+    sample, lists a sample's filler slots first, then its visual tokens in order.
+    """
+    b, t = batch.input_ids.shape
+    k = batch.images_per_sample
+    require(tuple(counts.shape) == (b, k) and counts.device.type == "cpu",
+            f"per-image visual-token counts must be a CPU tensor (batch={b}, images={k}), got "
+            f"{tuple(counts.shape)} on {counts.device}")
+    totals_host = counts.long().sum(1)
+    n = int(totals_host.max()) if b and k else 0
+    device = batch.input_ids.device
+    c = counts.long().to(device)
+    filler = (n - totals_host).to(device)  # (B,)
+    text_range = torch.arange(t, device=device)
+    pos = batch.image_positions.to(device)
+    if k:
+        before = (pos.unsqueeze(1) <= text_range.view(1, t, 1)).long()  # (B, T, K)
+        text_index = filler.view(b, 1) + text_range.view(1, t) + (before * c.unsqueeze(1)).sum(-1)
+    else:
+        text_index = filler.view(b, 1) + text_range.view(1, t)
+    cum_end = c.cumsum(1)  # (B, K)
+    cum_start = cum_end - c
+    image_start = filler.view(b, 1) + pos + cum_start
+    slot = torch.arange(n, device=device).view(1, n)
+    rank = slot - filler.view(b, 1)  # the visual token's rank within its sample, < 0 on filler slots
+    is_token = rank >= 0
+    if k:
+        image_of = (cum_end.unsqueeze(1) <= rank.unsqueeze(-1)).sum(-1).clamp(max=k - 1)  # (B, N)
+        index = image_start.gather(1, image_of) + rank - cum_start.gather(1, image_of)
+        visual_index = torch.where(is_token, index, slot.expand(b, n))
+    else:
+        visual_index = slot.expand(b, n)
+    length = t + n
+    is_visual = torch.zeros(b, length, dtype=torch.bool, device=device)
+    valid = torch.zeros(b, length, dtype=torch.bool, device=device)
+    is_visual.scatter_(1, visual_index, is_token)
+    valid.scatter_(1, visual_index, is_token)
     valid.scatter_(1, text_index, batch.text_mask())
     return SplicedLayout(text_index, visual_index, rope_positions(valid), valid, is_visual)
 

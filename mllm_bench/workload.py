@@ -9,6 +9,7 @@ Text tokens in all = text_before + (k - 1) * text_between + text_after.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,11 +46,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Workload:
-    """One measured scenario. ``image_size`` None means the vision preset's own size."""
+    """One measured scenario. ``image_size`` None means the vision preset's own size.
+
+    ``image_sizes``: each image's original (height, width) in pixels, as transformers' ``image_sizes``:
+    one pair for every image, or one per image of a sample (the same in every sample); None means square
+    images at the vision tower's size. An architecture that cuts images into crops by their size
+    (AnyRes) takes its crops and visual tokens from it; one that resizes every image to the tower's size
+    (LLaVA-1.5) is unaffected.
+    """
 
     batch_size: int = 1
     images_per_sample: int = 1
     image_size: int | None = None
+    image_sizes: tuple[tuple[int, int], ...] | None = None
     text_before: int = 32
     text_after: int = 32
     text_between: int = 0
@@ -72,6 +81,8 @@ class Workload:
             self.image_size is None or (isinstance(self.image_size, int) and self.image_size > 0),
             f"Workload.image_size must be a positive integer or None, got {self.image_size!r}",
         )
+        if self.image_sizes is not None:
+            object.__setattr__(self, "image_sizes", _image_sizes(self.image_sizes, self.images_per_sample))
         require(
             self.num_text_tokens > 0,
             "Workload must have at least one text token (text_before + text_between + text_after > 0)",
@@ -99,12 +110,32 @@ class Workload:
     def is_training(self) -> bool:
         return self.stage != "inference"
 
+    def original_image_sizes(self, tower_size: int) -> list[tuple[int, int]]:
+        """Each image's original (height, width) in a sample; square ``tower_size`` images when unset."""
+        sizes = self.image_sizes or ((tower_size, tower_size),)
+        return list(sizes) * self.images_per_sample if len(sizes) == 1 else list(sizes)
+
     def image_positions(self) -> list[int]:
         """Text index before which each image sits (see the module docstring's layout)."""
         return [self.text_before + i * self.text_between for i in range(self.images_per_sample)]
 
     def replace(self, **changes: object) -> Workload:
         return replace(self, **changes)
+
+
+def _image_sizes(value: object, images: int) -> tuple[tuple[int, int], ...]:
+    """``Workload.image_sizes`` as a tuple of (height, width) pairs, checked."""
+    if isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        value = (value,)  # one (height, width) pair for every image
+    pairs = tuple(tuple(p) for p in value) if isinstance(value, tuple | list) and all(
+        isinstance(p, tuple | list) for p in value) else None
+    require(pairs is not None and len(pairs) > 0 and all(
+        len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in p) for p in pairs),
+        f"Workload.image_sizes must be (height, width) pairs of positive integers, got {value!r}")
+    require(len(pairs) in (1, images),
+            f"Workload.image_sizes gives {len(pairs)} sizes; give one (for every image) or one per image "
+            f"(images_per_sample={images})")
+    return pairs
 
 
 def check_fits_context(llm: LLMConfig, prompt: int, new_tokens: int = 0, detail: str = "",
@@ -123,16 +154,20 @@ def check_fits_context(llm: LLMConfig, prompt: int, new_tokens: int = 0, detail:
                           f"{limit - prompt} new tokens fit")
 
 
-def check_workload_fits(workload: Workload, llm: LLMConfig, positions_per_image: int) -> None:
+def check_workload_fits(workload: Workload, llm: LLMConfig, positions_per_image: int | Sequence[int]) -> None:
     """Refuse ``workload`` when its sequence does not fit ``llm``'s context.
 
     ``positions_per_image``: sequence positions one image takes (its visual tokens where they are spliced
-    into the sequence; 0 where images reach the decoder by cross-attention only). At inference the
-    ``generate_tokens`` count too.
+    into the sequence; 0 where images reach the decoder by cross-attention only), or a list with each
+    image's own. At inference the ``generate_tokens`` count too.
     """
-    visual = workload.images_per_sample * positions_per_image
-    detail = f"{workload.num_text_tokens} text" + (
-        f" + {workload.images_per_sample} image(s) x {positions_per_image} visual tokens" if visual else "")
+    if isinstance(positions_per_image, int):
+        visual = workload.images_per_sample * positions_per_image
+        each = f"{workload.images_per_sample} image(s) x {positions_per_image}"
+    else:
+        visual = sum(positions_per_image)
+        each = f"images of {' + '.join(str(n) for n in positions_per_image)}"
+    detail = f"{workload.num_text_tokens} text" + (f" + {each} visual tokens" if visual else "")
     shorten = "fewer text tokens (text_before/text_between/text_after)" + (" or fewer images" if visual else "")
     check_fits_context(llm, workload.num_text_tokens + visual,
                        workload.generate_tokens if workload.stage == "inference" else 0, detail, shorten)
