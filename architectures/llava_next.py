@@ -168,6 +168,38 @@ def llava_next_cost(model: LLaVANeXT, workload: Workload, context_len: int | Non
     return cm.result()
 
 
+# the pixel value the image processor pads with (black, before normalisation), normalised, per tower kind
+PAD_MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def crops_of_tower_images(pixels: torch.Tensor, pinpoints: Sequence[Size], kind: str = "clip") -> torch.Tensor:
+    """Crops (B, K, 1 + tiles, C, s, s) of normalised images (B, K, C, s, s) given at the tower's size s, cut as
+    ``LlavaNextImageProcessor.get_image_patches`` does: the image itself as the base, then the image fitted
+    into the best-fit pinpoint (aspect kept), centred on black padding, cut into s x s tiles row by row.
+
+    A square image at the tower's size fits a pinpoint without resizing whenever one has a side s (as
+    llava-v1.6's do), and then the crops are exactly the processor's; a fit that needs resizing uses
+    torch's bicubic resampling (antialiased) where the processor uses PIL's, so values differ slightly.
+    """
+    b, k, c, s, _ = pixels.shape
+    h, w = select_best_resolution((s, s), pinpoints)
+    if w / s < h / s:  # transformers' get_patch_output_size
+        new_h, new_w = min(math.ceil(s * w / s), h), w
+    else:
+        new_h, new_w = h, min(math.ceil(s * h / s), w)
+    images = pixels.flatten(0, 1)
+    if (new_h, new_w) != (s, s):
+        images = torch.nn.functional.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True)
+    mean, std = PAD_MEAN_STD.get(kind, PAD_MEAN_STD["clip"])
+    black = (-torch.tensor(mean) / torch.tensor(std)).to(pixels.device, pixels.dtype).view(1, c, 1, 1)
+    canvas = black.expand(b * k, c, h, w).clone()
+    top, left = (h - new_h) // 2, (w - new_w) // 2
+    canvas[:, :, top:top + new_h, left:left + new_w] = images
+    tiles = canvas.view(b * k, c, h // s, s, w // s, s).permute(0, 2, 4, 1, 3, 5).flatten(1, 2)
+    return torch.cat((pixels.flatten(0, 1).unsqueeze(1), tiles), dim=1).view(b, k, -1, c, s, s)
+
+
 def _scatter_rows(length: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """A (B, length, h) tensor whose rows ``index`` (B, n) are ``values`` (B, n, h), for each part."""
     values = parts[0][1]
@@ -241,7 +273,23 @@ class LLaVANeXT(MLLM):
     def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
         return llava_next_cost(self, workload, context_len)
 
+    def as_crops(self, batch: MultimodalBatch) -> MultimodalBatch:
+        """``batch`` with each image as its crops and size: as it is when it has ``image_sizes``; else its
+        images (B, K, C, s, s) are taken at the tower's size s and cut as the image processor cuts them
+        (:func:`crops_of_tower_images`)."""
+        if batch.image_sizes is not None:
+            return batch
+        s = self.vision_config.image_size
+        b, k = batch.pixel_values.shape[:2]
+        pixels = crops_of_tower_images(batch.pixel_values, self.pinpoints, self.vision_config.kind)
+        sizes = torch.tensor([s, s], dtype=torch.long).expand(b, k, 2).contiguous()
+        return MultimodalBatch(batch.input_ids, pixels, batch.image_positions, batch.attention_mask, batch.labels,
+                               sizes)
+
     def check_batch(self, batch: MultimodalBatch) -> None:
+        if batch.image_sizes is None and batch.pixel_values.dim() == 5:
+            batch.validate(self.vision_config.image_size, self.llm_config.vocab_size)
+            return
         batch.validate(self.vision_config.image_size, self.llm_config.vocab_size, crops=True)
         need = max((self.num_crops(tuple(s)) for s in batch.image_sizes.flatten(0, 1).tolist()), default=1)
         if batch.pixel_values.shape[2] < need:
@@ -286,6 +334,7 @@ class LLaVANeXT(MLLM):
     def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
         """The spliced input sequence and its layout."""
         self.check_batch(batch)
+        batch = self.as_crops(batch)
         counts = self.image_token_counts(batch)
         layout = splice_layout(batch, counts)
         text = self.language_model.embed_tokens(batch.input_ids)
@@ -315,7 +364,8 @@ class LLaVANeXT(MLLM):
     @torch.no_grad()
     def generate(self, batch: MultimodalBatch, max_new_tokens: int, decode_mode: str = "dynamic") -> torch.Tensor:
         self.check_batch(batch)
-        visual = int(self.image_token_counts(batch).sum(1).max()) if batch.images_per_sample else 0
+        counts = self.image_token_counts(self.as_crops(batch))
+        visual = int(counts.sum(1).max()) if batch.images_per_sample else 0
         check_fits_context(self.llm_config, batch.num_text + visual, max(max_new_tokens, 0),
                            "the batch's text and images")
         return super().generate(batch, max_new_tokens, decode_mode)

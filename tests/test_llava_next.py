@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from mllm_bench.architectures.llava_next import LLaVANeXT, select_best_resolution
+from mllm_bench.architectures.llava_next import LLaVANeXT, crops_of_tower_images, select_best_resolution
 from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
@@ -168,6 +168,25 @@ def test_crops_equal_transformers_image_processor():
         out = proc(images=[image], return_tensors="pt")
         assert out["image_sizes"].tolist() == [[h, w]]
         assert out["pixel_values"].shape[1] == model.num_crops((h, w))
+
+
+def test_images_at_the_tower_size_are_cut_as_the_processor_cuts_them():
+    """A plain (B, K, C, s, s) batch: the model cuts each image into the processor's crops itself."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    proc = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      image_grid_pinpoints=TINY_PINPOINTS)
+    image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    theirs = proc(images=[image], return_tensors="pt")["pixel_values"][0]  # base + 2 tiles (1x2 grid)
+    model = tiny_model("llava-next")
+    ours = crops_of_tower_images(theirs[0][None, None], model.pinpoints)[0, 0]
+    assert ours.shape == theirs.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    plain = MultimodalBatch(torch.randint(0, 200, (1, 6)), theirs[0][None, None], torch.tensor([[2]]))
+    cut = MultimodalBatch(plain.input_ids, theirs[None, None], plain.image_positions,
+                          image_sizes=torch.tensor([[[32, 32]]]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(plain).logits, model(cut).logits)
 
 
 def test_per_image_counts_set_the_layout():
