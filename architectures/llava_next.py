@@ -156,7 +156,7 @@ class AnyResCost(CostModel):
 def llava_next_cost(model: LLaVANeXT, workload: Workload, context_len: int | None = None) -> CostBreakdown:
     """Tower on base + tiles -> MLP on every crop -> packed tokens spliced, causal decoder -> lm_head."""
     sizes = workload.original_image_sizes(model.vision_config.image_size)
-    cm = AnyResCost(model.llm_config, workload, [model.image_tokens(s) for s in sizes],
+    cm = AnyResCost(model.llm_config, workload, model.visual_tokens_per_image(workload),
                     [model.num_crops(s) for s in sizes], context_len)
     stage = workload.stage
     cm.vision_tower(model.vision_config)
@@ -164,7 +164,7 @@ def llava_next_cost(model: LLaVANeXT, workload: Workload, context_len: int | Non
     g = cm.spliced_decoder(causal_pairs(cm.segments), trainable=stage_trains(model, "language_model.", stage),
                            grad_in=g or stage_trains(model, "image_newline", stage))
     cm.lm_head(trainable=stage_trains(model, "lm_head.", stage), grad_in=g)
-    cm.cost.info["visual_tokens_per_image"] = [model.image_tokens(s) for s in sizes]
+    cm.cost.info["visual_tokens_per_image"] = model.visual_tokens_per_image(workload)
     return cm.result()
 
 
@@ -257,6 +257,9 @@ class LLaVANeXT(MLLM):
         """Visual tokens of a square image at the tower's size (a workload's default image)."""
         s = self.vision_config.image_size
         return self.image_tokens((s, s))
+
+    def visual_tokens_per_image(self, workload: Workload) -> list[int]:
+        return [self.image_tokens(s) for s in workload.original_image_sizes(self.vision_config.image_size)]
 
     def image_token_counts(self, batch: MultimodalBatch) -> torch.Tensor:
         """Each image's visual tokens (B, K), from ``batch.image_sizes``."""
@@ -378,7 +381,7 @@ class LLaVANeXT(MLLM):
             raise ConfigError(f"Workload.image_size {workload.image_size} differs from the model's vision image_size "
                               f"{s}; build the model with that vision image size (image_sizes sets the images')")
         sizes = workload.original_image_sizes(s)
-        check_workload_fits(workload, self.llm_config, [self.image_tokens(hw) for hw in sizes])
+        check_workload_fits(workload, self.llm_config, self.visual_tokens_per_image(workload))
         device = torch.device(workload.device)
         gen = torch.Generator().manual_seed(seed)
         b, t, k = workload.batch_size, workload.num_text_tokens, workload.images_per_sample

@@ -64,6 +64,11 @@ class Opt:
     Device = Annotated[str | None, typer.Option(help="Device to measure on (default: cuda if available, else cpu).")]
     DType = Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")]
     OutputFormat = Annotated[Format, typer.Option("--format", "-f", help="What to print.")]
+    ImageSize = Annotated[str | None, typer.Option(
+        "--image-size", help="N: square images with the vision tower run at N px (default: the preset's size); "
+        "WxH: images of W x H px (the tower at its preset size), each architecture taking them as its image "
+        "processor does (LLaVA-1.5 resizes to the tower, LLaVA-NeXT cuts AnyRes crops); WxH,WxH,...: one per "
+        "image.")]
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -175,6 +180,30 @@ def parse_models(arch: Iterable[str] | None, llm: str, vision: str,
     archs = parse_archs(arch)
     check_presets(llm, vision)
     return archs, parse_arch_options(option, archs)
+
+
+def parse_image_size(raw: str | None) -> tuple[int | None, tuple[tuple[int, int], ...] | None]:
+    """``--image-size``: ``N`` gives (tower size N, None); ``WxH[,WxH...]`` gives (None, ((H, W), ...)), the
+    images' original (height, width) as ``Workload.image_sizes`` holds them."""
+    if raw is None or not raw.strip():
+        return None, None
+    text = raw.strip().lower()
+    try:
+        if "x" not in text:
+            size = int(text)
+            if size < 1:
+                raise ValueError(text)
+            return size, None
+        pairs = []
+        for item in text.split(","):
+            width, height = (int(v) for v in item.strip().split("x"))
+            if width < 1 or height < 1:
+                raise ValueError(item)
+            pairs.append((height, width))
+        return None, tuple(pairs)
+    except ValueError:
+        raise ConfigError(f"--image-size {raw!r}: expected N (square, px) or WxH (e.g. 672x1008), or WxH,WxH,... "
+                          "one per image") from None
 
 
 def make_workload(dtype: str, device: str | None, **fields: Any) -> Workload:
@@ -365,6 +394,7 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
         model = models[key]
         try:
             check_workload_fits(run.workload, model.llm_config, model.positions_per_image)
+            model.example_batch(run.workload.replace(device="meta"))  # counts that depend on each image's size
         except ConfigError as err:
             raise ConfigError(f"{run.arch} on {llm_name}: {err}") from err
         device = run.workload.device if run.workload.device != "meta" else default_device()

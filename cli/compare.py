@@ -31,6 +31,7 @@ from .common import (
     get_profile,
     handle_errors,
     make_workload,
+    parse_image_size,
     parse_models,
     parse_stages,
     progress_bar,
@@ -45,7 +46,7 @@ def compare(
     option: Opt.ArchOptions = None,
     batch_size: Opt.BatchSize = PAPER_WORKLOAD.batch_size,
     images_per_sample: Opt.Images = PAPER_WORKLOAD.images_per_sample,
-    image_size: int = typer.Option(None, min=1, help="Image size in px (default: the vision preset's)."),
+    image_size: Opt.ImageSize = None,
     text_before: Opt.TextBefore = PAPER_WORKLOAD.text_before,
     text_after: Opt.TextAfter = PAPER_WORKLOAD.text_after,
     text_between: int = typer.Option(0, min=0, help="Text tokens between consecutive images."),
@@ -76,11 +77,13 @@ def compare(
     archs, options = parse_models(arch, llm, vision, option)
     if baseline not in archs:
         raise ConfigError(f"--baseline {baseline!r} is not among --arch {archs}")
+    tower_size, image_sizes = parse_image_size(image_size)
     workload = make_workload(dtype, device, batch_size=batch_size, images_per_sample=images_per_sample,
-                             image_size=image_size, text_before=text_before, text_after=text_after,
+                             image_size=tower_size, image_sizes=image_sizes, text_before=text_before,
+                             text_after=text_after,
                              text_between=text_between, generate_tokens=generate_tokens)
     stages = parse_stages(stage)
-    vision_cfg = vision_for(vision, image_size)
+    vision_cfg = vision_for(vision, tower_size)
     runs = [Run(a, llm, vision_cfg, options.get(a), workload.replace(stage=s), measure.value)
             for a in archs for s in ("inference", *stages)]
     check_before_work(runs, out=out or (DEFAULT_PLOTS_OUT if make_plots else None), db=db, out_beside=True,

@@ -130,6 +130,11 @@ class MLLM(nn.Module, ABC):
     def tokens_per_image(self) -> int:
         return self.vision_config.tokens_per_image
 
+    def visual_tokens_per_image(self, workload: Workload) -> list[int]:
+        """Visual tokens of each image of a ``workload`` sample: ``tokens_per_image`` each, unless the
+        architecture derives them from each image's size (``Workload.image_sizes``) and overrides this."""
+        return [self.tokens_per_image] * workload.images_per_sample
+
     @property
     def positions_per_image(self) -> int:
         """Sequence positions (RoPE slots) one image takes in the decoder: its visual tokens, by default."""

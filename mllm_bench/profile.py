@@ -68,7 +68,7 @@ def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str)
         "arch": arch, "llm": model.llm_config.name, "vision": v.name, "options": _options_json(model),
         "batch_size": workload.batch_size, "images_per_sample": workload.images_per_sample,
         "image_size": workload.image_size or v.image_size,
-        "visual_tokens": workload.images_per_sample * model.tokens_per_image,
+        "visual_tokens": sum(model.visual_tokens_per_image(workload)),
         "text_tokens": workload.num_text_tokens, "text_before": workload.text_before,
         "text_after": workload.text_after, "generate_tokens": workload.generate_tokens,
         "context_len": "", "dtype": dtype_name(workload.torch_dtype), "device": device,
@@ -212,7 +212,7 @@ def profile(
     counted: dict[str, CountedFlops] = {}
     ctx: int | str = ""
     if stage == "inference":
-        prompt = workload.num_text_tokens + (workload.images_per_sample * meta_model.tokens_per_image
+        prompt = workload.num_text_tokens + (sum(meta_model.visual_tokens_per_image(workload))
                                              if cost.kv_cache_bytes.get("visual") else 0)
         ctx = context_len if context_len is not None else prompt
     meta_wl = workload.replace(device="meta")

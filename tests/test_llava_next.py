@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mllm_bench.architectures.llava_next import LLaVANeXT, crops_of_tower_images, select_best_resolution
@@ -272,3 +273,24 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ConfigError, match="image_grid_pinpoints"):
         tiny_model("llava-next", image_grid_pinpoints="wide")
     assert tiny_model("llava-next", image_grid_pinpoints="64x32,32x64").pinpoints == ((32, 64), (64, 32))
+
+
+def test_cli_image_size_sets_each_images_size(tmp_path):
+    from mllm_bench.cli.app import app
+    from mllm_bench.cli.common import parse_image_size
+    from typer.testing import CliRunner
+
+    assert parse_image_size("672x1008") == (None, ((1008, 672),))  # W x H on the CLI, (height, width) inside
+    assert parse_image_size("336") == (336, None)
+    assert parse_image_size("64x32,32x96") == (None, ((32, 64), (96, 32)))
+    with pytest.raises(ConfigError, match="--image-size"):
+        parse_image_size("672x")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["compare", "-a", "llava,llava-next", "--llm", "tiny-llm", "--vision",
+                                      "tiny-clip", "--image-size", "64x32", "--measure", "never", "--count", "none",
+                                      "--out", str(out), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(next(out.glob("*.csv")))
+    tokens = rows.groupby("arch")["visual_tokens"].first().to_dict()
+    # 32 px high, 64 wide: a 1x2 grid of 4x4-feature tiles, no padding to cut: 16 base + 4 x 8 + 4 newlines
+    assert tokens == {"llava": 16, "llava-next": 16 + 4 * 8 + 4}
