@@ -294,3 +294,26 @@ def test_cli_image_size_sets_each_images_size(tmp_path):
     tokens = rows.groupby("arch")["visual_tokens"].first().to_dict()
     # 32 px high, 64 wide: a 1x2 grid of 4x4-feature tiles, no padding to cut: 16 base + 4 x 8 + 4 newlines
     assert tokens == {"llava": 16, "llava-next": 16 + 4 * 8 + 4}
+
+
+def test_transformers4_checkpoint_names_load():
+    """llava-hf/llava-v1.6-vicuna-7b-hf's files use transformers-4 names (``image_newline``,
+    ``language_model.model.``, ``language_model.lm_head.``, ``vision_tower.vision_model.``); they load too."""
+    source = tiny_model("llava-next")
+    hf = hf_llava_next(source)
+    v4 = {}
+    for key, value in hf.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "language_model.model." + key.removeprefix("model.language_model.")
+        elif key.startswith("lm_head."):
+            key = "language_model." + key
+        elif key.startswith("model.vision_tower."):
+            key = "vision_tower.vision_model." + key.removeprefix("model.vision_tower.").removeprefix("vision_model.")
+        else:
+            key = key.removeprefix("model.")
+        v4[key] = value
+    assert "image_newline" in v4 and "vision_tower.vision_model.embeddings.patch_embedding.weight" in v4
+    target = tiny_model("llava-next", seed=7)
+    assert not load_weights(target, v4)
+    for name, param in source.state_dict().items():
+        assert torch.equal(param, target.state_dict()[name]), name
