@@ -324,7 +324,10 @@ class LLaVANeXT(MLLM):
         sizes = [[tuple(s) for s in row] for row in batch.image_sizes.tolist()]
         crops = [self.num_crops(s) for row in sizes for s in row]
         pix = batch.pixel_values.flatten(0, 1)
-        chosen = torch.cat([pix[i, :n] for i, n in enumerate(crops)])
+        if all(n == pix.shape[1] for n in crops):  # no padding crops: a view of the batch's own pixels
+            chosen = pix.flatten(0, 1)
+        else:
+            chosen = torch.cat([pix[i, :n] for i, n in enumerate(crops)])
         feats = self.multi_modal_projector(self.encode(chosen)).split(crops)
         packed = [self.pack(f, s) for f, s in zip(feats, [s for row in sizes for s in row], strict=True)]
         k, n = batch.images_per_sample, int(counts.sum(1).max())
