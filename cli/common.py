@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.costmodel import CONVENTIONS, SCOPES
+from mllm_bench.model import option_value
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 from mllm_bench.registry import architecture_names, get_architecture
 from mllm_bench.workload import DTYPES, STAGES, Workload
@@ -140,20 +140,6 @@ def check_dtype(dtype: str) -> None:
         raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
 
 
-def _coerce(arch: str, key: str, raw: str, default: Any) -> Any:
-    kind = type(default)
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if kind in (int, float):
-            return kind(raw)
-    except ValueError as err:
-        raise ConfigError(f"--option {arch}.{key}: {raw!r} is not a {kind.__name__}") from err
-    return raw
-
-
 def parse_arch_options(specs: Iterable[str] | None, archs: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """``--option flamingo.num_latents=4`` (repeatable) → {"flamingo": {"num_latents": 4}}, typed and checked."""
     out: dict[str, dict[str, Any]] = {}
@@ -165,10 +151,7 @@ def parse_arch_options(specs: Iterable[str] | None, archs: Sequence[str] | None 
         if archs is not None and arch not in archs:
             raise ConfigError(f"--option {spec!r}: architecture {arch!r} is not being run; running {list(archs)}")
         options_cls = get_architecture(arch).Options
-        fields = {f.name: f for f in dataclasses.fields(options_cls)}
-        if key not in fields:
-            raise ConfigError(f"--option {spec!r}: {arch} has no option {key!r}; options: {sorted(fields) or 'none'}")
-        out.setdefault(arch, {})[key] = _coerce(arch, key, raw.strip(), fields[key].default)
+        out.setdefault(arch, {})[key] = option_value(options_cls, arch, key, raw.strip())
     for arch, opts in out.items():  # validate the whole set now, not halfway through a run
         get_architecture(arch).Options(**opts)
     return out

@@ -10,8 +10,10 @@ from mllm_bench.reports.sweep import (
     VARY_FIELDS,
     SweepResult,
     check_db,
+    curve_rows,
     expand,
     grid_slug,
+    option_fields,
     parse_vary,
     run_sweep,
     summary_table,
@@ -39,7 +41,8 @@ from .common import (
 )
 
 DEFAULT_ROOT = Path("out/sweep")
-VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}). visual_tokens=N uses N/576 images "
+VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}, or an architecture option ARCH.KEY, "
+             "e.g. fastv.drop_ratio=0.25,0.5,0.75). visual_tokens=N uses N/576 images "
              "when N is a multiple of the per-image count (2304 = 4 images at 336 px, not one 672-px image), "
              "else one image whose patch grid gives N (N a square).")
 
@@ -96,7 +99,11 @@ def sweep(
 
         fields = list(grid)
         notes = [visual_tokens_note(grid["visual_tokens"], vision)] if "visual_tokens" in grid else []
-        written = plots.cost_curves(result.rows, fields[0], out / f"cost_vs_{fields[0]}",
+        rows = result.rows
+        for name in option_fields(grid):  # an option's value becomes the x (or hue) of its architecture's rows
+            rows = curve_rows(rows, name, grid[name])
+            notes.append(f"architectures without {name} are drawn flat across it")
+        written = plots.cost_curves(rows, fields[0], out / f"cost_vs_{fields[0].replace('.', '_')}",
                                     scope=scope.value, convention=convention.value,
                                     hue=fields[1] if len(fields) > 1 else None, note="; ".join(notes))
         err_console.print(f"wrote {len(written)} plot files")

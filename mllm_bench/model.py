@@ -40,6 +40,25 @@ class ModelOutput:
     loss: torch.Tensor | None = None
 
 
+def option_value(options_cls: type, arch: str, key: str, raw: str, what: str = "--option") -> Any:
+    """The text ``raw`` of option ``arch.key`` as the type of the field's default (bool, int, float; other
+    fields, e.g. lists an architecture parses itself, stay text); errors name ``what`` and the option."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    if key not in fields:
+        raise ConfigError(f"{what} {arch}.{key}: {arch} has no option {key!r}; options: {sorted(fields) or 'none'}")
+    kind = type(fields[key].default)
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind in (int, float):
+            return kind(raw)
+    except ValueError as err:
+        raise ConfigError(f"{what} {arch}.{key}: {raw!r} is not a {kind.__name__}") from err
+    return raw
+
+
 def parse_options(options_cls: type, arch: str, given: dict[str, Any] | Any | None) -> Any:
     """Build an architecture's options dataclass, naming unknown fields and the allowed ones."""
     if given is None:

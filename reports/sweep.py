@@ -45,19 +45,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mllm_bench.choices import VARY_FIELDS as VARY_FIELDS  # re-exported
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
 from mllm_bench.environment import device_name, git_commit
+from mllm_bench.model import option_value, parse_options
 from mllm_bench.presets import LLM_PRESETS, vision_preset
+from mllm_bench.registry import get_architecture
 from mllm_bench.results import SQLITE_TABLE, atomic_write_text, concat_rows, rows_to_json, write_rows
 from mllm_bench.workload import Workload
 
 from .rows import pick
 
-VARY_FIELDS: tuple[str, ...] = (
-    "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "images_per_sample", "llm",
-    "batch_size", "generate_tokens",
-)
 ProfileFn = Callable[..., pd.DataFrame]
 
 
@@ -69,14 +68,17 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
     for spec in specs:
         name, sep, raw = spec.partition("=")
         name = name.strip()
-        if not sep or name not in VARY_FIELDS:
-            raise ConfigError(f"--vary {spec!r}: expected FIELD=v1,v2,... with FIELD one of {list(VARY_FIELDS)}")
+        if not sep or (name not in VARY_FIELDS and "." not in name):
+            raise ConfigError(f"--vary {spec!r}: expected FIELD=v1,v2,... with FIELD one of {list(VARY_FIELDS)} "
+                              "or an architecture option ARCH.KEY (e.g. fastv.drop_ratio=0.25,0.5,0.75)")
         if name in out:
             raise ConfigError(f"--vary names {name!r} twice")
         values = [v.strip() for v in raw.split(",") if v.strip()]
         if not values:
             raise ConfigError(f"--vary {name}: no values given (expected {name}=v1,v2,...)")
-        if name == "llm":
+        if "." in name:
+            out[name] = option_values(name, values)
+        elif name == "llm":
             bad = [v for v in values if v not in LLM_PRESETS]
             if bad:
                 raise ConfigError(f"--vary llm: unknown preset(s) {bad}; choose from {sorted(LLM_PRESETS)}")
@@ -98,6 +100,39 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
         raise ConfigError("--vary text_tokens sets text_after itself (from the fixed text_before); vary text_tokens "
                           "or text_before/text_after, not both")
     return out
+
+
+def option_values(name: str, values: Sequence[str]) -> list[Any]:
+    """The values of an option field ``ARCH.KEY``, typed as the option's default (checked by building them)."""
+    arch, _, key = name.partition(".")
+    options_cls = get_architecture(arch).Options
+    typed = [option_value(options_cls, arch, key, v, what="--vary") for v in values]
+    if any(isinstance(v, str) for v in typed):
+        raise ConfigError(f"--vary {name}: only numeric or true/false options can be swept")
+    for v in typed:
+        parse_options(options_cls, arch, {key: v})  # the architecture's own bounds, before any work
+    return typed
+
+
+def option_fields(vary: Mapping[str, Any]) -> list[str]:
+    """The varied fields that are architecture options (``ARCH.KEY``)."""
+    return [name for name in vary if "." in name]
+
+
+def curve_rows(rows: pd.DataFrame, field: str, values: Sequence[Any]) -> pd.DataFrame:
+    """Rows to plot against an option field ``ARCH.KEY``: that architecture's rows get the option's value as
+    column ``field`` (and lose it from ``options``, so its points form one curve); every other
+    architecture's rows repeat at each value, a flat line to read crossings against."""
+    arch, _, key = field.partition(".")
+    default = getattr(get_architecture(arch).Options(), key)  # rows name only options that differ from it
+    own = rows[rows["arch"] == arch]
+    options = own["options"].map(lambda text: json.loads(text) if text else {})
+    own = own.assign(**{field: options.map(lambda o: o.get(key, default)),
+                        "options": options.map(lambda o: json.dumps({k: v for k, v in o.items() if k != key},
+                                                                    sort_keys=True) if len(o) > 1 else "")})
+    others = rows[rows["arch"] != arch]
+    repeated = [others.assign(**{field: v}) for v in values] if len(others) else []
+    return pd.concat([own, *repeated], ignore_index=True)
 
 
 def visual_tokens_to_workload(tokens: int, vision: VisionConfig) -> tuple[int, int]:
@@ -153,6 +188,12 @@ def expand(
     """Every (architecture × grid point), validated before anything runs."""
     options = options or {}
     names = list(vary)
+    for name in option_fields(vary):
+        arch, _, key = name.partition(".")
+        if arch not in archs:
+            raise ConfigError(f"--vary {name}: architecture {arch!r} is not being run; running {list(archs)}")
+        if key in options.get(arch, {}):
+            raise ConfigError(f"--vary {name} and --option {name}={options[arch][key]} both set it; give one")
     vcfg = vision_preset(vision)
     points = []
     for combo in itertools.product(*(vary[n] for n in names)):
@@ -160,6 +201,8 @@ def expand(
         point_llm = values.get("llm", llm)
         changes: dict[str, Any] = {}
         for name, value in values.items():
+            if "." in name:
+                continue  # an architecture option: set on that architecture's points below
             if name == "visual_tokens":
                 changes["images_per_sample"], size = visual_tokens_to_workload(value, vcfg)
                 changes["image_size"] = None if size == vcfg.image_size else size
@@ -175,16 +218,22 @@ def expand(
         if workload.image_size is not None:
             replace_config(vcfg, image_size=workload.image_size)  # validates against the patch size
         for arch in archs:
-            points.append(Point(arch, point_llm, vision, tuple(sorted(options.get(arch, {}).items())),
+            own = {n.partition(".")[2]: v for n, v in values.items() if "." in n and n.partition(".")[0] == arch}
+            shown = {n: v for n, v in values.items() if "." not in n or n.partition(".")[0] == arch}
+            points.append(Point(arch, point_llm, vision, tuple(sorted({**options.get(arch, {}), **own}.items())),
                                 tuple(sorted(dataclasses.asdict(workload).items())), measure,
-                                tuple(values.items())))
+                                tuple(shown.items())))
     seen: dict[str, Point] = {}
+    unique = []
     for point in points:
+        if point.key in seen and dict(seen[point.key].values) == dict(point.values):
+            continue  # another architecture's option varies: this architecture's point is the same each time
         if point.key in seen:
             raise ConfigError(f"the grid gives one point twice: {point.arch} at {dict(seen[point.key].values)} and "
                               f"{dict(point.values)} are the same workload; drop one of the values")
         seen[point.key] = point
-    return points
+        unique.append(point)
+    return unique
 
 
 def grid_slug(vary: Mapping[str, Sequence[Any]], keys: Sequence[str]) -> str:
