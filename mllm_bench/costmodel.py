@@ -29,6 +29,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .choices import CONVENTIONS as CONVENTIONS  # re-exported
+from .choices import SCOPES as SCOPES
 from .config import ConfigError, LLMConfig, VisionConfig
 from .workload import Workload
 
@@ -36,8 +38,6 @@ COMPONENTS: tuple[str, ...] = (
     "vision", "connector", "attn_proj", "attn_scores", "ffn", "cross_attn", "lm_head", "embedding", "norm",
 )
 LANGUAGE_COMPONENTS = frozenset({"connector", "attn_proj", "attn_scores", "ffn", "cross_attn"})
-SCOPES: tuple[str, ...] = ("language", "total")
-CONVENTIONS: tuple[str, ...] = ("dense", "effective")
 PHASES: tuple[str, ...] = ("prefill", "decode", "train_step")
 PASSES: tuple[str, ...] = ("forward", "backward", "recompute")
 

@@ -15,10 +15,11 @@ from typing import Literal
 
 import torch
 
+from .choices import PAPER_WORKLOAD_FIELDS
+from .choices import STAGES as STAGES  # re-exported
 from .config import ConfigError, LLMConfig, replace, require
 
 Stage = Literal["inference", "pretrain", "finetune"]
-STAGES: tuple[str, ...] = ("inference", "pretrain", "finetune")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -176,4 +177,4 @@ def check_workload_fits(workload: Workload, llm: LLMConfig, positions_per_image:
 # The SAISA paper's FLOPs convention (arXiv 2502.02458; ShortV arXiv 2504.00502): one 336 px image
 # (576 visual tokens) and 64 text tokens. The split of the 64 around the image is our assumption:
 # it does not change dense-attention FLOPs, only the mask-aware (effective) ones.
-PAPER_WORKLOAD = Workload(batch_size=1, images_per_sample=1, text_before=32, text_after=32)
+PAPER_WORKLOAD = Workload(**PAPER_WORKLOAD_FIELDS)

@@ -7,12 +7,12 @@ from typing import Any
 
 import pandas as pd
 
+from mllm_bench.choices import COUNT_CHOICES as COUNT_CHOICES  # re-exported
 from mllm_bench.config import ConfigError
 from mllm_bench.results import concat_rows
 from mllm_bench.workload import Workload
 
 ProfileFn = Callable[..., pd.DataFrame]
-COUNT_CHOICES = ("all", "inference", "none")
 # Columns that differ between two profiler calls for the same number (not part of a row's identity).
 VOLATILE = ("timestamp", "load_avg_1m")
 

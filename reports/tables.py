@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 from rich.table import Table
 
+from mllm_bench.choices import FORMATS as FORMATS  # re-exported
 from mllm_bench.config import ConfigError
 from mllm_bench.environment import BUSY_LOAD_FRACTION, is_busy
 
@@ -34,8 +35,6 @@ from .rows import (
     scale_for,
     workload_line,
 )
-
-FORMATS: tuple[str, ...] = ("table", "markdown", "csv", "json", "latex")
 
 # The latency metric (median of timed repeats) of each timed phase; its ``latency_iqr_s`` row has the same phase.
 PHASE_LATENCY = {"vision_encode": "vision_encode_latency_s", "prefill": "prefill_latency_s",

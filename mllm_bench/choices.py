@@ -1,0 +1,23 @@
+"""The library's choice lists and paper defaults, in a module that imports nothing heavy.
+
+The CLI builds its option enums and defaults from these at startup, so ``mllm-bench --help`` and usage
+errors need no torch, transformers or pandas. The modules that use them re-export them
+(``costmodel.SCOPES``, ``workload.STAGES``, ``reports.tables.FORMATS``, …).
+"""
+
+from __future__ import annotations
+
+SCOPES: tuple[str, ...] = ("language", "total")
+CONVENTIONS: tuple[str, ...] = ("dense", "effective")
+FORMATS: tuple[str, ...] = ("table", "markdown", "csv", "json", "latex")
+COUNT_CHOICES: tuple[str, ...] = ("all", "inference", "none")
+STAGES: tuple[str, ...] = ("inference", "pretrain", "finetune")
+DTYPE_NAMES: tuple[str, ...] = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+VARY_FIELDS: tuple[str, ...] = (
+    "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "images_per_sample", "llm",
+    "batch_size", "generate_tokens",
+)
+BUDGET_DEVICES: tuple[str, ...] = ("a100", "h100", "h100-pcie", "h200")  # GPU-hours of train-cost and paper
+# The SAISA paper's workload (LLaVA-1.5 evaluation): one image, 32 text tokens before and after it.
+PAPER_WORKLOAD_FIELDS: dict[str, int] = {"batch_size": 1, "images_per_sample": 1, "text_before": 32,
+                                         "text_after": 32}
