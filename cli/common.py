@@ -11,21 +11,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeVar
 
-import pandas as pd
 import typer
-from mllm_bench.reports.collect import COUNT_CHOICES
-from mllm_bench.reports.tables import FORMATS
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+# Startup (--help, usage errors) imports nothing heavy: torch, pandas and the architectures load inside
+# the functions that need them (tests/test_speed.py checks sys.modules).
+from mllm_bench.choices import CONVENTIONS, COUNT_CHOICES, DTYPE_NAMES, FORMATS, SCOPES, STAGES
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
-from mllm_bench.costmodel import CONVENTIONS, SCOPES
-from mllm_bench.model import option_value
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
-from mllm_bench.registry import architecture_names, get_architecture
-from mllm_bench.workload import DTYPES, STAGES, Workload
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mllm_bench.workload import Workload
 
 # Messages and progress go to stderr so that `--format csv|json|markdown|latex` output stays clean.
 err_console = Console(stderr=True)
@@ -105,6 +105,8 @@ def split_list(values: Iterable[str] | None) -> list[str]:
 
 def parse_archs(values: Iterable[str] | None, default: Sequence[str] = DEFAULT_ARCHS) -> list[str]:
     """``--arch`` values (``default`` when the option is not given; given but empty is an error)."""
+    from mllm_bench.registry import architecture_names
+
     known = architecture_names()
     if values and not split_list(values):
         raise ConfigError(f"--arch: no architecture named (got {list(values)}); name one or more of {known}, "
@@ -136,12 +138,15 @@ def parse_stages(values: Iterable[str] | None, default: Sequence[str] = ("pretra
 
 
 def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype: unknown dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
 
 
 def parse_arch_options(specs: Iterable[str] | None, archs: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """``--option flamingo.num_latents=4`` (repeatable) → {"flamingo": {"num_latents": 4}}, typed and checked."""
+    from mllm_bench.model import option_value
+    from mllm_bench.registry import get_architecture
+
     out: dict[str, dict[str, Any]] = {}
     for spec in specs or ():
         target, sep, raw = spec.partition("=")
@@ -194,6 +199,8 @@ def make_workload(dtype: str, device: str | None, **fields: Any) -> Workload:
     check_dtype(dtype)
     if device is not None:
         check_device(device)
+    from mllm_bench.workload import Workload
+
     return Workload(dtype=dtype, device=device or default_device(), **fields)
 
 
@@ -438,6 +445,8 @@ def progress_bar(total: int, description: str, quiet: bool = False) -> Iterator[
 
         yield log
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("[dim]{task.fields[label]}"), console=err_console,
                         transient=True, disable=quiet)

@@ -7,16 +7,16 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import typer
-from mllm_bench.reports import tables
-from mllm_bench.reports.collect import collect, steps
 from rich.console import Console
 
+from mllm_bench.choices import PAPER_WORKLOAD_FIELDS as PAPER
 from mllm_bench.config import ConfigError
-from mllm_bench.results import append_sqlite, atomic_write_text, rows_to_json, write_rows
-from mllm_bench.workload import PAPER_WORKLOAD
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .common import (
     Convention,
@@ -44,11 +44,11 @@ def compare(
     llm: Opt.LLM = "vicuna-7b",
     vision: Opt.Vision = "clip-vit-l-336",
     option: Opt.ArchOptions = None,
-    batch_size: Opt.BatchSize = PAPER_WORKLOAD.batch_size,
-    images_per_sample: Opt.Images = PAPER_WORKLOAD.images_per_sample,
+    batch_size: Opt.BatchSize = PAPER["batch_size"],
+    images_per_sample: Opt.Images = PAPER["images_per_sample"],
     image_size: Opt.ImageSize = None,
-    text_before: Opt.TextBefore = PAPER_WORKLOAD.text_before,
-    text_after: Opt.TextAfter = PAPER_WORKLOAD.text_after,
+    text_before: Opt.TextBefore = PAPER["text_before"],
+    text_after: Opt.TextAfter = PAPER["text_after"],
     text_between: int = typer.Option(0, min=0, help="Text tokens between consecutive images."),
     generate_tokens: Opt.Generate = 0,
     device: Opt.Device = None,
@@ -74,6 +74,8 @@ def compare(
     db: Path = typer.Option(None, help="SQLite file to append the rows to."),
 ) -> None:
     """Compare architectures on one workload (default: LLaVA-1.5, Flamingo-style, SAISA at 7B, paper workload)."""
+    from mllm_bench.reports.collect import collect, steps
+
     archs, options = parse_models(arch, llm, vision, option)
     if baseline not in archs:
         raise ConfigError(f"--baseline {baseline!r} is not among --arch {archs}")
@@ -113,6 +115,10 @@ def vision_for(vision: str, image_size: int | None):
 def emit(rows: pd.DataFrame, stages: list[str], baseline: str, scope: str, convention: str,
          fmt: Format, out: Path | None, make_plots: bool, db: Path | None, title: str) -> None:
     """Print the table in ``fmt`` and write the files (shared by ``compare`` and ``report``)."""
+    from mllm_bench.reports import tables
+
+    from mllm_bench.results import append_sqlite, atomic_write_text, rows_to_json, write_rows
+
     quantities = tables.compare_quantities(scope, convention, tuple(stages))
     table = tables.comparison(rows, quantities, baseline)
     notes = tables.notes_for(rows, scope, convention)

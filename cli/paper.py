@@ -10,7 +10,8 @@ import datetime
 from pathlib import Path
 
 import typer
-from mllm_bench.reports.train_cost import DEVICE_PEAKS
+
+from mllm_bench.choices import BUDGET_DEVICES
 
 from .common import check_before_work, err_console, get_profile, handle_errors, progress_bar
 
@@ -35,7 +36,7 @@ def fresh_run_dir(root: Path = DEFAULT_ROOT) -> Path:
 def paper(
     out: Path = typer.Option(None, help=f"Folder to write (default: a fresh {DEFAULT_ROOT}/<timestamp>/; "
                              "--out results/paper regenerates the committed results)."),
-    device: str = typer.Option("a100", help=f"Device for GPU-hours: {', '.join(DEVICE_PEAKS)}."),
+    device: str = typer.Option("a100", help=f"Device for GPU-hours: {', '.join(BUDGET_DEVICES)}."),
     mfu: str = typer.Option("0.4", help="MFU for the training budget, in (0, 1]: one number, or per architecture "
                             "(llava=0.47,saisa=0.32; a bare number sets the rest)."),
     measured: Path = typer.Option(None, help="Result file with measured train_step mfu rows (e.g. "

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import typer
-from mllm_bench.reports.rows import SHARED_WORKLOAD, drop_repeated_rows, field_text, varying_workload, workloads
 
 from mllm_bench.config import ConfigError
-from mllm_bench.results import concat_rows, read_result_files
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from .common import Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages
 from .compare import emit
@@ -41,6 +42,8 @@ def report(
     make_plots: bool = typer.Option(False, "--plots", help="Rebuild plots under OUT."),
 ) -> None:
     """Rebuild tables/plots from saved rows without profiling again."""
+    from mllm_bench.results import concat_rows, read_result_files
+
     conditions = parse_where(where)
     files = [pair for p in inputs for pair in read_result_files(p)]
     rows = concat_rows(frame.assign(**{ORIGIN: str(path)}) for path, frame in files)
@@ -90,6 +93,8 @@ def parse_where(specs: Sequence[str] | None) -> dict[str, str]:
 
 def apply_where(rows: pd.DataFrame, conditions: dict[str, str]) -> pd.DataFrame:
     """The rows whose every ``--where`` field equals its value (a blank field matches nothing)."""
+    from mllm_bench.reports.rows import field_text
+
     for field, value in conditions.items():
         if field not in rows.columns or field == ORIGIN:
             columns = [c for c in rows.columns if c != ORIGIN]
@@ -108,6 +113,8 @@ def apply_where(rows: pd.DataFrame, conditions: dict[str, str]) -> pd.DataFrame:
 def one_workload(rows: pd.DataFrame, over: Sequence[str] = ()) -> pd.DataFrame:
     """``rows`` when they hold one workload (per value of the ``over`` fields), repeated rows dropped;
     otherwise a ConfigError naming the fields that vary and how to pick one."""
+    from mllm_bench.reports.rows import SHARED_WORKLOAD, drop_repeated_rows, varying_workload, workloads
+
     varying = varying_workload(rows, over)
     if len(varying) > 1:
         varying.pop("context_len", None)  # follows from the others

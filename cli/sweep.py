@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from mllm_bench.reports.rows import fmt_number, scale_for
-from mllm_bench.reports.sweep import (
-    VARY_FIELDS,
-    SweepResult,
-    check_db,
-    curve_rows,
-    expand,
-    grid_slug,
-    option_fields,
-    parse_vary,
-    run_sweep,
-    summary_table,
-    visual_tokens_note,
-    write_sweep,
-)
 from rich.console import Console
 from rich.table import Table
 
-from mllm_bench.workload import PAPER_WORKLOAD
+from mllm_bench.choices import PAPER_WORKLOAD_FIELDS as PAPER
+from mllm_bench.choices import VARY_FIELDS
+
+if TYPE_CHECKING:
+    from mllm_bench.reports.sweep import SweepResult
 
 from .common import (
     Convention,
@@ -54,10 +44,10 @@ def sweep(
     llm: str = typer.Option("vicuna-7b", help="LLM preset (unless varied)."),
     vision: Opt.Vision = "clip-vit-l-336",
     option: Opt.ArchOptions = None,
-    batch_size: Opt.BatchSize = PAPER_WORKLOAD.batch_size,
-    images_per_sample: Opt.Images = PAPER_WORKLOAD.images_per_sample,
-    text_before: Opt.TextBefore = PAPER_WORKLOAD.text_before,
-    text_after: Opt.TextAfter = PAPER_WORKLOAD.text_after,
+    batch_size: Opt.BatchSize = PAPER["batch_size"],
+    images_per_sample: Opt.Images = PAPER["images_per_sample"],
+    text_before: Opt.TextBefore = PAPER["text_before"],
+    text_after: Opt.TextAfter = PAPER["text_after"],
     generate_tokens: Opt.Generate = 0,
     device: Opt.Device = None,
     dtype: Opt.DType = "bfloat16",
@@ -71,6 +61,18 @@ def sweep(
     db: Path = typer.Option(None, help="SQLite file that gets every finished point's rows once (as each finishes)."),
 ) -> None:
     """Sweep workload/config fields across architectures; re-running skips points this code finished here."""
+    from mllm_bench.reports.sweep import (
+        check_db,
+        curve_rows,
+        expand,
+        grid_slug,
+        option_fields,
+        parse_vary,
+        run_sweep,
+        visual_tokens_note,
+        write_sweep,
+    )
+
     archs, options = parse_models(arch, llm, vision, option)
     base = make_workload(dtype, device, batch_size=batch_size, images_per_sample=images_per_sample,
                          text_before=text_before, text_after=text_after, generate_tokens=generate_tokens, stage=stage)
@@ -121,6 +123,9 @@ def sweep(
 
 def _summary(result: SweepResult, scope: str, convention: str) -> Table:
     """This run's points: status, whether each was new, reused or redone (and why), FLOPs and latency."""
+    from mllm_bench.reports.rows import fmt_number, scale_for
+    from mllm_bench.reports.sweep import summary_table
+
     lines = summary_table(result, scope, convention)
     flops_div, flops_unit = scale_for("FLOP", lines["flops"])
     time_div, time_unit = scale_for("s", lines["latency_s"])

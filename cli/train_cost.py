@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mllm_bench.reports import train_cost as budget
 
+from mllm_bench.choices import BUDGET_DEVICES
 from mllm_bench.config import ConfigError
 from mllm_bench.presets import vision_preset
-from mllm_bench.results import atomic_write_text, write_rows
 
 from .common import (
     Convention,
@@ -43,7 +42,7 @@ def train_cost(
     llm: Opt.LLM = "vicuna-7b",
     vision: Opt.Vision = "clip-vit-l-336",
     option: Opt.ArchOptions = None,
-    device: str = typer.Option("a100", help=f"Device whose peak sets GPU-hours: {', '.join(budget.DEVICE_PEAKS)}."),
+    device: str = typer.Option("a100", help=f"Device whose peak sets GPU-hours: {', '.join(BUDGET_DEVICES)}."),
     mfu: str = typer.Option("0.4", help="MFU in (0, 1] for every architecture (0.4), or per architecture "
                             "(llava=0.47,saisa=0.32; a bare number sets the rest). Used for both stages."),
     measured: Path = typer.Option(None, help="Result file(s) with measured train_step mfu rows (e.g. "
@@ -60,6 +59,10 @@ def train_cost(
     out: Path = typer.Option(None, help="Folder for train_cost.{md,csv} and the profiler rows."),
 ) -> None:
     """Training budget (FLOPs, GPU-hours) of the LLaVA-1.5 recipe per architecture, vs the paper's −26%."""
+    from mllm_bench.reports import train_cost as budget
+
+    from mllm_bench.results import atomic_write_text, write_rows
+
     archs, options = parse_models(arch, llm, vision, option)
     budget.peak_flops(device)  # an unknown device is bad usage, before any counting
     recipe = budget.llava15_recipe(parse_pair(pretrain_text, "pretrain-text"), parse_pair(finetune_text,

