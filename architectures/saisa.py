@@ -30,7 +30,7 @@ from torch import nn
 
 from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import LLMConfig, VisionConfig
-from mllm_bench.costmodel import CostBreakdown, CostModel, causal_pairs, stage_trains
+from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask
 from mllm_bench.model import MLLM, ModelOutput
@@ -67,39 +67,6 @@ def saisa_mask(layout: SplicedLayout, text_valid: torch.Tensor) -> AttentionMask
     )
 
 
-def kv_only_visual_decoder(cm: CostModel, trainable: bool = False, grad_in: bool = False,
-                           visual_grad: bool = False) -> bool:
-    """Decoder layers in which visual tokens give keys and values only (no Q, no O, no FFN); text queries
-    see them causally. Returns whether the text stream leaving the decoder needs gradients.
-
-    ``visual_grad``: the visual rows fed to each layer need gradients (their projector is trained).
-    Layer 0's text rows need gradients only if ``grad_in`` or ``trainable``; later layers' do as
-    soon as anything upstream (including the visual keys/values) is trained.
-    """
-    L, width = cm.llm.num_layers, cm.q_width
-    b, t, v = cm.batch, cm.text, cm.visual
-    first_g = grad_in or trainable
-    later_g = first_g or (visual_grad and v > 0)
-    for phase in cm.phases:
-        if phase == "decode":
-            cm.decode_layers(L, visual_in_cache=True)
-            continue
-        eff = causal_pairs(cm.segments, query_roles=("text",)).get("text", 0)
-        kv_rows = {"text": b * t} | ({"visual": b * v} if v else {})
-        start = len(cm.cost.terms)
-        for n_layers, g in ((1, first_g), (L - 1, later_g)):
-            if not n_layers:
-                continue
-            kv_grad = {"text": g, "visual": visual_grad or g}
-            cm.decoder_layer_linears(phase, {"text": b * t}, kv_rows, trainable, g, kv_grad, count=n_layers)
-            cm.scores(phase, "attn_scores", "text", b * t * (t + v), b * eff, width, width, g,
-                      g or (visual_grad and v > 0), n_layers)
-        if phase == "train_step" and cm.workload.gradient_checkpointing and later_g:
-            cm.recompute(start, {("ffn", "text"): cm.down_proj(b * t, L)})
-    cm.kv_cache(L, visual_in_cache=True)
-    return later_g
-
-
 def saisa_cost(model: SAISA, workload: Workload, context_len: int | None = None) -> CostBreakdown:
     """Vision tower -> one MLP per layer -> decoder where visual tokens are keys/values only -> lm_head."""
     llm, stage = model.llm_config, workload.stage
@@ -107,7 +74,9 @@ def saisa_cost(model: SAISA, workload: Workload, context_len: int | None = None)
     cm.vision_tower(model.vision_config)
     visual_grad = cm.mlp_connector(model.vision_config.hidden_size, llm.hidden_size, count=llm.num_layers,
                                    trainable=stage_trains(model, "mm_projectors.", stage))
-    g = kv_only_visual_decoder(cm, trainable=stage_trains(model, "language_model.", stage), visual_grad=visual_grad)
+    # every layer's visual rows are keys/values only, each layer's from its own projector
+    g = cm.key_value_visual_decoder([True] * llm.num_layers, trainable=stage_trains(model, "language_model.", stage),
+                                    visual_grad=visual_grad, visual_per_layer=True)
     cm.lm_head(trainable=stage_trains(model, "lm_head.", stage), grad_in=g)
     return cm.result()
 

@@ -19,13 +19,15 @@ Conventions (DESIGN.md, "Measurement conventions"):
 
 Architectures compose these in data-flow order in their ``analytic_cost``: the primitives (``linear``,
 ``scores``, ``recompute``, ``kv_cache``, ``decoder_layer_linears``, ``decode_layers``) and the wirings two or
-more architectures share (vision tower, MLP connector, spliced-sequence decoder, lm_head); an
+more architectures share (vision tower, MLP connector, spliced-sequence decoder, decoder with key/value-only
+visual rows, lm_head); an
 architecture's own wiring lives in its file. Nothing here is named after an architecture.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,6 +336,66 @@ class CostModel:
                 self.recompute(start, {("ffn", r): self.down_proj(b * k, L) for r, k in rows.items()})
         self.kv_cache(L, visual_in_cache=True)
         return g
+
+    def key_value_visual_decoder(self, kv_only_layers: Sequence[bool], trainable: bool = False,
+                                 grad_in: bool = False, visual_grad: bool = False,
+                                 visual_per_layer: bool = False) -> bool:
+        """Decoder with two kinds of layer. Where ``kv_only_layers[i]`` is True the visual rows give keys and
+        values only (input RMSNorm, K, V; no query, attention output or FFN) and text queries see them causally
+        by position; elsewhere every row is a full token, plain causal (as :meth:`spliced_decoder`). Returns
+        whether the text stream leaving the decoder needs gradients.
+
+        Gradients are tracked per stream. ``grad_in``: the text rows entering layer 0 need them;
+        ``visual_grad``: the visual rows entering layer 0 do or, with ``visual_per_layer``, the visual rows
+        handed to every key/value-only layer (each from its own projector). Without it the visual rows of a
+        key/value-only layer are those the previous layer left, unchanged by it. A full layer's rows form one
+        tensor: all of them need input gradients when either stream does.
+        """
+        L, width = self.llm.num_layers, self.q_width
+        b, t, v = self.batch, self.text, self.visual
+        if len(kv_only_layers) != L:
+            raise ConfigError(f"kv_only_layers must give one flag per decoder layer ({L}), got {len(kv_only_layers)}")
+        rows = rows_by_role(self.segments)
+        n = sum(rows.values())
+        eff_text = causal_pairs(self.segments, query_roles=("text",)).get("text", 0)
+        eff_full = causal_pairs(self.segments)
+        # per-layer gradient flags; layers of the same kind and flags are costed together
+        groups: dict[tuple[str, bool, bool], int] = defaultdict(int)
+        text_g, vis_g = grad_in or trainable, visual_grad and v > 0
+        for kv_only in kv_only_layers:
+            if kv_only:
+                vis_in = (visual_grad and v > 0) if visual_per_layer else vis_g
+                groups[("kv_only", text_g, vis_in)] += 1
+                text_g, vis_g = text_g or trainable or vis_in, vis_in
+            else:
+                g = text_g or vis_g
+                groups[("full", g, g)] += 1
+                text_g = vis_g = g or trainable
+        for phase in self.phases:
+            if phase == "decode":
+                self.decode_layers(L, visual_in_cache=True)
+                continue
+            for (kind, tg, vg), count in groups.items():
+                start = len(self.cost.terms)
+                if kind == "kv_only":
+                    kv_rows = {"text": b * t} | ({"visual": b * v} if v else {})
+                    self.decoder_layer_linears(phase, {"text": b * t}, kv_rows, trainable, tg,
+                                               {"text": tg, "visual": vg}, count=count)
+                    self.scores(phase, "attn_scores", "text", b * t * (t + v), b * eff_text, width, width, tg,
+                                tg or vg, count)
+                    out_grad, last = tg or vg, {("ffn", "text"): self.down_proj(b * t, count)}
+                else:
+                    self.decoder_layer_linears(phase, {r: b * k for r, k in rows.items()},
+                                               {r: b * k for r, k in rows.items()}, trainable, tg, count=count)
+                    for role, k in rows.items():
+                        self.scores(phase, "attn_scores", role, b * k * n, b * eff_full.get(role, 0), width, width,
+                                    tg, tg, count)
+                    out_grad = tg or trainable
+                    last = {("ffn", r): self.down_proj(b * k, count) for r, k in rows.items()}
+                if phase == "train_step" and self.workload.gradient_checkpointing and out_grad:
+                    self.recompute(start, last)
+        self.kv_cache(L, visual_in_cache=True)
+        return text_g
 
     def kv_cache(self, num_layers: int, visual_in_cache: bool) -> None:
         """Self-attention KV bytes per sample of ``num_layers`` layers: text (prompt + generated), visual if cached."""
