@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mllm_bench import ConfigError, MultimodalBatch, Workload, build_model
 from mllm_bench.checkpoint import load_weights
 from mllm_bench.flops import count_prefill
+from mllm_bench.memory import saved_activation_bytes
 from mllm_bench.registry import architecture_names, register, unregister
 from mllm_bench.vision import encode_images
 
@@ -231,3 +232,15 @@ def test_visual_tokens_per_image_are_the_queries_whatever_the_tower():
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ConfigError, match=match):
         build_model("qformer", "tiny-llm", "tiny-clip", options=options)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_activation_estimate_close_to_saved_tensors(stage):
+    model = model_with(num_queries=32, hidden_size=64, num_heads=4, intermediate_size=256, num_layers=4,
+                       train_llm_in_finetune=True)
+    model.set_stage(stage)
+    batch = random_batch(model, batch=2, text=10, labels=True)
+    _, saved = saved_activation_bytes(model, lambda: model(batch).loss)
+    est = model.analytic_cost(Workload(batch_size=2, text_before=3, text_after=7, stage=stage,
+                                       dtype="float32")).activation_bytes
+    assert est == pytest.approx(saved, rel=0.25)
