@@ -244,3 +244,13 @@ def test_activation_estimate_close_to_saved_tensors(stage):
     est = model.analytic_cost(Workload(batch_size=2, text_before=3, text_after=7, stage=stage,
                                        dtype="float32")).activation_bytes
     assert est == pytest.approx(saved, rel=0.25)
+
+
+def test_parameter_count_equals_transformers_at_blip2_defaults():
+    """BLIP-2's Q-Former (EVA ViT-g features, width 1408): our query path has transformers' parameters exactly."""
+    from mllm_bench.architectures.qformer import QFormer
+
+    with torch.device("meta"):
+        theirs = Blip2QFormerModel(Blip2QFormerConfig())
+        ours = QFormer(QFormerOptions(), 1408)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 105_137_664
