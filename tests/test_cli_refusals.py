@@ -260,9 +260,9 @@ def test_a_failed_write_leaves_the_old_set_intact(calls, tmp_path, monkeypatch):
     assert invoke("compare", *TINY, "--arch", "llava,saisa", "--out", str(out)).exit_code == 0
     old = snapshot(out)
     assert {"results.json", "results.csv", "comparison.md", "comparison.csv", "comparison.tex"} <= set(old)
-    import mllm_bench.cli.compare as compare_cmd
+    import mllm_bench.results as results  # compare imports write_rows from here when it runs
 
-    real, written = compare_cmd.write_rows, []
+    real, written = results.write_rows, []
 
     def disk_fills(rows, path):
         written.append(path)
@@ -270,12 +270,12 @@ def test_a_failed_write_leaves_the_old_set_intact(calls, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(rows, path)
 
-    monkeypatch.setattr(compare_cmd, "write_rows", disk_fills)
+    monkeypatch.setattr(results, "write_rows", disk_fills)
     result = invoke("compare", *TINY, "--arch", "llava,saisa", "--text-after", "8", "--out", str(out))
     assert result.exit_code == 1 and "No space left on device" in flat(result)
     assert snapshot(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
-    monkeypatch.setattr(compare_cmd, "write_rows", real)  # room again: the folder is swapped whole
+    monkeypatch.setattr(results, "write_rows", real)  # room again: the folder is swapped whole
     assert invoke("compare", *TINY, "--arch", "llava,saisa", "--text-after", "8", "--out", str(out)).exit_code == 0
     assert set(snapshot(out)) == set(old)
     assert {r["text_after"] for r in json.loads((out / "results.json").read_text())} == {8}
