@@ -19,6 +19,16 @@ autograd engine, outside any module) are attributed to the module whose forward 
 Ops run while a module's forward is on the stack inside backward are activation-checkpoint
 recomputation. Each module's cost component is declared (:func:`classify_modules`); FLOPs in a module
 that declares none are an error, never dropped.
+
+Reuse: without gradients (inference), each block of a ``ModuleList`` (decoder layers, vision encoder
+layers, cross-attention blocks) is counted once per distinct call: the key is :data:`COUNT_CACHE_VERSION`,
+the block's structure (module classes and the code of their ``forward``, parameter and buffer shapes,
+dtypes and ``requires_grad``, plain attributes, children) and its inputs (tensor shapes, strides,
+dtypes, ``requires_grad``; every other argument by value, objects by their fields). A later call with the
+same key runs uncounted (its side effects, e.g. KV-cache appends, still happen) and gets the recorded
+FLOPs under its own module names, in the same order, so every number and breakdown equals a full
+count (``tests/test_speed.py`` checks each registered architecture). Anything the key cannot describe is
+counted in full. The cache lives for one :func:`count_call`.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
@@ -137,6 +147,87 @@ def _undeclared(module: str, model: nn.Module, flops: float) -> ConfigError:
     )
 
 
+# Part of every reuse key: bump it when what a block's count depends on changes beyond what the key holds.
+COUNT_CACHE_VERSION = 1
+_MAX_DEPTH = 12
+
+
+class _Uncacheable(Exception):
+    """An argument the reuse key cannot describe: the call is counted in full."""
+
+
+def _signature(obj: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
+    """A hashable description of everything in ``obj`` a FLOP count on meta tensors can depend on."""
+    if depth > _MAX_DEPTH:
+        raise _Uncacheable("too deep")
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return (type(obj).__name__, obj)
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), tuple(obj.stride()) if obj.layout == torch.strided else (),
+                str(obj.dtype), obj.requires_grad, obj.device.type, str(obj.layout))
+    if isinstance(obj, (torch.dtype, torch.device, torch.Size)):
+        return (type(obj).__name__, str(obj))
+    if id(obj) in seen:
+        return ("cycle",)
+    inner = seen | {id(obj)}
+    if isinstance(obj, nn.Module):
+        return _module_signature(obj, depth + 1, inner)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__qualname__, tuple(_signature(v, depth + 1, inner) for v in obj))
+    if isinstance(obj, dict):
+        return ("dict", tuple((repr(k), _signature(v, depth + 1, inner)) for k, v in obj.items()))
+    if isinstance(obj, (set, frozenset)):
+        return (type(obj).__name__, tuple(sorted(repr(v) for v in obj)))
+    if isinstance(obj, type):
+        return ("type", obj.__module__, obj.__qualname__)
+    if hasattr(obj, "__code__"):  # a function: its code, defaults and captured values
+        cells = tuple(_signature(c.cell_contents, depth + 1, inner) for c in (obj.__closure__ or ()))
+        return ("function", id(obj.__code__), _signature(obj.__defaults__, depth + 1, inner), cells)
+    if hasattr(obj, "__func__") and hasattr(obj, "__self__"):  # a bound method
+        return ("method", _signature(obj.__func__, depth + 1, inner), _signature(obj.__self__, depth + 1, inner))
+    fields = getattr(obj, "__dict__", None)
+    slots = [n for c in type(obj).__mro__ for n in getattr(c, "__slots__", ()) if hasattr(obj, n)]
+    if fields is None and not slots:
+        if type(obj).__hash__ is not None and type(obj).__repr__ is not object.__repr__:
+            return (type(obj).__module__, type(obj).__qualname__, repr(obj))  # enums and other value types
+        raise _Uncacheable(type(obj).__qualname__)
+    items = {**{n: getattr(obj, n) for n in slots}, **(fields or {})}
+    return (type(obj).__module__, type(obj).__qualname__,
+            tuple((k, _signature(v, depth + 1, inner)) for k, v in sorted(items.items())))
+
+
+def _module_signature(mod: nn.Module, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
+    """A module's structure: class and ``forward`` code, own parameters and buffers, plain attributes, hooks,
+    children (each the same, by name)."""
+    cls = type(mod)
+    own = tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in mod.named_parameters(recurse=False))
+    bufs = tuple((n, tuple(b.shape), str(b.dtype)) for n, b in mod.named_buffers(recurse=False))
+    plain = {k: v for k, v in vars(mod).items() if not k.startswith("_") and not getattr(v, "_reuse_wrapper", False)}
+    hooks = tuple(len(getattr(mod, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+    forward = getattr(cls.forward, "__code__", None)
+    return (cls.__module__, cls.__qualname__, id(forward), own, bufs, hooks,
+            _signature(plain, depth + 1, seen),
+            tuple((n, _module_signature(c, depth + 1, seen)) for n, c in mod.named_children()))
+
+
+class _Recorder:
+    """The counts made inside one block's call, by module name relative to the block, in first-seen order."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.usable = prefix, True
+        self.counts: dict[tuple[str, str], float] = {}
+        self.ops: dict[str, float] = {}
+
+    def add(self, module: str, pass_: str, flops: float, op: str) -> None:
+        if module != self.prefix and not module.startswith(self.prefix + "."):
+            self.usable = False  # an op of a module outside the block: its names cannot be mapped
+            return
+        rel = (module[len(self.prefix):], pass_)
+        self.counts[rel] = self.counts.get(rel, 0) + flops
+        if op:
+            self.ops[op] = self.ops.get(op, 0) + flops
+
+
 def _needs_grad(args: Any) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in tree_flatten(args)[0])
 
@@ -144,9 +235,9 @@ def _needs_grad(args: Any) -> bool:
 class ComponentFlopCounter(TorchDispatchMode):
     """Count FLOPs of everything run inside, with torch's formula registry, by module and pass."""
 
-    def __init__(self, model: nn.Module, strict: bool = True) -> None:
+    def __init__(self, model: nn.Module, strict: bool = True, reuse: bool = True) -> None:
         super().__init__()
-        self.model, self.strict = model, strict
+        self.model, self.strict, self.reuse = model, strict, reuse
         self.names = {id(m): n for n, m in model.named_modules()}
         self.components = classify_modules(model)
         self.formulas = flop_formulas()
@@ -155,6 +246,10 @@ class ComponentFlopCounter(TorchDispatchMode):
         self.counts: dict[tuple[str, str], float] = defaultdict(float)
         self.ops: dict[str, float] = defaultdict(float)
         self._handles: list[Any] = []
+        self._recorders: list[_Recorder] = []
+        self._replaying = 0
+        self._block_counts: dict[Any, tuple[dict[tuple[str, str], float], dict[str, float]]] = {}
+        self._patched: list[tuple[nn.Module, Any]] = []
 
     def _pre(self, mod: nn.Module, _inputs: Any) -> None:
         name = self.names.get(id(mod))
@@ -169,13 +264,77 @@ class ComponentFlopCounter(TorchDispatchMode):
     def __enter__(self) -> ComponentFlopCounter:
         self._handles = [register_module_forward_pre_hook(self._pre),
                          register_module_forward_hook(self._post, always_call=True)]
+        if self.reuse:
+            for mod in self.model.modules():
+                if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+                    for block in mod:
+                        self._patched.append((block, block.__dict__.get("forward")))
+                        block.forward = self._reusing(block, block.forward)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
+        for block, previous in reversed(self._patched):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+        self._patched.clear()
         self.stack.clear()
         return super().__exit__(*exc)
+
+    def _reusing(self, block: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+        """``block.forward``, counted once per reuse key (see the module docstring)."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            prefix = self.names.get(id(block))
+            if self._replaying or prefix is None or torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            try:
+                key = (COUNT_CACHE_VERSION, _module_signature(block), _signature((args, kwargs)))
+            except _Uncacheable:
+                return forward(*args, **kwargs)
+            found = self._block_counts.get(key)
+            if found is not None:
+                self._replaying += 1
+                try:
+                    with _disable_current_modes():
+                        out = forward(*args, **kwargs)
+                finally:
+                    self._replaying -= 1
+                counts, ops = found
+                for (rel, pass_), flops in counts.items():
+                    self._add(prefix + rel, pass_, flops, None)
+                for op, flops in ops.items():
+                    self._add_op(op, flops)
+                return out
+            recorder = _Recorder(prefix)
+            self._recorders.append(recorder)
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                self._recorders.remove(recorder)
+            if recorder.usable:
+                self._block_counts[key] = (recorder.counts, recorder.ops)
+            return out
+
+        call._reuse_wrapper = True  # type: ignore[attr-defined]  # not part of the block's signature
+        return call
+
+    def _add(self, module: str, pass_: str, flops: float, op: str | None) -> None:
+        if flops and self.strict and self.components.get(module) is None:
+            raise _undeclared(module, self.model, flops)
+        self.counts[(module, pass_)] += flops
+        for recorder in self._recorders:
+            recorder.add(module, pass_, flops, op or "")
+        if op is not None:
+            self.ops[op] += flops
+
+    def _add_op(self, op: str, flops: float) -> None:
+        """An op total replayed from a reused block (its module counts were added by :meth:`_add`)."""
+        self.ops[op] += flops
+        for recorder in self._recorders:
+            recorder.ops[op] = recorder.ops.get(op, 0) + flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -194,37 +353,35 @@ class ComponentFlopCounter(TorchDispatchMode):
             module, pass_ = self.seq_module.get(node._sequence_nr(), ""), "backward"
         else:
             module, pass_ = "", "forward"
-        if flops and self.strict and self.components.get(module) is None:
-            raise _undeclared(module, self.model, flops)
-        self.counts[(module, pass_)] += flops
-        self.ops[str(func._overloadpacket)] += flops
+        self._add(module, pass_, flops, str(func._overloadpacket))
         return out
 
     def result(self) -> CountedFlops:
         return CountedFlops(dict(self.counts), self.components, dict(self.ops))
 
 
-def count_call(model: nn.Module, fn: Callable[[], Any], strict: bool = True) -> CountedFlops:
+def count_call(model: nn.Module, fn: Callable[[], Any], strict: bool = True, reuse: bool = True) -> CountedFlops:
     """FLOPs of ``fn()`` (which runs ``model``), attributed to ``model``'s modules.
 
     ``strict``: FLOPs in a module without a cost component are an error (else kept under component None,
-    for totals of modules that are not architectures).
+    for totals of modules that are not architectures). ``reuse``: count each distinct block call once
+    (module docstring); False counts every op.
     """
-    with ComponentFlopCounter(model, strict) as counter:
+    with ComponentFlopCounter(model, strict, reuse) as counter:
         fn()
     return counter.result()
 
 
-def count_prefill(model: Any, workload: Workload) -> CountedFlops:
+def count_prefill(model: Any, workload: Workload, reuse: bool = True) -> CountedFlops:
     """Prefill of ``workload``'s prompt (vision, connector, decoder, last-token logits)."""
     model.set_stage("inference")
     batch = model.example_batch(workload.replace(stage="inference"))
     with torch.no_grad():
-        return count_call(model, lambda: model.prefill(batch))
+        return count_call(model, lambda: model.prefill(batch), reuse=reuse)
 
 
-def count_inference(model: Any, workload: Workload,
-                    context_len: int | None = None) -> tuple[CountedFlops, CountedFlops, int]:
+def count_inference(model: Any, workload: Workload, context_len: int | None = None,
+                    reuse: bool = True) -> tuple[CountedFlops, CountedFlops, int]:
     """Prefill, then one decode step from its cache (``context_len`` cached tokens, default the prompt).
 
     A different context is reached by lengthening (or shortening) ``text_after`` and prefilling
@@ -234,7 +391,8 @@ def count_inference(model: Any, workload: Workload,
     wl = workload.replace(stage="inference")
     with torch.no_grad():
         holder: dict[str, Any] = {}
-        prefill = count_call(model, lambda: holder.setdefault("out", model.prefill(model.example_batch(wl))))
+        prefill = count_call(model, lambda: holder.setdefault("out", model.prefill(model.example_batch(wl))),
+                             reuse=reuse)
         cache = holder["out"][1]
         if context_len is not None and context_len != cache.length:
             delta = context_len - cache.length
@@ -244,7 +402,7 @@ def count_inference(model: Any, workload: Workload,
             _, cache = model.prefill(model.example_batch(wl))
         length = cache.length
         token = torch.zeros(wl.batch_size, dtype=torch.long, device=torch.device(wl.device))
-        decode = count_call(model, lambda: model.decode(token, cache))
+        decode = count_call(model, lambda: model.decode(token, cache), reuse=reuse)
     return prefill, decode, length
 
 
@@ -254,7 +412,7 @@ def count_decode(model: Any, workload: Workload, context_len: int | None = None)
     return decode, length
 
 
-def count_train_step(model: Any, workload: Workload, stage: str | None = None) -> CountedFlops:
+def count_train_step(model: Any, workload: Workload, stage: str | None = None, reuse: bool = True) -> CountedFlops:
     """Forward + backward of a training step (loss on text); weight gradients for ``stage``'s parameters."""
     stage = stage or workload.stage
     if stage == "inference":
@@ -269,7 +427,7 @@ def count_train_step(model: Any, workload: Workload, stage: str | None = None) -
         out.loss.backward()
 
     try:
-        return count_call(model, step)
+        return count_call(model, step, reuse=reuse)
     finally:
         for p in trainable.values():
             p.grad = None

@@ -39,3 +39,26 @@ def test_help_and_usage_errors_import_no_torch_transformers_or_pandas(argv: tupl
     heavy, code = _startup(*argv)
     assert heavy == []
     assert code == ("0" if argv[-1] == "--help" else "2")
+
+
+def _counts(counted) -> list:
+    return list(counted.by_module_pass.items())
+
+
+@pytest.mark.parametrize("arch", __import__("mllm_bench.registry", fromlist=["x"]).architecture_names())
+def test_reused_block_counts_equal_a_full_count(arch: str) -> None:
+    from mllm_bench.flops import count_inference, count_train_step
+    from mllm_bench.registry import architecture_spec, build_model
+    from mllm_bench.workload import Workload
+
+    model = build_model(arch, "tiny-llm", "tiny-clip", dict(architecture_spec(arch).tiny_options) or None)
+    model.set_attention_backend("sdpa")
+    wl = Workload(batch_size=2, images_per_sample=1, text_before=3, text_after=5)
+    full, reused = count_inference(model, wl, reuse=False), count_inference(model, wl, reuse=True)
+    assert full[2] == reused[2]
+    for a, b in zip(full[:2], reused[:2], strict=True):
+        assert _counts(a) == _counts(b) and a.by_op == b.by_op
+        assert a.by_component("total") == b.by_component("total") and a.total > 0
+    for stage in ("pretrain", "finetune"):
+        a, b = count_train_step(model, wl, stage, reuse=False), count_train_step(model, wl, stage, reuse=True)
+        assert _counts(a) == _counts(b) and a.by_pass() == b.by_pass()
