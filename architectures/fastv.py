@@ -54,7 +54,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from mllm_bench.architectures.llava import gather_rows, scatter_rows
 
 from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
@@ -64,6 +63,7 @@ from mllm_bench.masks import causal_mask, causal_structure
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
 from mllm_bench.spec import ArchSpec
+from mllm_bench.spliced import gather_rows, scatter_rows
 from mllm_bench.static_decode import StaticKVCache, StaticLayerKV
 from mllm_bench.workload import Workload
 

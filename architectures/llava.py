@@ -34,14 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, Segment, causal_pairs, stage_trains
-from mllm_bench.decoder import KVCache
-from mllm_bench.masks import AttentionMask, MaskRule, causal_mask
-from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
 from mllm_bench.spec import ArchSpec
+from mllm_bench.spliced import SplicedMLLM
 from mllm_bench.workload import Workload
 
 # far above any published setting (2 or 3), low enough that a typo is refused rather than built
@@ -111,20 +108,6 @@ def projector_cost(cm: CostModel, d_in: int, d_out: int, tokens_per_image: int, 
     return trainable
 
 
-def scatter_rows(length: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """A (B, length, h) tensor whose rows ``index`` (B, n) are ``values`` (B, n, h), for each part."""
-    values = parts[0][1]
-    out = values.new_zeros(values.shape[0], length, values.shape[-1])
-    for index, vals in parts:
-        out = out.scatter(1, index.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
-    return out
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (B, n) of x (B, T, h)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def llava_cost(model: LLaVA, workload: Workload, context_len: int | None = None) -> CostBreakdown:
     """Vision tower -> MLP projector -> spliced-sequence decoder (``model``'s mask) -> lm_head on the text."""
     cm, stage = CostModel(model.llm_config, workload, model.tokens_per_image, context_len), workload.stage
@@ -137,7 +120,7 @@ def llava_cost(model: LLaVA, workload: Workload, context_len: int | None = None)
     return cm.result()
 
 
-class LLaVA(MLLM):
+class LLaVA(SplicedMLLM):
     spec = ArchSpec(
         name="llava",
         display_name="LLaVA-1.5",
@@ -147,8 +130,6 @@ class LLaVA(MLLM):
         order=0,
     )
     Options = LLaVAOptions
-    # Causal by position over the whole spliced sequence, no extra rule (subclasses may add one).
-    mask_rule: MaskRule | None = None
 
     def __init__(self, llm: LLMConfig, vision: VisionConfig, options: object = None) -> None:
         super().__init__(llm, vision, options)
@@ -200,30 +181,3 @@ class LLaVA(MLLM):
         features = pixel_shuffle(self.encode(pixel_values), self.pixel_shuffle_factor)
         projected = pool_grid(self.multi_modal_projector(features), self.pool_factor)
         return projected.reshape(pixel_values.shape[0], -1, self.llm_config.hidden_size)
-
-    def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
-        """The spliced input sequence (B, T + K*V, h) and its layout."""
-        self.check_batch(batch)
-        layout = splice_layout(batch, self.tokens_per_image)
-        text = self.language_model.embed_tokens(batch.input_ids)
-        parts = [(layout.text_index, text)]
-        if batch.images_per_sample:
-            parts.append((layout.visual_index, self.image_features(batch.pixel_values).to(text.dtype)))
-        return scatter_rows(layout.length, parts), layout
-
-    def sequence_mask(self, layout: SplicedLayout) -> AttentionMask:
-        return causal_mask(layout.positions, layout.valid, layout.is_visual, self.mask_rule)
-
-    def forward(self, batch: MultimodalBatch) -> ModelOutput:
-        x, layout = self.embed(batch)
-        hidden = self.language_model(x, layout.positions, self.sequence_mask(layout))
-        return self.text_output(batch, self.lm_head(gather_rows(hidden, layout.text_index)))
-
-    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
-        self.check_prompt(batch)
-        x, layout = self.embed(batch)
-        cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
-        mask = self.sequence_mask(layout)
-        hidden = self.language_model(x, layout.positions, mask, cache)
-        cache.add_prompt(mask)
-        return self.lm_head(hidden[:, -1]), cache

@@ -46,14 +46,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
+from mllm_bench.batch import MultimodalBatch
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.costmodel import CostBreakdown, CostModel, Segment, causal_pairs, stage_trains
-from mllm_bench.decoder import KVCache
-from mllm_bench.masks import AttentionMask, causal_mask
-from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
 from mllm_bench.spec import ArchSpec
+from mllm_bench.spliced import SplicedMLLM
 from mllm_bench.vision import encode_images
 from mllm_bench.workload import Workload, check_fits_context, check_workload_fits
 
@@ -200,16 +198,7 @@ def crops_of_tower_images(pixels: torch.Tensor, pinpoints: Sequence[Size], kind:
     return torch.cat((pixels.flatten(0, 1).unsqueeze(1), tiles), dim=1).view(b, k, -1, c, s, s)
 
 
-def _scatter_rows(length: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """A (B, length, h) tensor whose rows ``index`` (B, n) are ``values`` (B, n, h), for each part."""
-    values = parts[0][1]
-    out = values.new_zeros(values.shape[0], length, values.shape[-1])
-    for index, vals in parts:
-        out = out.scatter(1, index.unsqueeze(-1).expand(-1, -1, vals.shape[-1]), vals)
-    return out
-
-
-class LLaVANeXT(MLLM):
+class LLaVANeXT(SplicedMLLM):
     spec = ArchSpec(
         name="llava-next",
         display_name="LLaVA-NeXT",
@@ -276,6 +265,9 @@ class LLaVANeXT(MLLM):
     def analytic_cost(self, workload: Workload, context_len: int | None = None) -> CostBreakdown:
         return llava_next_cost(self, workload, context_len)
 
+    def prepared(self, batch: MultimodalBatch) -> MultimodalBatch:
+        return self.as_crops(batch)
+
     def as_crops(self, batch: MultimodalBatch) -> MultimodalBatch:
         """``batch`` with each image as its crops and size: as it is when it has ``image_sizes``; else its
         images (B, K, C, s, s) are taken at the tower's size s and cut as the image processor cuts them
@@ -318,7 +310,7 @@ class LLaVANeXT(MLLM):
         grid = torch.cat((grid, newline), dim=-1).flatten(1, 2).transpose(0, 1)
         return torch.cat((base, grid), dim=0)
 
-    def image_features(self, batch: MultimodalBatch, counts: torch.Tensor) -> torch.Tensor:
+    def spliced_features(self, batch: MultimodalBatch, counts: torch.Tensor) -> torch.Tensor:
         """Visual tokens (B, N, h) of each sample's images in order, N the most of any sample; a sample with
         fewer starts with zero rows (its filler slots, see :func:`~mllm_bench.batch.splice_layout`)."""
         sizes = [[tuple(s) for s in row] for row in batch.image_sizes.tolist()]
@@ -336,36 +328,6 @@ class LLaVANeXT(MLLM):
             own = torch.cat(packed[b * k:(b + 1) * k])
             out.append(torch.cat((own.new_zeros(n - own.shape[0], own.shape[1]), own)))
         return torch.stack(out)
-
-    def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
-        """The spliced input sequence and its layout."""
-        self.check_batch(batch)
-        batch = self.as_crops(batch)
-        counts = self.image_token_counts(batch)
-        layout = splice_layout(batch, counts)
-        text = self.language_model.embed_tokens(batch.input_ids)
-        parts = [(layout.text_index, text)]
-        if batch.images_per_sample:
-            parts.append((layout.visual_index, self.image_features(batch, counts).to(text.dtype)))
-        return _scatter_rows(layout.length, parts), layout
-
-    def sequence_mask(self, layout: SplicedLayout) -> AttentionMask:
-        return causal_mask(layout.positions, layout.valid, layout.is_visual)
-
-    def forward(self, batch: MultimodalBatch) -> ModelOutput:
-        x, layout = self.embed(batch)
-        hidden = self.language_model(x, layout.positions, self.sequence_mask(layout))
-        index = layout.text_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        return self.text_output(batch, self.lm_head(hidden.gather(1, index)))
-
-    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
-        self.check_prompt(batch)
-        x, layout = self.embed(batch)
-        cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
-        mask = self.sequence_mask(layout)
-        hidden = self.language_model(x, layout.positions, mask, cache)
-        cache.add_prompt(mask)
-        return self.lm_head(hidden[:, -1]), cache
 
     @torch.no_grad()
     def generate(self, batch: MultimodalBatch, max_new_tokens: int, decode_mode: str = "dynamic") -> torch.Tensor:

@@ -56,16 +56,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from mllm_bench.architectures.llava import gather_rows, scatter_rows
 from torch import nn
 
-from mllm_bench.batch import MultimodalBatch, SplicedLayout, splice_layout
 from mllm_bench.config import LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
-from mllm_bench.decoder import KVCache
-from mllm_bench.masks import AttentionMask, causal_mask
-from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.spec import ArchSpec
+from mllm_bench.spliced import SplicedMLLM
 from mllm_bench.workload import Workload
 
 # Far above BLIP-2's settings (32 queries, 12 layers of 768 with 12 heads, FFN 3072), low enough that a typo
@@ -260,7 +256,7 @@ def qformer_cost(model: QFormerMLLM, workload: Workload, context_len: int | None
 
 
 # ----- the model -----------------------------------------------------------------------------------------------
-class QFormerMLLM(MLLM):
+class QFormerMLLM(SplicedMLLM):
     spec = ArchSpec(
         name="qformer",
         display_name="BLIP-2 Q-Former",
@@ -308,31 +304,3 @@ class QFormerMLLM(MLLM):
         """Projected query outputs (B, K*num_queries, h): each image's visual tokens, images in order."""
         projected = self.language_projection(self.query_outputs(pixel_values))
         return projected.reshape(pixel_values.shape[0], -1, self.llm_config.hidden_size)
-
-    def embed(self, batch: MultimodalBatch) -> tuple[torch.Tensor, SplicedLayout]:
-        """The spliced input sequence (B, T + K*num_queries, h) and its layout, as LLaVA splices."""
-        self.check_batch(batch)
-        layout = splice_layout(batch, self.tokens_per_image)
-        text = self.language_model.embed_tokens(batch.input_ids)
-        parts = [(layout.text_index, text)]
-        if batch.images_per_sample:
-            parts.append((layout.visual_index, self.image_features(batch.pixel_values).to(text.dtype)))
-        return scatter_rows(layout.length, parts), layout
-
-    def sequence_mask(self, layout: SplicedLayout) -> AttentionMask:
-        return causal_mask(layout.positions, layout.valid, layout.is_visual)
-
-    def forward(self, batch: MultimodalBatch) -> ModelOutput:
-        x, layout = self.embed(batch)
-        hidden = self.language_model(x, layout.positions, self.sequence_mask(layout))
-        return self.text_output(batch, self.lm_head(gather_rows(hidden, layout.text_index)))
-
-    def prefill(self, batch: MultimodalBatch) -> tuple[torch.Tensor, KVCache]:
-        self.check_prompt(batch)
-        x, layout = self.embed(batch)
-        cache = KVCache.empty(self.llm_config.num_layers, batch.batch_size, x.device)
-        mask = self.sequence_mask(layout)
-        hidden = self.language_model(x, layout.positions, mask, cache)
-        cache.add_prompt(mask)
-        return self.lm_head(hidden[:, -1]), cache
-

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from mllm_bench.architectures.llava import LLaVA, gather_rows, projector_cost, scatter_rows
+from mllm_bench.architectures.llava import LLaVA, projector_cost
 from mllm_bench.architectures.saisa import saisa_mask
 
 from mllm_bench.batch import MultimodalBatch, splice_layout
@@ -44,6 +44,7 @@ from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.model import ModelOutput
 from mllm_bench.spec import ArchSpec
+from mllm_bench.spliced import gather_rows, scatter_rows
 from mllm_bench.workload import Workload
 
 # official README, "Replaced Layers": order of replacement per checkpoint, keyed here by LLM depth

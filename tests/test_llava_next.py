@@ -127,7 +127,7 @@ def test_image_features_equal_transformers_packing():
     batch = tiny_batch(model, [[SQUARE, WIDE, TALL]], [[0, 3, 6]])
     counts = model.image_token_counts(batch)
     with torch.no_grad():
-        ours = model.image_features(batch, counts)[0]
+        ours = model.spliced_features(batch, counts)[0]
         theirs = hf.model.get_image_features(batch.pixel_values[0], batch.image_sizes[0]).pooler_output
     assert [t.shape[0] for t in theirs] == counts[0].tolist()
     torch.testing.assert_close(ours, torch.cat(theirs), atol=1e-5, rtol=1e-5)

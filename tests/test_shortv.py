@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mllm_bench.architectures.llava import gather_rows
 from mllm_bench.architectures.shortv import ShortV, ShortVOptions, replacement_order
 
 from mllm_bench import PAPER_WORKLOAD, build_model
 from mllm_bench.config import ConfigError
 from mllm_bench.flops import count_prefill, count_train_step
 from mllm_bench.registry import architecture_names, register, unregister
+from mllm_bench.spliced import gather_rows
 from tests.helpers import random_batch, tiny_model
 
 
