@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_bench.config import VisionConfig
-from mllm_bench.vision import ACTIVATIONS
+from mllm_bench.vision import VisionMLP
 
 from .config import MllamaOptions, supported_aspect_ratios
 
@@ -86,17 +86,6 @@ class TileAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
-class TileMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class TileEncoderLayer(nn.Module):
     """Pre-norm block; in the global encoder attention and MLP outputs are scaled by tanh of a gate (init pi/4)."""
 
@@ -104,7 +93,7 @@ class TileEncoderLayer(nn.Module):
         super().__init__()
         self.gated = gated
         self.self_attn = TileAttention(cfg.hidden_size, cfg.num_heads)
-        self.mlp = TileMLP(cfg)
+        self.mlp = VisionMLP(cfg)  # fc1 -> activation -> fc2, as transformers names it
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         if gated:
