@@ -163,6 +163,9 @@ def fastv_cost(model: FastV, workload: Workload, context_len: int | None = None)
     kept = kept_visual_tokens(cm.visual, model.options.drop_ratio)
     dropped = cm.visual - kept
     cm.segments, cm.visual = pruned_segments(cm.segments, kept), kept
+    if workload.images_per_sample > 1:
+        cm.cost.info["effective_note"] = ("effective attention after pruning assumes the kept visual tokens split "
+                                          "evenly over the images (the real split is data-dependent)")
     if context_len is not None:
         cm.context_len = context_len - dropped
     g = cm.spliced_decoder(causal_pairs(cm.segments), trainable=trains_llm, grad_in=g, num_layers=llm.num_layers - k)

@@ -85,6 +85,8 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
         for scope in ("language", "total"):
             for convention in ("dense", "effective"):
                 common = dict(scope=scope, convention=convention, stage=stage, phase=phase, context_len=ctx)
+                if convention == "effective" and cost.info.get("effective_note"):
+                    common["note"] = cost.info["effective_note"]  # an architecture's assumption, on its rows
                 rows.append(make_row(base, metric, per * cost.flops(phase, convention, scope), "analytic",
                                      component="all", role="all", **common))
                 for comp, f in cost.by("component", phase, convention, scope).items():

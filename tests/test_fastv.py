@@ -298,3 +298,15 @@ def test_text_only_is_llava() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fastv(batch).logits, llava(batch).logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(fastv.generate(batch, 3), llava.generate(batch, 3))
+
+
+def test_effective_rows_with_several_images_say_they_assume_an_even_split():
+    from mllm_bench.profile import profile
+
+    kw = dict(llm="tiny-llm", vision="tiny-clip", options={"layer": 1})
+    two = profile("fastv", Workload(images_per_sample=2, text_between=2), **kw)
+    one = profile("fastv", Workload(), **kw)
+    effective = two[(two["source"] == "analytic") & (two["convention"] == "effective")]
+    assert len(effective) and effective["note"].str.contains("split evenly").all()
+    assert not two[(two["source"] == "analytic") & (two["convention"] == "dense")]["note"].str.contains("split").any()
+    assert not one["note"].str.contains("split evenly").any()
