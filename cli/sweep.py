@@ -11,11 +11,13 @@ from rich.table import Table
 
 from mllm_bench.choices import PAPER_WORKLOAD_FIELDS as PAPER
 from mllm_bench.choices import VARY_FIELDS
+from mllm_bench.config import ConfigError
 
 if TYPE_CHECKING:
     from mllm_bench.reports.sweep import SweepResult
 
 from .common import (
+    CONVENTION_HELP,
     Convention,
     Measure,
     Opt,
@@ -34,7 +36,9 @@ DEFAULT_ROOT = Path("out/sweep")
 VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}, or an architecture option ARCH.KEY, "
              "e.g. fastv.drop_ratio=0.25,0.5,0.75). visual_tokens=N uses N/576 images "
              "when N is a multiple of the per-image count (2304 = 4 images at 336 px, not one 672-px image), "
-             "else one image whose patch grid gives N (N a square).")
+             "else one image whose patch grid gives N (N a square). image=WxH,... sets the images' original size "
+             "(W wide, H high; WxH;WxH one per image) with the tower at its own size: LLaVA-NeXT's AnyRes "
+             "derives its tokens from it; image_size=N is the tower's px.")
 
 
 @handle_errors
@@ -54,7 +58,7 @@ def sweep(
     stage: str = typer.Option("inference", help="Workload stage of every point: inference, pretrain or finetune."),
     measure: Measure = typer.Option(Measure.never, help="Measure time/memory at each point (auto|never|always)."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope of the plots."),
-    convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs convention of the plots."),
+    convention: Convention = typer.Option(Convention.dense, help=CONVENTION_HELP),
     out: Path = typer.Option(None, help="Folder for points, results and plots (resumable; default: "
                              f"{DEFAULT_ROOT}/<grid>/, one folder per grid)."),
     make_plots: bool = typer.Option(True, "--plots/--no-plots", help="Write cost-vs-field plots."),
@@ -62,10 +66,13 @@ def sweep(
 ) -> None:
     """Sweep workload/config fields across architectures; re-running skips points this code finished here."""
     from mllm_bench.reports.sweep import (
+        IMAGE_FIELD,
         check_db,
         curve_rows,
         expand,
         grid_slug,
+        image_curve_rows,
+        image_note,
         option_fields,
         parse_vary,
         run_sweep,
@@ -100,14 +107,24 @@ def sweep(
         from mllm_bench.reports import plots
 
         fields = list(grid)
+        x, hue = fields[0], fields[1] if len(fields) > 1 else None
         notes = [visual_tokens_note(grid["visual_tokens"], vision)] if "visual_tokens" in grid else []
         rows = result.rows
         for name in option_fields(grid):  # an option's value becomes the x (or hue) of its architecture's rows
             rows = curve_rows(rows, name, grid[name])
             notes.append(f"architectures without {name} are drawn flat across it")
-        written = plots.cost_curves(rows, fields[0], out / f"cost_vs_{fields[0].replace('.', '_')}",
-                                    scope=scope.value, convention=convention.value,
-                                    hue=fields[1] if len(fields) > 1 else None, note="; ".join(notes))
+        written = []
+        try:
+            if IMAGE_FIELD in grid:  # images placed by pixel count (x) or named by their size (hue)
+                labels = {p.key: dict(p.values)[IMAGE_FIELD] for p in points}
+                rows, image_x, hue, image_xnote = image_curve_rows(rows, labels, x == IMAGE_FIELD, hue)
+                x = image_x or x
+                notes += [image_note(vision), *([image_xnote] if image_xnote else [])]
+            written = plots.cost_curves(rows, x, out / f"cost_vs_{fields[0].replace('.', '_')}",
+                                        scope=scope.value, convention=convention.value, hue=hue,
+                                        note="; ".join(notes))
+        except ConfigError as err:
+            err_console.print(f"[yellow]no plot:[/] {err}", highlight=False)
         err_console.print(f"wrote {len(written)} plot files")
     if db is not None:
         for note in result.db_notes:

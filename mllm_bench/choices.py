@@ -14,7 +14,7 @@ COUNT_CHOICES: tuple[str, ...] = ("all", "inference", "none")
 STAGES: tuple[str, ...] = ("inference", "pretrain", "finetune")
 DTYPE_NAMES: tuple[str, ...] = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 VARY_FIELDS: tuple[str, ...] = (
-    "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "images_per_sample", "llm",
+    "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "image", "images_per_sample", "llm",
     "batch_size", "generate_tokens",
 )
 BUDGET_DEVICES: tuple[str, ...] = ("a100", "h100", "h100-pcie", "h200")  # GPU-hours of train-cost and paper

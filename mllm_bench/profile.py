@@ -68,6 +68,8 @@ def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str)
         "arch": arch, "llm": model.llm_config.name, "vision": v.name, "options": _options_json(model),
         "batch_size": workload.batch_size, "images_per_sample": workload.images_per_sample,
         "image_size": workload.image_size or v.image_size,
+        "image_sizes": ";".join(f"{w}x{h}" for h, w in workload.image_sizes or ((v.image_size,) * 2,))
+        if workload.images_per_sample else "",
         "visual_tokens": sum(model.visual_tokens_per_image(workload)),
         "text_tokens": workload.num_text_tokens, "text_before": workload.text_before,
         "text_after": workload.text_after, "generate_tokens": workload.generate_tokens,

@@ -26,8 +26,9 @@ from .config import ConfigError
 
 IDENTITY = ("arch", "llm", "vision", "options")
 MEASURE = ("metric", "value", "unit", "source", "scope", "convention", "component", "role", "stage", "phase")
-WORKLOAD = ("batch_size", "images_per_sample", "image_size", "visual_tokens", "text_tokens", "text_before",
-            "text_after", "generate_tokens", "context_len", "dtype", "device")
+# ``image_size``: the vision tower's px; ``image_sizes``: the images' original sizes, ``WxH`` (``;`` between images).
+WORKLOAD = ("batch_size", "images_per_sample", "image_size", "image_sizes", "visual_tokens", "text_tokens",
+            "text_before", "text_after", "generate_tokens", "context_len", "dtype", "device")
 # ``load_avg_1m``/``cpu_count``: the host's 1-minute load average and CPU count when the row was made ("" on meta).
 ENVIRONMENT = ("device_name", "attention_backend", "torch_version", "transformers_version", "mllm_bench_version",
                "git_commit", "load_avg_1m", "cpu_count", "timestamp")
@@ -179,8 +180,10 @@ def append_sqlite(df: pd.DataFrame, path: str | Path, table: str = SQLITE_TABLE)
 
 # ----- reading -----------------------------------------------------------------------------------------
 # Columns every result file written here has (``context_len`` and the environment may be absent: a sweep's
-# out-of-memory rows carry neither); a file lacking one is not result rows.
-REQUIRED_COLUMNS: tuple[str, ...] = IDENTITY + MEASURE + tuple(c for c in WORKLOAD if c != "context_len")
+# out-of-memory rows carry neither; ``image_sizes``: files written before it lack it); a file lacking one is
+# not result rows.
+REQUIRED_COLUMNS: tuple[str, ...] = IDENTITY + MEASURE + tuple(c for c in WORKLOAD
+                                                                if c not in ("context_len", "image_sizes"))
 # Fields no row may leave blank.
 REQUIRED_FIELDS = ("arch", "metric")
 # Columns of the comparison table that ``compare --out`` writes beside the rows (comparison.csv).

@@ -20,6 +20,12 @@ if N is a multiple of the vision tower's tokens per image (576 for CLIP ViT-L/14
 N / 576 images per sample at the preset's resolution (images adjacent, no text between them);
 otherwise N must be a square s², and the point uses one image of s × patch pixels (e.g. 144 → 168 px
 with 14-px patches). Anything else is rejected with the nearest valid counts.
+
+``image=WxH`` sets the images' original size (``Workload.image_sizes``): every image of a sample is W px
+wide and H px high (``WxH;WxH;...``: one size per image), as ``compare --image-size WxH`` does. The vision
+tower keeps its own size (``image_size``); an architecture that cuts images by their size (LLaVA-NeXT's
+AnyRes) takes its crops and visual tokens from it, one that resizes every image to the tower (LLaVA-1.5)
+is unchanged. Rows record the sizes in ``image_sizes`` (``672x1008``, ``;`` between images).
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--vary {name}: no values given (expected {name}=v1,v2,...)")
         if "." in name:
             out[name] = option_values(name, values)
+        elif name == IMAGE_FIELD:
+            out[name] = [image_label(image_pairs(v)) for v in values]
         elif name == "llm":
             bad = [v for v in values if v not in LLM_PRESETS]
             if bad:
@@ -87,7 +95,9 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
             try:
                 out[name] = [int(v) for v in values]
             except ValueError as err:
-                raise ConfigError(f"--vary {name}: values must be integers, got {values}") from err
+                hint = (f"; {name} is the vision tower's size in px, for the images' original W x H use "
+                        f"{IMAGE_FIELD}=WxH,... (e.g. {IMAGE_FIELD}=672x1008)") if name == "image_size" else ""
+                raise ConfigError(f"--vary {name}: values must be integers, got {values}{hint}") from err
             if any(v < 0 for v in out[name]):
                 raise ConfigError(f"--vary {name}: values must be >= 0, got {out[name]}")
         repeated = sorted({v for v in out[name] if out[name].count(v) > 1}, key=str)
@@ -96,6 +106,9 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
                               f"{raw.strip()!r}; list each value once")
     if {"visual_tokens", "image_size"} <= set(out) or {"visual_tokens", "images_per_sample"} <= set(out):
         raise ConfigError("--vary visual_tokens sets images_per_sample/image_size itself; vary only one of them")
+    if {"visual_tokens", IMAGE_FIELD} <= set(out):
+        raise ConfigError(f"--vary visual_tokens maps counts to images at the tower's size and {IMAGE_FIELD} sets the "
+                          "images' sizes (each architecture derives its tokens); vary only one of them")
     if "text_tokens" in out and {"text_before", "text_after"} & set(out):
         raise ConfigError("--vary text_tokens sets text_after itself (from the fixed text_before); vary text_tokens "
                           "or text_before/text_after, not both")
@@ -112,6 +125,69 @@ def option_values(name: str, values: Sequence[str]) -> list[Any]:
     for v in typed:
         parse_options(options_cls, arch, {key: v})  # the architecture's own bounds, before any work
     return typed
+
+
+IMAGE_FIELD = "image"  # --vary image=WxH,...: the images' original sizes (Workload.image_sizes)
+
+
+def image_pairs(value: str) -> tuple[tuple[int, int], ...]:
+    """One ``image`` value → ``Workload.image_sizes``: ``WxH`` → ((H, W),) for every image of a sample,
+    ``WxH;WxH;...`` → one (height, width) per image."""
+    pairs = []
+    for item in str(value).split(";"):
+        width, sep, height = item.strip().lower().partition("x")
+        if not sep or not width.strip().isdigit() or not height.strip().isdigit() or not (int(width) and int(height)):
+            raise ConfigError(f"--vary {IMAGE_FIELD}: {str(value).strip()!r} is not WxH (W px wide, H px high, "
+                              f"positive integers, e.g. {IMAGE_FIELD}=336x336,672x1008) or WxH;WxH;... (one per "
+                              f"image); the tower's own size is --vary image_size=N")
+        pairs.append((int(height), int(width)))
+    return tuple(pairs)
+
+
+def image_label(pairs: Sequence[tuple[int, int]]) -> str:
+    """``Workload.image_sizes`` as written on the CLI and in the rows' ``image_sizes``: ``WxH;WxH``."""
+    return ";".join(f"{w}x{h}" for h, w in pairs)
+
+
+def image_note(vision: str | VisionConfig) -> str:
+    """What ``image=WxH`` means, for the manifest and the plots' footnote."""
+    vcfg = vision if isinstance(vision, VisionConfig) else vision_preset(vision)
+    return (f"{IMAGE_FIELD}=WxH: each image W px wide, H px high (Workload.image_sizes); the {vcfg.name} tower stays "
+            f"at its image_size; an architecture that cuts images by their size (AnyRes) derives its visual tokens "
+            "from it, one that resizes images to the tower or uses fixed tiles does not (each row's visual_tokens "
+            "says what it used)")
+
+
+def image_curve_rows(rows: pd.DataFrame, labels: Mapping[str, str], x_is_image: bool,
+                     hue: str | None) -> tuple[pd.DataFrame, str, str | None, str]:
+    """Rows to plot over the ``image`` field: (rows, x, hue, note). ``labels``: each point key's ``image`` value.
+
+    The rows get column ``image`` (the value). As x, images are placed by their pixel count in megapixels
+    (W·H per image, or summed per sample when a value gives one size per image); when two values have the same count
+    (e.g. 672x336 and 336x672) and no other field takes the hue, the aspect ratio W:H does, so no line joins
+    two shapes at one x. Raises ConfigError when the pixel counts still collide."""
+    rows = rows.assign(**{IMAGE_FIELD: rows["sweep_key"].map(labels)})
+    if not x_is_image:
+        return rows, "", IMAGE_FIELD, ""
+    values = list(dict.fromkeys(labels.values()))
+    pairs = {v: image_pairs(v) for v in values}
+    per_image = all(len(p) == 1 for p in pairs.values())
+    x = "megapixels per image" if per_image else "image megapixels per sample"
+    pixels = {v: sum(h * w for h, w in p) for v, p in pairs.items()}
+    aspect = {v: ";".join(f"{w // math.gcd(w, h)}:{h // math.gcd(w, h)}" for h, w in p) for v, p in pairs.items()}
+    rows = rows.assign(**{x: rows[IMAGE_FIELD].map(lambda v: pixels[v] / 1e6)})
+    if len(set(pixels.values())) < len(values):
+        if hue is not None or len({(pixels[v], aspect[v]) for v in values}) < len(values):
+            clash = sorted(v for v in values if list(pixels.values()).count(pixels[v]) > 1)
+            raise ConfigError(f"--vary {IMAGE_FIELD}: {clash} have the same pixel count, so a curve over pixels would "
+                              "join different images at one x; not plotted (give sizes with distinct W·H)")
+        hue = "aspect W:H"
+        rows = rows.assign(**{hue: rows[IMAGE_FIELD].map(aspect)})
+    if per_image:
+        note = "x = W·H of each image: " + ", ".join(f"{v} = {pixels[v]:,}" for v in values)
+    else:
+        note = "x = W·H summed over one sample's images: " + ", ".join(f"{v} = {pixels[v]:,}" for v in values)
+    return rows, x, hue, note
 
 
 def option_fields(vary: Mapping[str, Any]) -> list[str]:
@@ -212,8 +288,16 @@ def expand(
                     raise ConfigError(f"text_tokens={value} is below text_before={base.text_before}; text_tokens "
                                       "sets text_after = text_tokens - text_before (keep text_before smaller)")
                 changes["text_after"] = after
+            elif name == IMAGE_FIELD:
+                changes["image_sizes"] = image_pairs(value)
             elif name != "llm":
                 changes[name] = value
+        if IMAGE_FIELD in values:
+            images = changes.get("images_per_sample", base.images_per_sample)
+            if len(changes["image_sizes"]) not in (1, images):
+                raise ConfigError(f"--vary {IMAGE_FIELD}={values[IMAGE_FIELD]} gives {len(changes['image_sizes'])} "
+                                  f"sizes for {images} image(s) per sample; give WxH (every image) or one WxH per "
+                                  "image, joined by ';'")
         workload = base.replace(**changes)
         if workload.image_size is not None:
             replace_config(vcfg, image_size=workload.image_size)  # validates against the patch size
@@ -667,7 +751,10 @@ def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -
         "metric": status, "value": 1.0, "unit": "", "source": "", "scope": "", "convention": "", "component": "",
         "role": "", "stage": w.stage, "phase": "", "batch_size": w.batch_size,
         "images_per_sample": w.images_per_sample, "image_size": w.image_size or vision.image_size,
-        "visual_tokens": w.images_per_sample * vision.tokens_per_image, "text_tokens": w.num_text_tokens,
+        "image_sizes": image_label(w.image_sizes or ((vision.image_size,) * 2,)) if w.images_per_sample else "",
+        # with image sizes set the architecture derives its tokens from them: unknown without its model
+        "visual_tokens": "" if w.image_sizes else w.images_per_sample * vision.tokens_per_image,
+        "text_tokens": w.num_text_tokens,
         "text_before": w.text_before, "text_after": w.text_after, "generate_tokens": w.generate_tokens,
         "dtype": w.dtype, "device": w.device, "error": message[:500],
     }])
@@ -717,6 +804,8 @@ def write_sweep(result: SweepResult, out_dir: str | Path, vary: dict[str, list[A
                 "oom": [k for k in g["keys"] if k in oom], "not_finished": [k for k in g["keys"] if k not in records]}
         if "visual_tokens" in g["vary"]:
             line["visual_tokens_mapping"] = visual_tokens_note(g["vary"]["visual_tokens"], g.get("vision", vision))
+        if IMAGE_FIELD in g["vary"]:
+            line["image_mapping"] = image_note(g.get("vision", vision))
         grid_lines.append(line)
     manifest: dict[str, Any] = {
         "vary": vary, "archs": list(archs), "base_workload": dataclasses.asdict(base),
@@ -730,6 +819,8 @@ def write_sweep(result: SweepResult, out_dir: str | Path, vary: dict[str, list[A
         manifest["db_error"] = result.db_error
     if "visual_tokens" in vary:
         manifest["visual_tokens_mapping"] = visual_tokens_note(vary["visual_tokens"], vision)
+    if IMAGE_FIELD in vary:
+        manifest["image_mapping"] = image_note(vision)
     paths.append(atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=1) + "\n"))
     return paths
 
