@@ -241,6 +241,7 @@ def decomposition(llm: str, workload: Workload = PAPER_WORKLOAD, vision: str = "
     if workload.images_per_sample < 1:
         raise ConfigError("workload.images_per_sample must be >= 1: without visual tokens there is nothing to save")
     costs = {s.index: wiring_cost(s.wiring, llm_cfg, vision_cfg, workload) for s in STEPS}
+    alone_costs = {s.index: wiring_cost(alone(s), llm_cfg, vision_cfg, workload) for s in STEPS[1:]}
     base = costs[0]
     checked = {s.index: check_against_architectures(s, costs[s.index], llm_cfg, vision_cfg, workload) for s in STEPS}
     total_saving = {c: _tflops(base, c, scope) - _tflops(costs[STEPS[-1].index], c, scope) for c in CONVENTIONS}
@@ -258,9 +259,8 @@ def decomposition(llm: str, workload: Workload = PAPER_WORKLOAD, vision: str = "
                 for comp in DELTA_COMPONENTS:
                     rec[f"saving_{comp}_{conv}"] = math.nan
                 continue
-            prev = costs[step.index - 1]
+            prev, only = costs[step.index - 1], alone_costs[step.index]
             saving = _tflops(prev, conv, scope) - _tflops(cost, conv, scope)
-            only = wiring_cost(alone(step), llm_cfg, vision_cfg, workload)
             rec[f"saving_{conv}"] = saving
             rec[f"saving_alone_{conv}"] = _tflops(base, conv, scope) - _tflops(only, conv, scope)
             rec[f"share_{conv}"] = saving / total_saving[conv] if total_saving[conv] else math.nan
