@@ -18,7 +18,7 @@ from rich.console import Console
 
 # Startup (--help, usage errors) imports nothing heavy: torch, pandas and the architectures load inside
 # the functions that need them (tests/test_speed.py checks sys.modules).
-from mllm_bench.choices import CONVENTIONS, COUNT_CHOICES, DTYPE_NAMES, FORMATS, SCOPES, STAGES
+from mllm_bench.choices import CONVENTIONS, COUNT_CHOICES, DTYPE_NAMES, FORMATS, PUBLISHED_CONVENTIONS, SCOPES, STAGES
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
 
@@ -42,7 +42,11 @@ Measure = _choices("Measure", ("auto", "never", "always"))
 Format = _choices("Format", FORMATS)
 Count = _choices("Count", COUNT_CHOICES)
 Scope = _choices("Scope", SCOPES)
-Convention = _choices("Convention", CONVENTIONS)
+Convention = _choices("Convention", CONVENTIONS + PUBLISHED_CONVENTIONS)  # inference FLOPs: ours or a paper's
+TrainConvention = _choices("TrainConvention", CONVENTIONS)  # training FLOPs exist in mllm-bench's own only
+CONVENTION_HELP = ("FLOPs convention: dense (2 FLOPs/multiply-add, no mask discount) or effective (mask-allowed "
+                   "pairs), in --scope; or a published one, which fixes its own scope: "
+                   + ", ".join(PUBLISHED_CONVENTIONS) + " (see `mllm-bench literature --conventions`).")
 
 ARCH_HELP = "Architecture(s), repeatable or comma-separated (default: llava, flamingo, saisa)."
 OPTION_HELP = "Architecture option ARCH.KEY=VALUE, repeatable (e.g. flamingo.num_latents=4)."

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from .common import (
+    CONVENTION_HELP,
     Convention,
     Count,
     Format,
@@ -67,7 +68,7 @@ def compare(
                                     "(preallocated) or graph (static + CUDA graph; the default on CUDA)."),
     baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
     scope: Scope = typer.Option(Scope.language, help="FLOPs scope: language (paper) or total."),
-    convention: Convention = typer.Option(Convention.dense, help="Attention FLOPs: dense (paper) or effective."),
+    convention: Convention = typer.Option(Convention.dense, help=CONVENTION_HELP),
     out: Path = typer.Option(None, help="Folder for result files (rows JSON/CSV, tables, plots)."),
     fmt: Opt.OutputFormat = Format.table,
     make_plots: bool = typer.Option(False, "--plots", help="Write plots (PNG + PDF) under OUT/plots."),

@@ -19,7 +19,7 @@ from mllm_bench.config import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
-from .common import Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages
+from .common import CONVENTION_HELP, Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages
 from .compare import emit
 
 ORIGIN = "_origin"  # the file each row was read from (dropped before anything is printed or written)
@@ -35,7 +35,7 @@ def report(
     stage: list[str] = typer.Option(None, "--stage", help="Training stage(s) to show: pretrain, finetune."),
     baseline: str = typer.Option("llava", help="Architecture the 'vs' columns compare against."),
     scope: Scope = typer.Option(Scope.language),
-    convention: Convention = typer.Option(Convention.dense),
+    convention: Convention = typer.Option(Convention.dense, help=CONVENTION_HELP),
     vary: str = typer.Option(None, help="Plot cost against this field (e.g. visual_tokens) instead of a table."),
     fmt: Opt.OutputFormat = Format.table,
     out: Path = typer.Option(None, help="Folder for the rebuilt tables (and plots)."),

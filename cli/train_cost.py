@@ -11,11 +11,11 @@ from mllm_bench.config import ConfigError
 from mllm_bench.presets import vision_preset
 
 from .common import (
-    Convention,
     Format,
     Opt,
     Run,
     Scope,
+    TrainConvention,
     check_before_work,
     err_console,
     get_profile,
@@ -54,7 +54,7 @@ def train_cost(
     finetune_text: str = typer.Option("40,216", help="Stage-2 text tokens BEFORE,AFTER the image."),
     baseline: str = typer.Option("llava", help="Architecture the reduction is measured against."),
     scope: Scope = typer.Option(Scope.total, help="FLOPs scope (total: all the GPU runs)."),
-    convention: Convention = typer.Option(Convention.effective, help="Attention FLOPs convention."),
+    convention: TrainConvention = typer.Option(TrainConvention.effective, help="Attention FLOPs convention."),
     fmt: Opt.OutputFormat = Format.table,
     out: Path = typer.Option(None, help="Folder for train_cost.{md,csv} and the profiler rows."),
 ) -> None:

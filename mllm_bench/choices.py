@@ -8,7 +8,9 @@ errors need no torch, transformers or pandas. The modules that use them re-expor
 from __future__ import annotations
 
 SCOPES: tuple[str, ...] = ("language", "total")
-CONVENTIONS: tuple[str, ...] = ("dense", "effective")
+CONVENTIONS: tuple[str, ...] = ("dense", "effective")  # mllm-bench's own (attention with / without mask discount)
+# published conventions, each defined in mllm_bench.conventions (same order)
+PUBLISHED_CONVENTIONS: tuple[str, ...] = ("saisa", "fastv", "pdrop", "llm-viewer")
 FORMATS: tuple[str, ...] = ("table", "markdown", "csv", "json", "latex")
 COUNT_CHOICES: tuple[str, ...] = ("all", "inference", "none")
 STAGES: tuple[str, ...] = ("inference", "pretrain", "finetune")

@@ -79,6 +79,11 @@ class CostBreakdown:
 
     terms: list[Term] = field(default_factory=list)
     kv_cache_bytes: dict[str, float] = field(default_factory=dict)
+    # (phase, role) -> [rows with a query, attention output and FFN; rows with keys/values], summed over the
+    # decoder's layers (whole batch): what row-wise conventions (element-wise ops, layer-averaged tokens) need
+    decoder_rows: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # (phase, role) -> [dense, effective] query-key pairs of the decoder's self-attention, summed over layers
+    decoder_pairs: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     activation_bytes: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +121,21 @@ class CostBreakdown:
     @property
     def phases(self) -> list[str]:
         return [p for p in PHASES if any(t.phase == p for t in self.terms)]
+
+    def rows(self, phase: str, role: str | None = None) -> tuple[float, float]:
+        """(full rows, key/value rows) of the decoder's layers in ``phase``, summed over layers and the batch."""
+        picked = [v for (p, r), v in self.decoder_rows.items() if p == phase and role in (None, r)]
+        return sum(v[0] for v in picked), sum(v[1] for v in picked)
+
+    def pairs(self, phase: str, convention: str = "dense") -> float:
+        """Query-key pairs of the decoder's self-attention in ``phase``, summed over layers and the batch."""
+        i = 0 if convention == "dense" else 1
+        return sum(v[i] for (p, _), v in self.decoder_pairs.items() if p == phase)
+
+    def _tally(self, table: dict[tuple[str, str], list[float]], phase: str, role: str, a: float, b: float) -> None:
+        slot = table.setdefault((phase, role), [0.0, 0.0])
+        slot[0] += a
+        slot[1] += b
 
 
 # ----- sequence shapes and attention pairs ---------------------------------------------------------
@@ -208,6 +228,8 @@ class CostModel:
         """Attention S = QK^T and O = PV over query-key pairs; widths are heads x head_dim."""
         qk = 2.0 * qk_width * count
         pv = 2.0 * v_width * count
+        if component == "attn_scores":
+            self.cost._tally(self.cost.decoder_pairs, phase, role, dense_pairs * count, effective_pairs * count)
         self.cost.add(phase, component, role, "forward", dense_pairs * (qk + pv), effective_pairs * (qk + pv))
         if phase == "train_step":
             # dQ, dK from QK^T; dP (needed if Q or K needs it) and dV from PV
@@ -287,6 +309,9 @@ class CostModel:
         """Q/O and the FFN on ``rows``; K/V on ``kv_rows`` (GQA: width kv_dim)."""
         h, kv, m = self.llm.hidden_size, self.llm.kv_dim, self.llm.intermediate_size
         q_width = self.q_width
+        for role in rows.keys() | kv_rows.keys():
+            self.cost._tally(self.cost.decoder_rows, phase, role, rows.get(role, 0) * count,
+                             kv_rows.get(role, 0) * count)
         for role, n in rows.items():
             self.linear(phase, "attn_proj", role, n, h, q_width, trainable, grad_in, count)
         for role, n in kv_rows.items():
@@ -419,3 +444,31 @@ def stage_trains(model: Any, prefix: str, stage: str) -> bool:
     """Whether ``stage`` trains any parameter of ``model`` whose name starts with ``prefix``."""
     return any(name.startswith(prefix) for name in model.trainable_parameters(stage))
 
+
+
+def spliced_reference_cost(llm: LLMConfig, vision: VisionConfig, workload: Workload,
+                           tokens_per_image: int) -> CostBreakdown:
+    """The LLaVA-1.5 wiring at inference — the tower on every image, a two-layer MLP connector, every visual
+    token a full decoder token under the causal mask, the lm_head — with ``tokens_per_image`` visual tokens per
+    image: the reference that equivalent visual tokens are counted in."""
+    cm = CostModel(llm, workload.replace(stage="inference"), tokens_per_image)
+    cm.vision_tower(vision)
+    cm.mlp_connector(vision.hidden_size, llm.hidden_size, trainable=False)
+    cm.spliced_decoder()
+    cm.lm_head()
+    return cm.result()
+
+
+def equivalent_tokens(target: float, cost_at: dict[int, float]) -> float | None:
+    """Visual tokens x at which a cost quadratic in x (given at three token counts) equals ``target``;
+    None when ``target`` is below its value at the smallest count (no equivalent exists)."""
+    (x0, f0), (x1, f1), (x2, f2) = sorted(cost_at.items())
+    if target < f0:
+        return None
+    # f(x) = a + b·x + c·x² through the three points (Newton's divided differences)
+    d1 = (f1 - f0) / (x1 - x0)
+    c = ((f2 - f1) / (x2 - x1) - d1) / (x2 - x0)
+    b = d1 - c * (x0 + x1)
+    a = f0 - b * x0 - c * x0 * x0
+    # the root of c·x² + b·x + (a − target) = 0 with x ≥ x0, in the form that stays exact as c → 0
+    return 2 * (target - a) / (b + (b * b + 4 * c * (target - a)) ** 0.5)

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from .config import ConfigError, LLMConfig, VisionConfig
-from .costmodel import COMPONENTS, CostBreakdown
+from .conventions import PUBLISHED
+from .costmodel import COMPONENTS, CostBreakdown, equivalent_tokens, spliced_reference_cost
 from .devices import peak_flops
 from .environment import environment
 from .flops import CountedFlops, count_inference, count_train_step
@@ -78,7 +79,8 @@ def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str)
     }
 
 
-def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int | str) -> list[dict]:
+def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int | str, model: MLLM,
+                   workload: Workload) -> list[dict]:
     rows = []
     for phase in cost.phases:
         metric = PHASE_METRIC[phase]
@@ -95,10 +97,43 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
                     rows.append(make_row(base, metric, per * f, "analytic", component=comp, role="all", **common))
                 for role, f in cost.by("role", phase, convention, scope).items():
                     rows.append(make_row(base, metric, per * f, "analytic", component="all", role=role, **common))
+        if phase in ("prefill", "decode"):
+            for conv in PUBLISHED.values():
+                rows.append(make_row(base, metric, per * conv.flops(cost, model.llm_config, phase), "analytic",
+                                     scope=conv.scope, convention=conv.name, component="all", role="all",
+                                     stage=stage, phase=phase, context_len=ctx))
         if phase == "prefill":
             rows.append(make_row(base, "vision_flops", cost.flops(phase, component="vision"), "analytic",
                                  scope="total", convention="dense", component="vision", role="all",
                                  stage=stage, phase=phase))
+            rows += _token_rows(base, cost, model, workload, stage)
+    return rows
+
+
+# visual tokens per image at which the LLaVA-1.5 reference is evaluated (its cost is quadratic in them)
+REFERENCE_TOKENS = (0, 256, 512)
+
+
+def _token_rows(base: dict, cost: CostBreakdown, model: MLLM, workload: Workload, stage: str) -> list[dict]:
+    """Layer-averaged visual tokens (SparseVLM's count) and LLaVA-1.5-equivalent visual tokens (same prefill FLOPs
+    under each convention), per sample."""
+    images, b, layers = workload.images_per_sample, workload.batch_size, model.llm_config.num_layers
+    if not images:
+        return []
+    common = dict(component="all", role="visual", stage=stage, phase="prefill")
+    full, _ = cost.rows("prefill", "visual")
+    rows = [make_row(base, "layer_avg_visual_tokens", full / (layers * b), "analytic", scope="", convention="",
+                     note="visual tokens with a query and an FFN row, averaged over the decoder's layers", **common)]
+    refs = {x: spliced_reference_cost(model.llm_config, model.vision_config, workload, x) for x in REFERENCE_TOKENS}
+    measures = [(scope, conv, lambda c, s=scope, v=conv: c.flops("prefill", v, s))
+                for scope in ("language", "total") for conv in ("dense", "effective")]
+    measures += [(conv.scope, conv.name, lambda c, v=conv: v.flops(c, model.llm_config, "prefill"))
+                 for conv in PUBLISHED.values()]
+    for scope, conv, value in measures:
+        x = equivalent_tokens(value(cost), {t: value(ref) for t, ref in refs.items()})
+        if x is not None:
+            rows.append(make_row(base, "equivalent_visual_tokens", x * images, "analytic", scope=scope,
+                                 convention=conv, note="LLaVA-1.5 visual tokens with the same prefill FLOPs", **common))
     return rows
 
 
@@ -232,7 +267,7 @@ def profile(
         trainable = sum(p.numel() for p in meta_model.trainable_parameters(stage).values())
         rows.append(make_row(base, "trainable_params", trainable, "counted", component="all", role="all",
                              stage=stage))
-    rows += _analytic_rows(base, cost, stage, ctx)
+    rows += _analytic_rows(base, cost, stage, ctx, meta_model, workload)
     for phase, c in counted.items():
         rows += _counted_rows(base, phase, c, stage, ctx)
     rows += _memory_rows(base, meta_model, cost, workload, stage)

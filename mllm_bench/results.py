@@ -52,7 +52,7 @@ METRIC_UNITS: dict[str, str] = {
     "reserved_memory_bytes": "bytes",
     "prefill_latency_s": "s", "decode_latency_s": "s", "train_step_latency_s": "s", "vision_encode_latency_s": "s",
     "latency_iqr_s": "s", "tokens_per_s": "tokens/s", "achieved_flops_per_s": "FLOP/s", "mfu": "ratio",
-    "prefill_speedup_vs_flops": "ratio",
+    "prefill_speedup_vs_flops": "ratio", "equivalent_visual_tokens": "tokens", "layer_avg_visual_tokens": "tokens",
 }
 
 

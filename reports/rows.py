@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from mllm_bench.config import ConfigError
+from mllm_bench.conventions import is_published, published
 from mllm_bench.results import IDENTITY as IDENTITY  # the core ones, re-exported for the reports
 from mllm_bench.results import MEASURE, WORKLOAD
 from mllm_bench.results import normalise as normalise
@@ -254,11 +255,21 @@ class Conventions:
     extra: list[str] = field(default_factory=list)
 
     def lines(self, df: pd.DataFrame | None = None) -> list[str]:
-        out = ["FLOPs: one multiply-add = 2 FLOPs."]
-        if self.scope:
-            out.append(f"Scope: {SCOPE_TEXT.get(self.scope, self.scope)}.")
-        if self.convention:
-            out.append(f"Attention FLOPs: {CONVENTION_TEXT.get(self.convention, self.convention)}.")
+        if is_published(self.convention):
+            conv = published(self.convention)
+            out = [conv.describe(), f"Its scope ({conv.scope}) replaces --scope for its FLOPs rows; training FLOPs "
+                   "and train-step rows are in mllm-bench's own conventions (dense/effective) only."]
+        else:
+            out = ["FLOPs: one multiply-add = 2 FLOPs."]
+            if self.scope:
+                out.append(f"Scope: {SCOPE_TEXT.get(self.scope, self.scope)}.")
+            if self.convention:
+                out.append(f"Attention FLOPs: {CONVENTION_TEXT.get(self.convention, self.convention)}.")
+        if df is not None and len(df) and "equivalent_visual_tokens" in set(df["metric"]):
+            out.append("LLaVA-1.5-equivalent visual tokens: the visual tokens LLaVA-1.5 (same LLM and tower, tokens "
+                       "spliced as full decoder tokens) would need for the same prefill FLOPs under this convention "
+                       "(— where the model costs less than LLaVA-1.5 with none); layer-averaged visual tokens "
+                       "(SparseVLM's count): visual tokens with a query and an FFN row, averaged over decoder layers.")
         out += self.extra
         if df is not None and len(df):
             out += describe_sources(df)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from mllm_bench.choices import FORMATS as FORMATS  # re-exported
 from mllm_bench.config import ConfigError
+from mllm_bench.conventions import is_published
 from mllm_bench.environment import BUSY_LOAD_FRACTION, is_busy
 
 from .rows import (
@@ -63,13 +64,20 @@ class Quantity:
 
 def compare_quantities(scope: str = "language", convention: str = "dense",
                        stages: tuple[str, ...] = ("pretrain", "finetune")) -> list[Quantity]:
-    """What ``mllm-bench compare`` shows, in order (rows without data are dropped later)."""
-    flops = (("scope", scope), ("convention", convention))
+    """What ``mllm-bench compare`` shows, in order (rows without data are dropped later). A published
+    convention fixes its own scope, so ``scope`` does not filter its FLOPs rows."""
+    flops: tuple[tuple[str, str], ...] = (("scope", scope), ("convention", convention))
+    if is_published(convention):
+        flops = (("convention", convention),)
     out = [Quantity("parameters", "params", (("stage", "inference"),))]
     out += [Quantity(f"trainable parameters ({s})", "trainable_params", (("stage", s),)) for s in stages]
     out += [
         Quantity("prefill FLOPs", "prefill_flops", (("stage", "inference"), *flops)),
         Quantity("decode FLOPs / token", "decode_flops_per_token", (("stage", "inference"), *flops)),
+    ]
+    out += [
+        Quantity("LLaVA-1.5-equivalent visual tokens", "equivalent_visual_tokens", (("stage", "inference"), *flops)),
+        Quantity("layer-averaged visual tokens", "layer_avg_visual_tokens", (("stage", "inference"),)),
     ]
     out += [Quantity(f"train-step FLOPs ({s})", "train_step_flops", (("stage", s), *flops)) for s in stages]
     out += [
