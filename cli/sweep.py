@@ -63,8 +63,13 @@ def sweep(
                              f"{DEFAULT_ROOT}/<grid>/, one folder per grid)."),
     make_plots: bool = typer.Option(True, "--plots/--no-plots", help="Write cost-vs-field plots."),
     db: Path = typer.Option(None, help="SQLite file that gets every finished point's rows once (as each finishes)."),
+    wait_ranks: float = typer.Option(86400.0, min=0.0, help="Under several ranks (torchrun, srun): seconds rank 0 "
+                                     "waits for the others before writing the summary from what is finished."),
 ) -> None:
-    """Sweep workload/config fields across architectures; re-running skips points this code finished here."""
+    """Sweep workload/config fields across architectures; re-running skips points this code finished here.
+
+    Under torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) each rank takes every N-th point on
+    its own device (cuda:LOCAL_RANK) and rank 0 writes the summary once all ranks are done."""
     from mllm_bench.reports.sweep import (
         IMAGE_FIELD,
         check_db,
@@ -73,10 +78,18 @@ def sweep(
         grid_slug,
         image_curve_rows,
         image_note,
+        launch_ranks,
+        mark_rank_done,
+        mark_rank_started,
+        merge_ranks,
         option_fields,
         parse_vary,
+        rank_device,
+        refresh_db,
         run_sweep,
+        share_launch_id,
         visual_tokens_note,
+        wait_for_ranks,
         write_sweep,
     )
 
@@ -85,16 +98,51 @@ def sweep(
                          text_before=text_before, text_after=text_after, generate_tokens=generate_tokens, stage=stage)
     grid = parse_vary(vary)
     points = expand(archs, grid, base, llm, vision, options, measure.value)
+    ranks = launch_ranks()
+    run_device = rank_device(base.device, ranks)
+    if run_device != base.device and run_device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(run_device)  # memory checks, timing and peak memory on this rank's GPU
     check_before_work([Run.of_point(p) for p in points], out=out, db=db)
     if out is None:
         out = DEFAULT_ROOT / grid_slug(grid, [p.key for p in points])
     if db is not None:
         check_db(db)
     profile = get_profile()
-    with progress_bar(len(points), "sweeping") as advance:
+    several = ranks.world_size > 1
+    if several:
+        ranks = share_launch_id(ranks)
+        mark_rank_started(out, ranks)
+    label = f"sweeping (rank {ranks.rank} of {ranks.world_size}, {run_device})" if several else "sweeping"
+    share = len(points[ranks.rank::ranks.world_size])
+    with progress_bar(share, label) as advance:
         result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"),
-                           db=db)
-    write_sweep(result, out, grid, archs, base, vision)
+                           db=db, rank=ranks.rank, world_size=ranks.world_size, run_device=run_device)
+    ranks_info = None
+    if several:
+        mark_rank_done(out, ranks, result)
+        if ranks.rank != 0:
+            err_console.print(f"rank {ranks.rank} of {ranks.world_size}: {result.done} points profiled, "
+                              f"{result.skipped} already done, {len(result.busy)} in progress elsewhere, "
+                              f"{len(result.errors)} failed; rank 0 writes the summary in {out}", highlight=False)
+            for message in [m for _, m in result.errors]:
+                err_console.print(f"[red]failed:[/] {message}", highlight=False)
+            if result.errors:
+                raise typer.Exit(1)
+            return
+        err_console.print(f"rank 0: waiting for ranks 1 to {ranks.world_size - 1} (at most {wait_ranks:g} s)",
+                          highlight=False)
+        markers, missing = wait_for_ranks(out, ranks, wait_ranks)
+        result = merge_ranks(points, result, markers, missing, out, ranks.world_size)
+        if db is not None:
+            refresh_db(result, db, out)
+        ranks_info = {"world_size": ranks.world_size, "launch": ranks.launch, "from": ranks.source,
+                      "split": "point index % world_size == rank", "missing": list(missing.values())}
+        for why in missing.values():
+            err_console.print(f"[red]not merged:[/] {why}; rerun the same command (with any number of ranks) "
+                              "to finish and merge its points", highlight=False)
+    write_sweep(result, out, grid, archs, base, vision, ranks=ranks_info)
     Console().print(_summary(result, scope.value, convention.value))
     redone = (f"; {len(result.redone)} of the profiled points were redone (finished earlier by other code or on "
               "another device: see the table)") if result.redone else ""
@@ -134,7 +182,7 @@ def sweep(
                               "to backfill them", highlight=False)
         else:
             err_console.print(f"every finished point of {out} is in {db}", highlight=False)
-    if result.errors or result.db_error:
+    if result.errors or result.db_error or (ranks_info and ranks_info["missing"]):
         raise typer.Exit(1)
 
 

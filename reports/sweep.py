@@ -610,7 +610,7 @@ def _reusable(store: Path, key: str, origin: Mapping[str, str]) -> tuple[dict[st
 def run_sweep(
     points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn,
     on_point: Callable[[Point, str], None] | None = None, rank: int = 0, world_size: int = 1,
-    db: str | Path | None = None, origin: Mapping[str, str] | None = None,
+    db: str | Path | None = None, origin: Mapping[str, str] | None = None, run_device: str | None = None,
 ) -> SweepResult:
     """Profile each point not finished in ``out_dir`` by this code on this device; returns this run's points' rows.
 
@@ -618,7 +618,8 @@ def run_sweep(
     be reused. ``db``: a SQLite file that gets each point's rows as it finishes, and every finished point of
     the folder it lacks at the start and the end. ``on_point(point, status)`` is called after each point
     (status ok, oom, skipped, busy or error). With ``world_size`` > 1 this rank takes every
-    ``world_size``-th point.
+    ``world_size``-th point (index % world_size == rank). ``run_device`` (e.g. ``cuda:3``): where this process
+    runs points whose device is its type without an index (``cuda``); the points' keys keep ``cuda``.
     """
     store = Path(out_dir) / "points"
     store.mkdir(parents=True, exist_ok=True)
@@ -640,7 +641,7 @@ def run_sweep(
             on_point(outcome.point, status_for_callback)
 
     for point in mine:
-        device = str(dict(point.workload).get("device", "cpu"))
+        device = _device_for(point, run_device)
         here = origin or origins.setdefault(device, point_origin(device))
         record, why = _reusable(store, point.key, here)
         if record is None:
@@ -653,7 +654,7 @@ def run_sweep(
                 record, why_now = _reusable(store, point.key, here)  # another run may have finished it meanwhile
                 if record is None:
                     why = why_now
-                    record = _profile_point(point, profile_fn, here, result)
+                    record = _profile_point(point, profile_fn, here, result, device)
                     if record is None:
                         if on_point:
                             on_point(point, "error")
@@ -686,12 +687,24 @@ def run_sweep(
     return result
 
 
+def _device_for(point: Point, run_device: str | None) -> str:
+    """The device ``point`` runs on: ``run_device`` when the point names only that device's type, else its own."""
+    own = str(dict(point.workload).get("device", "cpu"))
+    if run_device is None:
+        return own
+    mine, given = torch.device(own), torch.device(run_device)
+    return run_device if mine.index is None and mine.type == given.type else own
+
+
 def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str],
-                   result: SweepResult) -> dict[str, Any] | None:
+                   result: SweepResult, device: str | None = None) -> dict[str, Any] | None:
     """The finished record of one point (ok or oom), or None after a failure (recorded in ``result.errors``)."""
     vision = point.vision_config()
+    workload = point.make_workload()
+    if device is not None and device != workload.device:
+        workload = workload.replace(device=device)
     try:
-        rows = profile_fn(point.arch, point.make_workload(), llm=point.llm, vision=vision,
+        rows = profile_fn(point.arch, workload, llm=point.llm, vision=vision,
                           options=dict(point.options) or None, measure=point.measure)
         rows = rows.assign(status="ok", error="")
         status = "ok"
@@ -703,13 +716,19 @@ def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str
             return None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}").assign(status="oom")
+        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}", workload.device).assign(status="oom")
         status = "oom"
     rows = rows.assign(vision=point.vision)
     return {"key": point.key, "params": point.params(), "values": dict(point.values), "status": status,
             "origin": dict(origin),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "rows": json.loads(rows_to_json(rows))}
+
+
+def refresh_db(result: SweepResult, db: str | Path, out_dir: str | Path) -> None:
+    """Store every finished point of ``out_dir`` that SQLite file ``db`` lacks (after other ranks' points came
+    in); a failure is kept in ``result.db_error``."""
+    _backfill(result, db, Path(out_dir) / "points")
 
 
 def _backfill(result: SweepResult, db: str | Path, store: Path) -> None:
@@ -743,7 +762,7 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
                                         "latency_s", "key"])
 
 
-def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -> pd.DataFrame:
+def _status_row(point: Point, vision: VisionConfig, status: str, message: str, device: str = "") -> pd.DataFrame:
     w = point.make_workload()
     return pd.DataFrame([{
         "arch": point.arch, "llm": point.llm, "vision": point.vision,
@@ -756,7 +775,7 @@ def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -
         "visual_tokens": "" if w.image_sizes else w.images_per_sample * vision.tokens_per_image,
         "text_tokens": w.num_text_tokens,
         "text_before": w.text_before, "text_after": w.text_after, "generate_tokens": w.generate_tokens,
-        "dtype": w.dtype, "device": w.device, "error": message[:500],
+        "dtype": w.dtype, "device": device or w.device, "error": message[:500],
     }])
 
 
@@ -772,12 +791,13 @@ def visual_tokens_note(tokens: Sequence[int], vision: str | VisionConfig) -> str
 
 
 def write_sweep(result: SweepResult, out_dir: str | Path, vary: dict[str, list[Any]], archs: Sequence[str],
-                base: Workload, vision: str | VisionConfig) -> list[Path]:
+                base: Workload, vision: str | VisionConfig, ranks: Mapping[str, Any] | None = None) -> list[Path]:
     """The folder's summary, built from every finished point of every grid run into it: the tidy rows
     (JSON + CSV) and a manifest (``sweep.json``) naming each grid (what was varied and, for visual tokens,
     how each count was realised), which points are finished or out of memory, and what this run did.
 
-    This run's grid is recorded first under ``grids/``, so a later run with another grid keeps it listed."""
+    This run's grid is recorded first under ``grids/``, so a later run with another grid keeps it listed.
+    ``ranks``: how a launch of several processes split the grid (world size, launch id, ranks missing)."""
     out = Path(out_dir)
     vision_name = vision.name if isinstance(vision, VisionConfig) else vision
     grid = {"vary": vary, "archs": list(archs), "base_workload": dataclasses.asdict(base), "vision": vision_name,
@@ -815,6 +835,8 @@ def write_sweep(result: SweepResult, out_dir: str | Path, vary: dict[str, list[A
         "this_run": [{"key": o.point.key, "arch": o.point.arch, "values": dict(o.point.values), "status": o.status,
                       "run": o.run, "why": o.why} for o in result.outcomes],
     }
+    if ranks:
+        manifest["ranks"] = dict(ranks)
     if result.db_error:
         manifest["db_error"] = result.db_error
     if "visual_tokens" in vary:
@@ -830,3 +852,202 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# ----- one grid over several processes (torchrun, srun) ------------------------------------------------------
+RANKS_DIR = "ranks"  # <out>/ranks/<launch>-of-<N>/: each rank's start and done markers
+LAUNCH_ID_ENV = "MLLM_BENCH_LAUNCH_ID"  # names one launch of all ranks where the launcher gives no id
+RANK_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a launch: ``rank`` of ``world_size``, ``local_rank`` on its node (its CUDA
+    device), ``launch`` an id every rank of one launch shares ("" when the launcher gives none) and
+    ``source``, the variables they came from."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launch: str = ""
+    source: str = ""
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        if default is None:
+            raise ConfigError(f"{name} is not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def launch_ranks(env: Mapping[str, str] | None = None) -> Ranks:
+    """The ranks a launcher set in ``env`` (default ``os.environ``): torchrun's (or any launcher's) RANK,
+    WORLD_SIZE, LOCAL_RANK; else srun's SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (only inside a job step,
+    SLURM_STEP_ID set: a batch script or salloc shell is one process); else one process.
+
+    The launch id: ``MLLM_BENCH_LAUNCH_ID``, else torchrun's TORCHELASTIC_RUN_ID (unless "none") with its
+    restart count, else Slurm's job and step ids; "" when none is set."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        names, source = ("RANK", "WORLD_SIZE"), "RANK/WORLD_SIZE"
+        rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+        local = _env_int(env, "LOCAL_RANK", _env_int(env, "SLURM_LOCALID", rank))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        names, source = ("SLURM_PROCID", "SLURM_NTASKS"), "SLURM_PROCID/SLURM_NTASKS"
+        rank, world = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS")
+        local = _env_int(env, "SLURM_LOCALID", rank)
+    else:
+        return Ranks()
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"{names[0]}={rank}, {names[1]}={world}: the world size must be >= 1 and the rank in "
+                          f"[0, {max(world, 1)}), local rank >= 0 (got {local})")
+    launch = env.get(LAUNCH_ID_ENV, "").strip()
+    if not launch and env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
+        launch = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if not launch and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
+        launch = f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+    return Ranks(rank, world, local, launch, source)
+
+
+def share_launch_id(ranks: Ranks) -> Ranks:
+    """``ranks`` with rank 0's fresh id broadcast to every rank when a torch.distributed process group is
+    initialised and the launcher gave no id; unchanged otherwise."""
+    if ranks.launch or ranks.world_size == 1 or not (torch.distributed.is_available()
+                                                     and torch.distributed.is_initialized()):
+        return ranks
+    box = [f"group-{os.urandom(6).hex()}" if ranks.rank == 0 else ""]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return dataclasses.replace(ranks, launch=str(box[0]))
+
+
+def rank_device(device: str, ranks: Ranks) -> str:
+    """The device this rank runs on: ``cuda`` becomes ``cuda:LOCAL_RANK`` (``cuda:0`` where each process sees
+    one GPU, e.g. srun --gpus-per-task=1); any other device is used as given. Under several ranks a CUDA index
+    given by hand is refused: every rank would share it."""
+    dev = torch.device(device)
+    if ranks.world_size == 1 or dev.type != "cuda":
+        return device
+    if dev.index is not None:
+        raise ConfigError(f"--device {device}: under {ranks.world_size} ranks each takes cuda:LOCAL_RANK; give "
+                          "--device cuda")
+    count = torch.cuda.device_count()
+    if count == 1:
+        return "cuda:0"
+    if ranks.local_rank >= count:
+        raise ConfigError(f"rank {ranks.rank}: local rank {ranks.local_rank} has no CUDA device (this node has "
+                          f"{count}: cuda:0 to cuda:{count - 1}); start at most {count} ranks per node")
+    return f"cuda:{ranks.local_rank}"
+
+
+def _launch_dir(out_dir: str | Path, ranks: Ranks) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", ranks.launch or "unnamed")[:80]
+    return Path(out_dir) / RANKS_DIR / f"{name}-of-{ranks.world_size}"
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds; Linux ``/proc``), else when this module was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def mark_rank_started(out_dir: str | Path, ranks: Ranks) -> None:
+    """Record that this rank has begun (pid, host, time): rank 0 can tell a rank that died from a slow one."""
+    info = {"rank": ranks.rank, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    atomic_write_text(_launch_dir(out_dir, ranks) / f"rank-{ranks.rank}.start.json", json.dumps(info) + "\n")
+
+
+def mark_rank_done(out_dir: str | Path, ranks: Ranks, result: SweepResult) -> Path:
+    """Write this rank's done marker: what it did with each of its points (rank 0 merges these)."""
+    info = {"rank": ranks.rank, "world_size": ranks.world_size, "launch": ranks.launch, "pid": os.getpid(),
+            "host": socket.gethostname(), "finished": time.time(), "keys": result.keys, "done": result.done,
+            "skipped": result.skipped, "new_keys": result.new_keys, "oom": result.oom,
+            "errors": [list(e) for e in result.errors], "busy": result.busy,
+            "outcomes": [{"key": o.point.key, "status": o.status, "run": o.run, "why": o.why}
+                         for o in result.outcomes]}
+    return atomic_write_text(_launch_dir(out_dir, ranks) / f"rank-{ranks.rank}.json", json.dumps(info) + "\n")
+
+
+def wait_for_ranks(out_dir: str | Path, ranks: Ranks, timeout_s: float, since: float | None = None,
+                   poll_s: float = RANK_POLL_S) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Rank 0 waits for every other rank's done marker: (markers by rank, why each missing rank is missing).
+
+    Returns when all are in, when every missing rank is known dead (a start marker of this launch whose
+    process on this host is gone) or after ``timeout_s``. Without a launch id a marker counts only when it
+    was written after ``since`` (default: this process's start), so markers of an earlier launch into the
+    same folder are not taken for this one's."""
+    folder = _launch_dir(out_dir, ranks)
+    since = process_start_time() if since is None else since
+    deadline = time.monotonic() + timeout_s
+    others = range(1, ranks.world_size)
+
+    def fresh(info: Any, stamp: str) -> bool:
+        return isinstance(info, dict) and (bool(ranks.launch) or float(info.get(stamp, 0)) >= since)
+
+    while True:
+        done = {r: info for r in others if fresh(info := _read_json(folder / f"rank-{r}.json"), "finished")}
+        missing = {}
+        for r in others:
+            if r in done:
+                continue
+            start = _read_json(folder / f"rank-{r}.start.json")
+            if fresh(start, "started") and start.get("host") == socket.gethostname() and not _pid_alive(
+                    int(start.get("pid", 0))):
+                missing[r] = f"rank {r} (pid {start.get('pid')}) ended without finishing its points"
+        if len(done) + len(missing) == len(others):
+            return done, missing
+        if time.monotonic() >= deadline:
+            for r in others:
+                if r not in done and r not in missing:
+                    missing[r] = f"rank {r} did not finish within {timeout_s:g} s"
+            return done, missing
+        time.sleep(poll_s)
+
+
+def merge_ranks(points: Sequence[Point], own: SweepResult, markers: Mapping[int, Mapping[str, Any]],
+                missing: Mapping[int, str], out_dir: str | Path, world_size: int) -> SweepResult:
+    """One result for the whole grid from rank 0's ``own`` and the other ranks' done markers; points of a
+    rank that never reported are listed as not finished (``run`` "missing", ``why`` the reason)."""
+    store = Path(out_dir) / "points"
+    merged = SweepResult(pd.DataFrame(), keys=[p.key for p in points], done=own.done, skipped=own.skipped,
+                         oom=list(own.oom), new_keys=list(own.new_keys), errors=list(own.errors),
+                         busy=list(own.busy), db_notes=list(own.db_notes), db_error=own.db_error)
+    told = {o.point.key: o for o in own.outcomes}
+    for info in markers.values():
+        merged.done += int(info.get("done", 0))
+        merged.skipped += int(info.get("skipped", 0))
+        merged.oom += [k for k in info.get("oom", []) if k not in merged.oom]
+        merged.new_keys += info.get("new_keys", [])
+        merged.errors += [(str(k), str(m)) for k, m in info.get("errors", [])]
+        merged.busy += info.get("busy", [])
+    by_key = {p.key: p for p in points}
+    reported = {o["key"]: o for info in markers.values() for o in info.get("outcomes", []) if o.get("key") in by_key}
+    frames = []
+    for i, point in enumerate(points):
+        if point.key in told:
+            outcome = told[point.key]
+        elif point.key in reported:
+            o = reported[point.key]
+            record = read_point(store, point.key) if o["status"] in ("ok", "oom") else None
+            rows = record_rows(point.key, record) if record is not None else pd.DataFrame()
+            outcome = PointOutcome(point, o["status"], o["run"], o.get("why", ""), rows)
+        else:
+            why = missing.get(i % world_size, f"rank {i % world_size} did not report it")
+            outcome = PointOutcome(point, "missing", "missing", why)
+        merged.outcomes.append(outcome)
+        if len(outcome.rows):
+            frames.append(outcome.rows)
+    merged.rows = concat_rows(frames)
+    return merged
