@@ -50,11 +50,11 @@ def hf_tiny_config(cross_layers: list[int], max_num_tiles: int = 2):
     return config
 
 
-def hf_tiny_model(seed: int = 0, cross_layers: list[int] | None = None):
+def hf_tiny_model(seed: int = 0, cross_layers: list[int] | None = None, max_num_tiles: int = 2):
     from transformers import MllamaForConditionalGeneration
 
     torch.manual_seed(seed)
-    hf = MllamaForConditionalGeneration(hf_tiny_config(cross_layers or [1])).eval()
+    hf = MllamaForConditionalGeneration(hf_tiny_config(cross_layers or [1], max_num_tiles)).eval()
     with torch.no_grad():  # every weight random, gates open, norms near 1
         for name, p in hf.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -333,6 +333,180 @@ def test_counted_equals_analytic_at_the_real_size():
     n, d, m = 6432, 1280, 5120
     tower = 2 * 4 * 1600 * 3 * 14 * 14 * d + 40 * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
     assert cost.flops("prefill", component="vision") == pytest.approx(2 * tower, rel=1e-12)
+
+
+# ----- one tile grid per image ---------------------------------------------------------------------------
+def expected_grid(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """The processor's rule, written out: of the grids (rows, cols) with rows x cols <= max_tiles, each scaled by
+    min(rows x tile / height, cols x tile / width), the least upscaling (smallest scale >= 1) or else the least
+    downscaling (largest scale); ties to the fewest tiles, then the first grid in (1, 1), (1, 2), ... order."""
+    grids = [(r, c) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if r * c <= max_tiles]
+    scale = {g: min(g[0] * tile / height, g[1] * tile / width) for g in grids}
+    ups = [g for g in grids if scale[g] >= 1]
+    pick = min(scale[g] for g in ups) if ups else max(scale.values())
+    tied = [g for g in grids if scale[g] == pick]
+    return next(g for g in tied if g[0] * g[1] == min(r * c for r, c in tied))
+
+
+def test_tile_grids_follow_the_processor_rule():
+    from mllm_bench.architectures.mllama.config import tile_grid
+    from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
+
+    # 560 px tiles, up to 4 (the 11B), worked by hand: (300, 2000) needs 1 x 4 to reach scale 1.12; (560, 1680)
+    # ties 1 x 3 with 1 x 4 at scale 1, the fewer tiles win; (2000, 2000) cannot upscale, 2 x 2 shrinks least (0.56)
+    by_hand = {(560, 560): (1, 1), (560, 1120): (1, 2), (1120, 560): (2, 1), (1120, 1120): (2, 2), (100, 100): (1, 1),
+               (300, 2000): (1, 4), (560, 1680): (1, 3), (800, 600): (2, 2), (2000, 2000): (2, 2)}
+    for (h, w), grid in by_hand.items():
+        assert expected_grid(h, w, 4, 560) == grid
+        assert tile_grid(h, w, 4, 560) == grid, (h, w)
+    # and transformers' own function over a spread of sizes and tile limits
+    sizes = [(h, w) for h in (7, 31, 32, 33, 50, 64, 65, 96, 130, 200) for w in (5, 32, 40, 63, 64, 100, 128, 300)]
+    for max_tiles in (1, 2, 3, 4, 6):
+        for h, w in sizes:
+            rows, cols = (int(v) // 32 for v in get_optimal_tiled_canvas(h, w, max_tiles, 32))
+            assert tile_grid(h, w, max_tiles, 32) == (rows, cols) == expected_grid(h, w, max_tiles, 32), (h, w)
+
+
+# (height, width) of each sample's images at 32 px tiles, up to 4: by the rule, 1 x 1, 1 x 3 (scale 0.8: no grid
+# reaches 1) | 2 x 1 (scale 1: 2 x 1, 2 x 2, 3 x 1, 4 x 1 tie, the fewest tiles win), 2 x 2 (scale 0.91)
+MIXED_SIZES = [[(32, 32), (40, 100)], [(64, 32), (70, 70)]]
+MIXED_TILES = [[1, 3], [2, 4]]
+
+
+def processor_batch(sizes: list[list[tuple[int, int]]], positions: list[list[int]], text: int = 10,
+                    pad: list[int] | None = None, seed: int = 1) -> tuple[MultimodalBatch, dict]:
+    """Random images of ``sizes`` through transformers' MllamaImageProcessor (32 px tiles, up to 4); our batch
+    (its tiles with the original sizes) and transformers' inputs (its tiles, aspect ratios, cross mask)."""
+    import numpy as np
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    rng = np.random.default_rng(seed)
+    images = [[rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in row] for row in sizes]
+    out = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4)(images, return_tensors="pt")
+    gen = torch.Generator().manual_seed(seed)
+    b = len(positions)
+    ids = torch.randint(0, 256, (b, text), generator=gen)
+    for i, row in enumerate(positions):
+        ids[i, row] = IMAGE_TOKEN
+    mask = torch.ones(b, text, dtype=torch.bool)
+    for i, n in enumerate(pad or []):
+        mask[i, :n] = False
+    batch = MultimodalBatch(ids, out["pixel_values"], torch.tensor(positions), mask, None,
+                            torch.tensor(sizes, dtype=torch.long))
+    token_masks = [get_cross_attention_token_mask(row.tolist(), IMAGE_TOKEN) for row in ids]
+    dense = convert_sparse_cross_attention_mask_to_dense(token_masks, out["num_tiles"], 4, text)
+    theirs = dict(input_ids=ids, pixel_values=out["pixel_values"], aspect_ratio_ids=out["aspect_ratio_ids"],
+                  aspect_ratio_mask=out["aspect_ratio_mask"], cross_attention_mask=torch.from_numpy(dense),
+                  attention_mask=mask.long(), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
+    return batch, {**theirs, "num_tiles": out["num_tiles"]}
+
+
+@torch.no_grad()
+def test_mixed_tile_grids_equal_transformers():
+    """Two samples of two images of different aspect ratios (1, 3 | 2, 4 tiles of 4), left padding, adjacent image
+    tokens in sample 1: the processor's tiles and tile counts, and the logits of MllamaForConditionalGeneration."""
+    from mllm_bench.architectures.mllama.config import supported_aspect_ratios
+
+    hf = hf_tiny_model(max_num_tiles=4)
+    model = ours_from(hf, max_num_tiles=4)
+    batch, theirs = processor_batch(MIXED_SIZES, [[2, 6], [3, 4]], pad=[0, 2])
+    grids = model.tile_grids(batch)
+    assert [[r * c for r, c in row] for row in grids] == MIXED_TILES == theirs.pop("num_tiles")
+    assert [[expected_grid(h, w, 4, 32) for h, w in row] for row in MIXED_SIZES] == grids
+    ids = [[supported_aspect_ratios(4).index(g) + 1 for g in row] for row in grids]
+    assert theirs["aspect_ratio_ids"].tolist() == ids
+    ours = model(batch).logits
+    valid = batch.text_mask()
+    torch.testing.assert_close(ours[valid], hf(**theirs).logits[valid], atol=1e-5, rtol=1e-5)
+    # the grids matter: the same tiles taken as other images' sizes change the logits after the images
+    swapped = MultimodalBatch(batch.input_ids, batch.pixel_values, batch.image_positions, batch.attention_mask,
+                              None, batch.image_sizes.flip(1))
+    assert (model(swapped).logits[0, -1] - ours[0, -1]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_mixed_tile_grids_cached_generation_equals_recomputation():
+    model = ours_from(hf_tiny_model(seed=2, max_num_tiles=4), max_num_tiles=4)
+    batch, _ = processor_batch(MIXED_SIZES, [[2, 5], [1, 2]], text=8, pad=[1, 0])
+    steps = 3
+    generated = model.generate(batch, steps)
+    ids, mask = batch.input_ids, batch.text_mask()
+    logits, cache = model.prefill(batch)
+    for step in range(steps):
+        full = model(MultimodalBatch(ids, batch.pixel_values, batch.image_positions, mask, None,
+                                     batch.image_sizes)).logits[:, -1]
+        torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+        assert torch.equal(full.argmax(-1), generated[:, step])
+        ids = torch.cat([ids, generated[:, step:step + 1]], 1)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+        logits, cache = model.decode(generated[:, step], cache)
+
+
+def test_workload_image_sizes_give_each_image_its_grid():
+    """example_batch: tiles with the unused ones zero, the sizes on the CPU; visual tokens = tiles x (16 + CLS)."""
+    from mllm_bench import Workload
+
+    model = tiny_model("mllama", max_num_tiles=4)
+    wl = Workload(batch_size=2, images_per_sample=2, image_sizes=((32, 32), (40, 100)), text_before=3,
+                  text_between=2, text_after=4, dtype="float32", device="cpu")
+    assert model.visual_tokens_per_image(wl) == [1 * 17, 3 * 17]
+    assert model.visual_tokens_per_image(wl.replace(image_sizes=None)) == [17, 17]  # the options' 1 x 1
+    batch = model.example_batch(wl)
+    assert tuple(batch.pixel_values.shape) == (2, 2, 4, 3, 32, 32) and batch.image_sizes.tolist() == [
+        [[32, 32], [40, 100]]] * 2
+    nonzero = batch.pixel_values.flatten(3).abs().sum(-1) > 0
+    assert nonzero.tolist() == [[[True, False, False, False], [True, True, True, False]]] * 2
+    assert model(batch).logits.shape == (2, wl.num_text_tokens, 256)
+    assert model.analytic_cost(wl).info["tile_grids"] == [(1, 1), (1, 3)]
+    with pytest.raises(ConfigError, match="max_num_tiles=4"):
+        model(MultimodalBatch(batch.input_ids, batch.pixel_values[:, :, :2], batch.image_positions, None, None,
+                              batch.image_sizes))
+
+
+def test_effective_attention_pairs_of_mixed_grids():
+    """Images of 1 and 2 tiles (of 2): text 5 + image + 3 + image + 9; rows 0-4 see no image (all 68 keys), rows
+    5-7 image 1's 17 used keys, rows 8-16 image 2's 34; the tower's padding is 48 - 17 and 48 - 34 tokens."""
+    from mllm_bench import Workload
+
+    model = tiny_model("mllama")
+    wl = Workload(batch_size=2, images_per_sample=2, image_sizes=((32, 32), (32, 64)), text_before=5,
+                  text_between=3, text_after=9, dtype="float32")
+    cost = model.analytic_cost(wl)
+    width = 64
+    scores = [t for t in cost.terms if t.phase == "prefill" and t.component == "cross_attn" and t.pass_ == "forward"
+              and t.dense == 2 * 17 * 68 * 4 * width]
+    assert len(scores) == 1 and scores[0].effective == 2 * (5 * 68 + 3 * 17 + 9 * 34) * 4 * width
+    vision = [t for t in cost.terms if t.phase == "prefill" and t.component == "vision" and t.dense != t.effective]
+    assert len(vision) == 1 and vision[0].dense == 2 * 2 * 48 * 48 * 4 * 32 * 4
+    assert vision[0].effective == 2 * ((48**2 - 31**2) + (48**2 - 14**2)) * 4 * 32 * 4
+    # decode inherits the last row's mask: image 2's 34 keys
+    decode = [t for t in cost.terms if t.phase == "decode" and t.component == "cross_attn" and t.dense != t.effective]
+    assert len(decode) == 1 and decode[0].effective == 2 * 34 * 4 * width
+    assert "padding tiles" in cost.info["cost_note"] and cost.info["visual_tokens_per_image"] == [17, 34]
+
+
+def test_counted_equals_analytic_for_mixed_grids_at_the_real_size():
+    """Llama-3.2-11B-Vision, images of 560 x 560 (1 tile) and 560 x 1120 (1 x 2): prefill, decode, pretraining."""
+    from mllm_bench import Workload
+    from mllm_bench.flops import count_decode, count_prefill, count_train_step
+
+    model = build_model("mllama", "llama3.2-11b-vision", "llama3.2-11b-vision")
+    wl = Workload(images_per_sample=2, image_sizes=((560, 560), (560, 1120)), text_before=5, text_between=7,
+                  text_after=20)
+    assert model.visual_tokens_per_image(wl) == [1601, 2 * 1601]
+    cost = model.analytic_cost(wl)
+    assert count_prefill(model, wl).total == pytest.approx(cost.flops("prefill"), rel=1e-9)
+    assert count_decode(model, wl)[0].total == pytest.approx(cost.flops("decode"), rel=1e-9)
+    train = wl.replace(stage="pretrain")
+    assert count_train_step(model, train).total == pytest.approx(model.analytic_cost(train).flops("train_step"),
+                                                                 rel=1e-9)
+    # transformers runs 4 tiles per image whatever the grid: the dense cost is the 2 x 2 grid's
+    assert cost.flops("prefill") == pytest.approx(model.analytic_cost(wl.replace(image_sizes=None)).flops("prefill"),
+                                                  rel=1e-12)
 
 
 def test_cli_options_take_layer_lists_as_text(tmp_path):

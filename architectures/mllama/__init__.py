@@ -15,17 +15,21 @@ transformers implements it (``transformers/models/mllama/modeling_mllama.py``), 
 * **Cross-attention mask** (``processing_mllama.get_cross_attention_token_mask``,
   ``modeling_mllama._prepare_cross_attention_mask``): see ``text.py``.
 
-Input contract: ``pixel_values`` (B, K, 3, tile_rows x S, tile_cols x S), each image already on its
-canvas (S = the vision preset's ``image_size``, the tile size); options ``tile_rows``/``tile_cols`` give the
-grid (default 2 x 2, a 1120 x 1120 canvas), the same for every image of a batch. ``image_positions[b, k]``
-is the text index of image k's ``<|image|>`` token (any id: the model never looks at it).
+Input contract, two layouts. With ``image_sizes`` (B, K, 2), each image's original (height, width):
+``pixel_values`` (B, K, max_num_tiles, 3, S, S), each image's tiles as the processor packs them (S = the
+vision preset's ``image_size``, the tile size; unused tiles zero, and taken as given: real tokens attend to
+them), each image's tile grid the processor's best fit to its size (``config.tile_grid``, the rule of
+``get_optimal_tiled_canvas``), so one batch mixes grids, also across samples. Without ``image_sizes``:
+``pixel_values`` (B, K, 3, tile_rows x S, tile_cols x S), every image a canvas of the options' grid
+(default 2 x 2). ``image_positions[b, k]`` is the text index of image k's ``<|image|>`` token (any id: the
+model never looks at it). Every sample has K images (transformers' padding images, aspect-ratio id 0, are
+not modelled).
 
 Where it deviates, and why: transformers' cross-attention does not zero the attention output of rows
 that see no image (it clears their mask, so they attend to every vision token; Meta's reference code
 multiplies that output by ``full_text_row_masked_out_mask``: meta-llama/llama-models,
 ``models/llama3/multimodal/model.py``, ``CrossAttention``); we follow transformers (the FLOPs are the
-same). ``padding_idx`` of the embedding (no gradient for the pad row) is not kept. One tile grid per batch
-(transformers allows one per image).
+same). ``padding_idx`` of the embedding (no gradient for the pad row) is not kept.
 
 Training stages (Llama 3 paper 7.2/7.4; Meta's Llama-3.2 release: "we also updated the parameters of the
 image encoder, but intentionally did not update the language-model parameters"): ``pretrain`` and

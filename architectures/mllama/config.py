@@ -28,6 +28,23 @@ def supported_aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(1, max_num_tiles + 1) for b in range(1, max_num_tiles + 1) if a * b <= max_num_tiles]
 
 
+def tile_grid(height: int, width: int, max_num_tiles: int, tile_size: int) -> tuple[int, int]:
+    """The tile grid (rows, cols) an image of ``height`` x ``width`` px is resized onto, as the image processor
+    chooses it (``get_optimal_tiled_canvas``): each grid's scale is the smaller of canvas height / height and
+    canvas width / width; the smallest scale >= 1 wins (the least upscaling), else the largest (the least
+    downscaling); among grids of that scale the fewest tiles, then the first in :func:`supported_aspect_ratios`."""
+    grids = supported_aspect_ratios(max_num_tiles)
+    scales = [min(r * tile_size / height, c * tile_size / width) for r, c in grids]
+    up = [x for x in scales if x >= 1]
+    best = min(up) if up else max(scales)
+    return min((g for g, x in zip(grids, scales, strict=True) if x == best), key=lambda g: g[0] * g[1])
+
+
+def aspect_ratio_id(grid: tuple[int, int], max_num_tiles: int) -> int:
+    """A tile grid's aspect-ratio id: its 1-based index in the supported grids (0 is the processor's padding)."""
+    return supported_aspect_ratios(max_num_tiles).index(grid) + 1
+
+
 def _parse_indices(text: str) -> tuple[int, ...] | str:
     """``"3,8,13"`` or ``"[3, 8, 13]"`` as a tuple of ints (the text itself when it is not one, for the error)."""
     parts = [p.strip() for p in text.strip().strip("[]()").split(",") if p.strip()]
@@ -45,9 +62,10 @@ class MllamaOptions:
     ``cross_attention_layers``: decoder slots that are cross-attention layers (None: every 5th from 3, the
     11B's [3, 8, ..., 38] of 40; the last slot of a decoder of 3 slots or fewer). ``intermediate_layers``:
     local-encoder layer outputs concatenated to the tower's output (None: the 11B's [3, 7, 15, 23, 30], those
-    the local encoder has). ``tile_rows`` x ``tile_cols``: each image's tile grid (the processor's best fit;
-    default 2 x 2, a 1120 x 1120 canvas at 560 px tiles); every image runs ``max_num_tiles`` tiles, the
-    unused ones zero and masked.
+    the local encoder has). ``tile_rows`` x ``tile_cols``: the tile grid of images given without a size
+    (``Workload.image_sizes`` None, batches of canvases; default 2 x 2, a 1120 x 1120 canvas at 560 px tiles);
+    an image with a size gets the processor's best fit to it (:func:`tile_grid`). Every image runs
+    ``max_num_tiles`` tiles, the unused ones zero and masked.
     """
 
     cross_attention_layers: tuple[int, ...] | None = None
@@ -102,13 +120,9 @@ class MllamaOptions:
         return self.intermediate_layers
 
     @property
-    def aspect_ratio_id(self) -> int:
-        """The images' aspect-ratio id (1-based index of (tile_rows, tile_cols) in the supported grids)."""
-        return supported_aspect_ratios(self.max_num_tiles).index((self.tile_rows, self.tile_cols)) + 1
-
-    @property
-    def num_tiles(self) -> int:
-        return self.tile_rows * self.tile_cols
+    def grid(self) -> tuple[int, int]:
+        """(tile_rows, tile_cols): the grid of images given without a size."""
+        return self.tile_rows, self.tile_cols
 
 
 # ----- the Llama-3.2-11B-Vision preset ----------------------------------------------------------------

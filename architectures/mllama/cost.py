@@ -1,10 +1,13 @@
 """Llama-3.2-Vision's analytic cost: tiled tower, projector, self-attention slots and cross-attention slots.
 
-Composed from :class:`~mllm_bench.costmodel.CostModel`'s primitives in data-flow order. The tower runs
-``max_num_tiles`` tiles per image whatever the grid (unused tiles are zero, not skipped), each padded to
-a multiple of 8 tokens; the effective vision attention leaves out only padding-to-padding pairs (the
-mask's one rule). Cross-attention keys are every tile's tokens (patches + CLS); effective pairs are those
-the cross mask allows, rows that see no image counting every key (their mask is cleared).
+Composed from :class:`~mllm_bench.costmodel.CostModel`'s primitives in data-flow order. Each image has its
+own tile grid (:meth:`Mllama.workload_grids`), but what is computed is what transformers computes: the tower
+runs ``max_num_tiles`` tiles per image whatever its grid (unused tiles are zero, not skipped), each padded
+to a multiple of 8 tokens, and the projector and the cross-attention keys/values cover every tile, so dense
+FLOPs do not depend on the grids. The grids set the effective counts only: the vision attention leaves out
+padding-to-padding pairs (the mask's one rule), each image's unused tiles being padding; the
+cross-attention pairs are those the cross mask allows (the used tiles of the images a row sees), rows that
+see no image counting every key (their mask is cleared). ``cost.info['cost_note']`` says so.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def tiled_vision_tower(cm: CostModel, model: Mllama, trainable: bool) -> bool:
         return False
     d, m, tiles = v.hidden_size, v.intermediate_size, o.max_num_tiles
     seq = tiles * padded_tile_length(v.num_patches)
-    pad = seq - o.num_tiles * (v.num_patches + 1)
+    pads = [seq - r * c * (v.num_patches + 1) for r, c in model.workload_grids(cm.workload)]  # each image's
+    allowed = cm.batch * sum(seq * seq - pad * pad for pad in pads)
     layers = v.num_layers + o.num_global_layers
     g = trainable  # learned embeddings precede the first layer
     for phase in cm.phases:
@@ -40,7 +44,7 @@ def tiled_vision_tower(cm: CostModel, model: Mllama, trainable: bool) -> bool:
         cm.linear(phase, "vision", "visual", n_img * tiles * v.num_patches, 3 * v.patch_size ** 2, d, trainable)
         rows = n_img * seq
         cm.linear(phase, "vision", "visual", rows, d, d, trainable, g, count=4 * layers)
-        cm.scores(phase, "vision", "visual", n_img * seq * seq, n_img * (seq * seq - pad * pad), d, d, g, g, layers)
+        cm.scores(phase, "vision", "visual", n_img * seq * seq, allowed, d, d, g, g, layers)
         cm.linear(phase, "vision", "visual", rows, d, m, trainable, g, layers)
         cm.linear(phase, "vision", "visual", rows, m, d, trainable, g, layers)
         if phase == "train_step" and g:
@@ -74,16 +78,17 @@ def self_attention_layers(cm: CostModel, layers: int, trainable: bool, grad_in: 
     return g
 
 
-def cross_pairs(workload: Workload, keys_per_image: int, used_per_image: int) -> tuple[int, int]:
-    """Allowed (text, vision key) pairs of one sample: all prompt rows, and the last row (what decode inherits)."""
+def cross_pairs(workload: Workload, keys_per_image: int, used_per_image: list[int]) -> tuple[int, int]:
+    """Allowed (text, vision key) pairs of one sample: all prompt rows, and the last row (what decode inherits).
+    ``used_per_image``: the keys of the tiles each image uses."""
     k, t = workload.images_per_sample, workload.num_text_tokens
     positions = torch.tensor([workload.image_positions()], dtype=torch.long)
     ends = image_spans(positions, t)[0].tolist()
     starts = positions[0].tolist()
     rows = []
     for i in range(t):
-        seen = sum(1 for j in range(k) if starts[j] <= i < ends[j])
-        rows.append(seen * used_per_image if seen else k * keys_per_image)
+        seen = [j for j in range(k) if starts[j] <= i < ends[j]]
+        rows.append(sum(used_per_image[j] for j in seen) if seen else k * keys_per_image)
     return sum(rows), rows[-1]
 
 
@@ -96,7 +101,7 @@ def cross_attention_layers(cm: CostModel, model: Mllama, layers: int, trainable:
     h, m, kv, width = llm.hidden_size, llm.intermediate_size, llm.kv_dim, cm.q_width
     b, t, keys = cm.batch, cm.text, cm.visual
     tokens = model.vision_tower.tokens
-    allowed, last = cross_pairs(cm.workload, o.max_num_tiles * tokens, o.num_tiles * tokens)
+    allowed, last = cross_pairs(cm.workload, o.max_num_tiles * tokens, model.visual_tokens_per_image(cm.workload))
     g = grad_in or trainable  # the layer's RMSNorm weights are trained with it
     kv_g = trainable or media_grad
     for phase in cm.phases:
@@ -148,4 +153,14 @@ def mllama_cost(model: Mllama, workload: Workload, context_len: int | None = Non
     g = self_attention_layers(cm, run, llm_trained, g)
     cm.kv_cache(len(model.self_attention_layers), visual_in_cache=False)
     cm.lm_head(trainable=stage_trains(model, "lm_head.", stage), grad_in=g)
-    return cm.result()
+    cost = cm.result()
+    grids = model.workload_grids(workload)
+    cost.info["tile_grids"] = grids
+    cost.info["visual_tokens_per_image"] = model.visual_tokens_per_image(workload)
+    if workload.images_per_sample:
+        cost.info["cost_note"] = (
+            f"mllama computes {model.options.max_num_tiles} tiles per image whatever its grid (tiles used: "
+            f"{[r * c for r, c in grids]}): the tower, the projector and the cross-attention keys/values include "
+            "the zero padding tiles, as transformers runs them; effective attention leaves out the pairs their "
+            "masks block (padding-to-padding in the tower, unused tiles in the cross-attention)")
+    return cost

@@ -18,7 +18,7 @@ from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.spec import ArchSpec
 from mllm_bench.workload import Workload, check_workload_fits
 
-from .config import EXTRA_EMBEDDINGS, MllamaOptions
+from .config import EXTRA_EMBEDDINGS, MllamaOptions, aspect_ratio_id, tile_grid
 from .cost import mllama_cost
 from .text import KV, CrossAttentionDecoderLayer, CrossMask, cross_mask
 from .vision import TiledVisionModel
@@ -71,8 +71,25 @@ class Mllama(MLLM):
 
     @property
     def tokens_per_image(self) -> int:
-        """Vision tokens (cross-attention keys) one image gives: every tile, used or not, x (patches + CLS)."""
+        """Vision tokens computed for one image (projected, cross-attention keys): every tile, used or not,
+        x (patches + CLS), as transformers computes them."""
         return self.options.max_num_tiles * self.vision_tower.tokens
+
+    def grid_of(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        """Tile grid (rows, cols) of an image of original (height, width) ``size``; None: the options' grid."""
+        if size is None:
+            return self.options.grid
+        return tile_grid(*size, self.options.max_num_tiles, self.vision_config.image_size)
+
+    def workload_grids(self, workload: Workload) -> list[tuple[int, int]]:
+        """Tile grid of each image of a ``workload`` sample (from ``Workload.image_sizes`` when given)."""
+        sizes = workload.image_sizes and workload.original_image_sizes(self.vision_config.image_size)
+        return [self.grid_of(sizes[i] if sizes else None) for i in range(workload.images_per_sample)]
+
+    def visual_tokens_per_image(self, workload: Workload) -> list[int]:
+        """Tokens of the tiles each image uses, tiles x (patches + CLS); the tower and the cross-attention
+        keys compute ``max_num_tiles`` tiles per image whatever it uses (``tokens_per_image``)."""
+        return [r * c * self.vision_tower.tokens for r, c in self.workload_grids(workload)]
 
     @property
     def positions_per_image(self) -> int:
@@ -93,22 +110,28 @@ class Mllama(MLLM):
     # ----- inputs ------------------------------------------------------------------------------------
     @property
     def canvas(self) -> tuple[int, int]:
-        """(height, width) of each image: its tile grid at the tower's tile size."""
+        """(height, width) of an image given without a size: the options' tile grid at the tower's tile size."""
         s = self.vision_config.image_size
         return self.options.tile_rows * s, self.options.tile_cols * s
 
     def check_batch(self, batch: MultimodalBatch) -> None:
-        """As the base does, except that an image is the tile grid's canvas (tile_rows x tile_cols tiles)."""
-        h, w = self.canvas
+        """As the base does, for either layout: canvases of the options' grid, or tiles with ``image_sizes``."""
+        s, tiles, vocab = self.vision_config.image_size, self.options.max_num_tiles, self.llm_config.vocab_size
         pix = batch.pixel_values
+        if batch.image_sizes is not None:
+            require(pix.dim() == 6 and pix.shape[2] == tiles,
+                    f"with image_sizes, pixel_values must be each image's tiles (batch, images, max_num_tiles={tiles}, "
+                    f"3, {s}, {s}), as the image processor packs them; got {tuple(pix.shape)}")
+            batch.validate(s, vocab + EXTRA_EMBEDDINGS, crops=True)  # <|image|> and the reserved ids
+            return
+        h, w = self.canvas
         require(pix.dim() == 5 and tuple(pix.shape[-2:]) == (h, w),
-                f"pixel_values must be (batch, images, 3, {h}, {w}): mllama images are tile_rows x tile_cols = "
-                f"{self.options.tile_rows} x {self.options.tile_cols} tiles of {self.vision_config.image_size} px; "
-                f"got {tuple(pix.shape)}")
-        s = self.vision_config.image_size
+                f"pixel_values must be (batch, images, 3, {h}, {w}): mllama images without image_sizes are "
+                f"tile_rows x tile_cols = {self.options.tile_rows} x {self.options.tile_cols} tiles of {s} px "
+                f"(with image_sizes: (batch, images, {tiles}, 3, {s}, {s}) tiles); got {tuple(pix.shape)}")
         square = MultimodalBatch(batch.input_ids, pix[..., :s, :s], batch.image_positions, batch.attention_mask,
                                  batch.labels)
-        square.validate(s, self.llm_config.vocab_size + EXTRA_EMBEDDINGS)  # <|image|> and the reserved ids
+        square.validate(s, vocab + EXTRA_EMBEDDINGS)
 
     def example_batch(self, workload: Workload, seed: int = 0) -> MultimodalBatch:
         check_workload_fits(workload, self.llm_config, self.positions_per_image)
@@ -119,18 +142,38 @@ class Mllama(MLLM):
         device = torch.device(workload.device)
         gen = torch.Generator().manual_seed(seed)
         b, t, k = workload.batch_size, workload.num_text_tokens, workload.images_per_sample
-        h, w = self.canvas
+        s, tiles = self.vision_config.image_size, self.options.max_num_tiles
+        shape = (b, k, 3, *self.canvas) if workload.image_sizes is None else (b, k, tiles, 3, s, s)
         if device.type == "meta":
             ids = torch.zeros(b, t, dtype=torch.long, device=device)
-            pixels = torch.empty(b, k, 3, h, w, device=device, dtype=workload.torch_dtype)
+            pixels = torch.empty(shape, device=device, dtype=workload.torch_dtype)
         else:
             ids = torch.randint(0, self.llm_config.vocab_size, (b, t), generator=gen).to(device)
-            pixels = torch.randn(b, k, 3, h, w, generator=gen).to(device, workload.torch_dtype)
+            pixels = torch.randn(shape, generator=gen)
+            if workload.image_sizes is not None:  # unused tiles are zero, as the processor packs them
+                used = torch.tensor([r * c for r, c in self.workload_grids(workload)]).view(1, k, 1)
+                pixels *= (torch.arange(tiles) < used).view(1, k, tiles, 1, 1, 1)
+            pixels = pixels.to(device, workload.torch_dtype)
         positions = torch.tensor([workload.image_positions()] * b, dtype=torch.long).reshape(b, k).to(device)
-        return MultimodalBatch(ids, pixels, positions, None, ids.clone() if workload.is_training else None)
+        sizes = None
+        if workload.image_sizes is not None:
+            sizes = torch.tensor([workload.original_image_sizes(s)] * b, dtype=torch.long).reshape(b, k, 2)
+        return MultimodalBatch(ids, pixels, positions, None, ids.clone() if workload.is_training else None, sizes)
+
+    def tile_grids(self, batch: MultimodalBatch) -> list[list[tuple[int, int]]]:
+        """Tile grid (rows, cols) of each image (B x K): the processor's best fit to its ``image_sizes``, or
+        the options' grid for canvases."""
+        if batch.image_sizes is None:
+            return [[self.options.grid] * batch.images_per_sample for _ in range(batch.batch_size)]
+        return [[self.grid_of(tuple(size)) for size in row] for row in batch.image_sizes.tolist()]
+
+    def tile_counts(self, batch: MultimodalBatch) -> torch.Tensor:
+        """Tiles each image uses (B, K), on the batch's device."""
+        counts = [[r * c for r, c in row] for row in self.tile_grids(batch)]
+        return torch.tensor(counts, dtype=torch.long).view(batch.image_positions.shape).to(batch.input_ids.device)
 
     def tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, max_num_tiles, 3, S, S): each canvas cut into its grid row by row (the processor's
+        """(N, max_num_tiles, 3, S, S): each canvas of the options' grid cut row by row (the processor's
         ``split_to_tiles``), then zero tiles up to ``max_num_tiles`` (``pack_images``)."""
         n = pixel_values.shape[0]
         s, rows, cols = self.vision_config.image_size, self.options.tile_rows, self.options.tile_cols
@@ -140,20 +183,26 @@ class Mllama(MLLM):
             tiles = torch.cat([tiles, tiles.new_zeros(n, pad, 3, s, s)], dim=1)
         return tiles
 
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tower output (B*K, max_num_tiles, tokens, out_dim) of images (B, K, 3, H, W)."""
+    def encode(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Tower output (B*K, max_num_tiles, tokens, out_dim) of canvases (B, K, 3, H, W) of the options' grid,
+        or of tiles (B, K, max_num_tiles, 3, S, S) of ``grids``, each image's (rows, cols) in order (default:
+        the options' grid for every image)."""
         flat = pixel_values.flatten(0, 1)
-        n, used = flat.shape[0], self.options.num_tiles
-        ratio = torch.full((n,), self.options.aspect_ratio_id, dtype=torch.long, device=flat.device)
-        tiles_used = (torch.arange(self.options.max_num_tiles, device=flat.device) < used).expand(n, -1)
-        return self.vision_tower(self.tiles(flat), ratio, tiles_used)
+        tiles = self.tiles(flat) if pixel_values.dim() == 5 else flat
+        n, max_tiles, device = tiles.shape[0], self.options.max_num_tiles, tiles.device
+        grids = grids or [self.options.grid] * n  # images without a size: the options' grid
+        require(len(grids) == n, f"encode: {len(grids)} tile grids given for {n} images")
+        ratio = torch.tensor([aspect_ratio_id(g, max_tiles) for g in grids], dtype=torch.long).to(device)
+        used = torch.tensor([r * c for r, c in grids]).view(n, 1).to(device)
+        return self.vision_tower(tiles, ratio, torch.arange(max_tiles, device=device) < used)
 
     # ----- the model -------------------------------------------------------------------------------
     def vision_states(self, batch: MultimodalBatch) -> torch.Tensor | None:
         """Projected vision tokens (B, K * max_num_tiles * tokens, h), or None without images."""
         if batch.images_per_sample == 0:
             return None
-        return self.multi_modal_projector(self.encode(batch.pixel_values)).reshape(
+        grids = [g for row in self.tile_grids(batch) for g in row]
+        return self.multi_modal_projector(self.encode(batch.pixel_values, grids)).reshape(
             batch.batch_size, -1, self.llm_config.hidden_size)
 
     def cross_kv(self, states: torch.Tensor | None) -> dict[int, KV] | None:
@@ -189,7 +238,7 @@ class Mllama(MLLM):
         x = self.language_model.embed_tokens(batch.input_ids)
         xmask = None
         if batch.images_per_sample:
-            xmask = cross_mask(batch.image_positions, batch.num_text, self.options.num_tiles,
+            xmask = cross_mask(batch.image_positions, batch.num_text, self.tile_counts(batch),
                                self.options.max_num_tiles, self.vision_tower.tokens)
         return x, positions, causal_mask(positions, valid), xmask
 

@@ -8,9 +8,10 @@ image -> x + tanh(mlp gate) * out. Gates start at 0.
 The mask is the processor's (``get_cross_attention_token_mask``): image k is seen from its
 ``<|image|>`` token (text index ``image_positions[k]``) up to the next image's token; images whose tokens
 are adjacent (or at the same index) form a group seen together up to the next image after the group;
-the last image or group up to the end. Only a tile the image uses is seen. A text row that sees no image
-(text before the first image, padding) has its mask cleared, as ``_prepare_cross_attention_mask`` does,
-so it attends to every vision token; its MLP output is zeroed, its attention output is not.
+the last image or group up to the end. Only the tiles an image uses (those of its own grid) are seen.
+A text row that sees no image (text before the first image, padding) has its mask cleared, as
+``_prepare_cross_attention_mask`` does, so it attends to every vision token (the unused tiles' too); its
+MLP output is zeroed, its attention output is not.
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ def image_spans(image_positions: torch.Tensor, num_text: int) -> torch.Tensor:
     return ends
 
 
-def cross_mask(image_positions: torch.Tensor, num_text: int, num_tiles: int, max_num_tiles: int,
+def cross_mask(image_positions: torch.Tensor, num_text: int, num_tiles: torch.Tensor, max_num_tiles: int,
                tokens_per_tile: int) -> CrossMask:
-    """Which vision tokens (image, tile, token; images in order) each text index sees."""
+    """Which vision tokens (image, tile, token; images in order) each text index sees; ``num_tiles`` (B, K)
+    gives the tiles each image uses (the first ones of its ``max_num_tiles``)."""
     device = image_positions.device
     text = torch.arange(num_text, device=device).view(1, num_text, 1)
     ends = image_spans(image_positions, num_text)
     sees = (image_positions.unsqueeze(1) <= text) & (text < ends.unsqueeze(1))  # (B, T, K)
-    tile_used = torch.arange(max_num_tiles, device=device) < num_tiles
-    allowed = (sees.unsqueeze(-1) & tile_used).repeat_interleave(tokens_per_tile, dim=-1)  # (B, T, K, tiles*tok)
+    tile_used = torch.arange(max_num_tiles, device=device) < num_tiles.unsqueeze(-1)  # (B, K, tiles)
+    allowed = (sees.unsqueeze(-1) & tile_used.unsqueeze(1)).repeat_interleave(tokens_per_tile, dim=-1)
     allowed = allowed.flatten(2)
     has_image = allowed.any(-1)
     allowed = allowed | ~has_image.unsqueeze(-1)
