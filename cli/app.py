@@ -87,6 +87,7 @@ def list_cmd() -> None:
 def build_app() -> typer.Typer:
     """The typer app with every command."""
     from .compare import compare
+    from .literature import literature
     from .paper import paper
     from .report import report
     from .sweep import sweep
@@ -100,6 +101,7 @@ def build_app() -> typer.Typer:
     built.command("train-cost")(train_cost)
     built.command("paper")(paper)
     built.command("report")(report)
+    built.command("literature")(literature)
     return built
 
 

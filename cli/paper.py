@@ -43,11 +43,19 @@ def paper(
                                   "results/gpu/nvidia-h200/rows.csv): each arch's finetune MFU, for every LLM size."),
 ) -> None:
     """Recompute the SAISA paper's efficiency claims (7B and 13B) into OUT."""
-    from mllm_bench.reports.paper import PAPER_ARCHS, PAPER_LLMS, PAPER_VISION, inference_markdown, regenerate
+    from mllm_bench.reports.paper import (
+        PAPER_ARCHS,
+        PAPER_LLMS,
+        PAPER_VISION,
+        inference_markdown,
+        regenerate,
+        write_literature,
+    )
     from mllm_bench.reports.train_cost import measured_mfu, parse_mfu, peak_flops
 
     from mllm_bench.config import ConfigError
     from mllm_bench.presets import vision_preset
+    from mllm_bench.results import read_results
 
     # every option is checked here, before the minutes of profiling
     try:
@@ -68,5 +76,6 @@ def paper(
     command += f" --measured {measured}" if measured is not None else ""
     with progress_bar(steps, "regenerating paper results") as advance:
         result = regenerate(out, profile, mfu=utilisation, device=device, on_step=advance, command=command)
+    result.files += write_literature(out, read_results(measured) if measured is not None else None)
     typer.echo(inference_markdown(result.inference, claim=True), nl=False)
     err_console.print(f"wrote {len(result.files)} files under {out}")

@@ -172,6 +172,20 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
     return PaperResult(paper_conv, budget, all_rows, files)
 
 
+def write_literature(out_dir: str | Path, measured: pd.DataFrame | None = None) -> list[Path]:
+    """The literature's claims recomputed (``literature.md``/``.csv``) and where SAISA's saving comes from
+    (``saving_decomposition.*``, with measured prefill latencies from ``measured`` rows where they exist)."""
+    from . import decomposition, literature
+
+    out = Path(out_dir)
+    table = literature.literature_table()
+    files = [atomic_write_text(out / "literature.csv", table.to_csv(index=False)),
+             atomic_write_text(out / "literature.md", "# The literature's efficiency claims, recomputed\n\n"
+                               "Regenerate with `mllm-bench paper` (or print with `mllm-bench literature`).\n\n"
+                               + literature.to_markdown(table))]
+    return files + decomposition.write_decomposition(out, PAPER_LLMS, measured)
+
+
 def tradeoff_assumptions(budget: pd.DataFrame, workload: Workload, vision: str = PAPER_VISION) -> str:
     """What the trade-off figure's axes are, in one paragraph (its footnote and the README's text)."""
     a = budget.attrs
@@ -278,6 +292,14 @@ two panels use different workloads, as their footnotes say: {_component_workload
   new parameters (OpenFlamingo used billions of tokens), which a per-recipe FLOPs count does not capture.
 - GPU-hours assume {a['device'].upper()} dense bf16 peak and {mfu.describe(archs)} for both stages
   ({mfu_source}); the paper reports measured GPU-hours, so compare the reductions, not the hours.
+
+## The literature, and where SAISA's saving comes from
+
+`mllm-bench paper` also writes `literature.{{md,csv}}` — published efficiency claims (SAISA, ShortV, FastV, VTW,
+the LLM-Viewer budgets, VisionZip) recomputed under the convention each paper used and under ours, with the gap
+and its cause — and `saving_decomposition.{{md,csv}}` with a waterfall per LLM (`saving_decomposition_<llm>.png`):
+LLaVA-1.5 → SAISA in steps (no visual–visual attention = NAAViT; no visual queries; no visual FFN; per-layer
+projectors = SAISA).
 
 ## Files
 
