@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,10 @@ from mllm_bench.config import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mllm_bench.reports.equal import Budget
+
+    from mllm_bench.config import VisionConfig
+    from mllm_bench.workload import Workload
 
 from .common import (
     CONVENTION_HELP,
@@ -73,10 +77,18 @@ def compare(
     fmt: Opt.OutputFormat = Format.table,
     make_plots: bool = typer.Option(False, "--plots", help="Write plots (PNG + PDF) under OUT/plots."),
     db: Path = typer.Option(None, help="SQLite file to append the rows to."),
+    equal: str = typer.Option(None, help="Equal budget, KEY=VALUE: flops=B (prefill FLOPs per batch under --scope/"
+                              "--convention), visual_tokens=N (per sample in the LLM) or params=P. Each architecture "
+                              "with a knob runs at the setting whose cost is the largest within it; the baseline and "
+                              "architectures without a knob run as they are (each labelled)."),
 ) -> None:
     """Compare architectures on one workload (default: LLaVA-1.5, Flamingo-style, SAISA at 7B, paper workload)."""
     from mllm_bench.reports.collect import collect, steps
 
+    if equal is not None:
+        from mllm_bench.reports.equal import parse_budget
+
+        budget = parse_budget(equal)  # a malformed --equal is refused before anything else
     archs, options = parse_models(arch, llm, vision, option)
     if baseline not in archs:
         raise ConfigError(f"--baseline {baseline!r} is not among --arch {archs}")
@@ -87,6 +99,10 @@ def compare(
                              text_between=text_between, generate_tokens=generate_tokens)
     stages = parse_stages(stage)
     vision_cfg = vision_for(vision, tower_size)
+    budget_notes: list[str] = []
+    if equal is not None:
+        options, budget_notes = equal_budget(archs, llm, vision_cfg, options, workload, budget, scope.value,
+                                             convention.value, baseline)
     runs = [Run(a, llm, vision_cfg, options.get(a), workload.replace(stage=s), measure.value)
             for a in archs for s in ("inference", *stages)]
     check_before_work(runs, out=out or (DEFAULT_PLOTS_OUT if make_plots else None), db=db, out_beside=True,
@@ -101,7 +117,21 @@ def compare(
         rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
                        count.value, settings=settings)
     emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
-         title=f"{', '.join(archs)} — {llm} + {vision}")
+         title=f"{', '.join(archs)} — {llm} + {vision}", extra_notes=budget_notes)
+
+
+def equal_budget(archs: list[str], llm: str, vision_cfg: VisionConfig, options: dict[str, dict], workload: Workload,
+                 budget: Budget, scope: str, convention: str, baseline: str) -> tuple[dict[str, dict], list[str]]:
+    """``--equal``: each architecture's options at the budget (:mod:`mllm_bench.reports.equal`), one line each on
+    stderr, and the table's notes."""
+    from mllm_bench.reports.equal import budget_notes, choose_all
+
+    with err_console.status("choosing each architecture's setting for the budget"):
+        choices = choose_all(archs, llm, vision_cfg, options, workload, budget, scope, convention, baseline)
+    notes = budget_notes(choices, budget, scope, convention)
+    for line in notes:
+        err_console.print(line, highlight=False, soft_wrap=True)
+    return {c.arch: c.options for c in choices}, notes
 
 
 def vision_for(vision: str, image_size: int | None):
@@ -114,15 +144,25 @@ def vision_for(vision: str, image_size: int | None):
 
 
 def emit(rows: pd.DataFrame, stages: list[str], baseline: str, scope: str, convention: str,
-         fmt: Format, out: Path | None, make_plots: bool, db: Path | None, title: str) -> None:
-    """Print the table in ``fmt`` and write the files (shared by ``compare`` and ``report``)."""
+         fmt: Format, out: Path | None, make_plots: bool, db: Path | None, title: str,
+         extra_notes: Sequence[str] = (), accuracy: pd.DataFrame | None = None) -> None:
+    """Print the table in ``fmt`` and write the files (shared by ``compare`` and ``report``). ``extra_notes``
+    follow the table's own; ``accuracy``: rows of :mod:`mllm_bench.reports.accuracy`, shown as the table's
+    accuracy rows (and plotted against prefill FLOPs), never written into the result files."""
     from mllm_bench.reports import tables
 
     from mllm_bench.results import append_sqlite, atomic_write_text, rows_to_json, write_rows
 
     quantities = tables.compare_quantities(scope, convention, tuple(stages))
-    table = tables.comparison(rows, quantities, baseline)
-    notes = tables.notes_for(rows, scope, convention)
+    table_rows = rows
+    if accuracy is not None and len(accuracy):
+        import pandas as pd
+        from mllm_bench.reports.accuracy import accuracy_quantities
+
+        quantities += accuracy_quantities(accuracy)
+        table_rows = pd.concat([rows, accuracy], ignore_index=True)
+    table = tables.comparison(table_rows, quantities, baseline)
+    notes = tables.notes_for(rows, scope, convention, list(extra_notes))
     # piped output has no terminal width: give the table room instead of rich's 80 columns
     console = Console()
     if not console.is_terminal:
@@ -143,7 +183,7 @@ def emit(rows: pd.DataFrame, stages: list[str], baseline: str, scope: str, conve
                 written.append(atomic_write_text(folder / f"comparison.{suffix}",
                                                  tables.render(table, kind, title, notes)))
             if make_plots:
-                written += write_plots(rows, folder / "plots", scope, convention, stages)
+                written += write_plots(rows, folder / "plots", scope, convention, stages, accuracy)
             return written
 
         written = replace_set(out, write_set, SET_NAMES)
@@ -212,14 +252,19 @@ def _swap_in(stage: Path, out: Path, names: frozenset[str]) -> None:
         raise
 
 
-def write_plots(rows: pd.DataFrame, folder: Path, scope: str, convention: str, stages: list[str]) -> list[Path]:
-    """Component FLOPs, memory and (with measurements) roofline plots of one comparison."""
-    from mllm_bench.reports import plots  # matplotlib loads only when plotting
+def write_plots(rows: pd.DataFrame, folder: Path, scope: str, convention: str, stages: list[str],
+                accuracy: pd.DataFrame | None = None) -> list[Path]:
+    """Component FLOPs, memory, Pareto (prefill FLOPs vs KV cache; vs each accuracy given) and (with
+    measurements) roofline plots of one comparison."""
+    from mllm_bench.reports import pareto, plots  # matplotlib loads only when plotting
 
     panels = [("prefill_flops", "inference", "inference: prefill"),
               ("train_step_flops", stages[-1], f"training step: {stages[-1]}")]
     written = plots.flops_by_component(rows, folder / "flops_by_component", scope, convention, panels)
     written += plots.memory_by_component(rows, folder / "memory_by_component", stages[-1])
+    written += pareto.inference_pareto(rows, folder / "pareto", scope, convention)
+    if accuracy is not None and len(accuracy):
+        written += pareto.accuracy_pareto(rows, accuracy, folder, scope, convention)
     written += roofline_if_measured(rows, folder / "roofline")
     return written
 

@@ -18,8 +18,19 @@ from mllm_bench.config import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mllm_bench.reports.accuracy import Joined, Score
 
-from .common import CONVENTION_HELP, Convention, Format, Opt, Scope, handle_errors, parse_archs, parse_stages
+from .common import (
+    CONVENTION_HELP,
+    Convention,
+    Format,
+    Opt,
+    Scope,
+    err_console,
+    handle_errors,
+    parse_archs,
+    parse_stages,
+)
 from .compare import emit
 
 ORIGIN = "_origin"  # the file each row was read from (dropped before anything is printed or written)
@@ -40,11 +51,15 @@ def report(
     fmt: Opt.OutputFormat = Format.table,
     out: Path = typer.Option(None, help="Folder for the rebuilt tables (and plots)."),
     make_plots: bool = typer.Option(False, "--plots", help="Rebuild plots under OUT."),
+    accuracy: list[str] = typer.Option(None, "--accuracy", help="Accuracies to join to the rows, repeatable: "
+                                       "FILE.csv (columns arch, benchmark, score), FILE.csv:ARCH (benchmark, score) "
+                                       "or FILE.json:ARCH (an lmms-eval results file, every score for ARCH)."),
 ) -> None:
     """Rebuild tables/plots from saved rows without profiling again."""
     from mllm_bench.results import concat_rows, read_result_files
 
     conditions = parse_where(where)
+    scores = read_accuracy(accuracy)
     files = [pair for p in inputs for pair in read_result_files(p)]
     rows = concat_rows(frame.assign(**{ORIGIN: str(path)}) for path, frame in files)
     if rows.empty:
@@ -61,6 +76,9 @@ def report(
     if vary:
         from mllm_bench.reports import plots
 
+        if scores:
+            raise ConfigError("--accuracy joins scores to a table; it does not go with --vary (a cost curve)")
+
         if vary not in rows.columns or vary == ORIGIN:
             raise ConfigError(f"--vary {vary!r} is not a column of the rows")
         rows = one_workload(rows, over=(vary,))
@@ -73,8 +91,30 @@ def report(
         raise ConfigError(f"rows hold several LLMs {sorted(set(rows['llm']))}; pick one with --llm "
                           "(or use --vary llm for a plot)")
     rows = one_workload(rows)
+    joined = join_accuracy(rows, scores) if scores else None
     emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, None,
-         title=f"{', '.join(archs)} (from {len(files)} file(s))")
+         title=f"{', '.join(archs)} (from {len(files)} file(s))", extra_notes=joined.notes if joined else (),
+         accuracy=joined.rows if joined else None)
+
+
+def read_accuracy(specs: Sequence[str] | None) -> list[Score]:
+    """``--accuracy`` inputs read and checked (before any rows are): their scores
+    (:func:`mllm_bench.reports.accuracy.read_scores`)."""
+    if not specs:
+        return []
+    from mllm_bench.reports.accuracy import read_scores
+
+    return [score for spec in specs for score in read_scores(spec)]
+
+
+def join_accuracy(rows: pd.DataFrame, scores: list[Score]) -> Joined:
+    """The scores joined to ``rows``; each score left out is named on stderr."""
+    from mllm_bench.reports.accuracy import join
+
+    joined = join(rows, scores)
+    for line in joined.warnings:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    return joined
 
 
 def parse_where(specs: Sequence[str] | None) -> dict[str, str]:

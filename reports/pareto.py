@@ -118,3 +118,25 @@ def inference_pareto(df: pd.DataFrame, stem: str | Path, scope: str, convention:
     return pareto_plot(points, "prefill_flops", "kv_cache_bytes", stem, "prefill FLOPs", "KV cache / sample",
                        "FLOP", "bytes", footnote=footnote_for(scope, convention, "prefill per batch"),
                        title="Prefill FLOPs vs KV cache")
+
+
+def accuracy_pareto(df: pd.DataFrame, accuracy: pd.DataFrame, folder: str | Path, scope: str,
+                    convention: str) -> list[Path]:
+    """Per benchmark, prefill FLOPs (minimised) vs the score (maximised, or minimised where the file says lower is
+    better), as ``pareto_accuracy_<benchmark>``; ``accuracy``: rows of :func:`reports.accuracy.join`."""
+    from .accuracy import benchmarks, slug
+    from .plots import footnote_for
+
+    costs = inference_cost_points(df, scope, convention)
+    keys = list(model_labels(normalise(df)))
+    written: list[Path] = []
+    for bench in benchmarks(accuracy):
+        sel = accuracy[accuracy["benchmark"] == bench]
+        score = {tuple(str(r[c]) for c in IDENTITY): float(r["value"]) for _, r in sel.iterrows()}
+        points = costs.assign(score=[score.get(tuple(str(v) for v in k), math.nan) for k in keys])
+        higher = bool(sel["higher_is_better"].all()) if "higher_is_better" in sel.columns else True
+        written += pareto_plot(points, "prefill_flops", "score", Path(folder) / f"pareto_accuracy_{slug(bench)}",
+                               "prefill FLOPs", bench, "FLOP", "", maximise_y=higher,
+                               footnote=footnote_for(scope, convention, "prefill per batch; scores as reported"),
+                               title=f"Prefill FLOPs vs {bench}")
+    return written
