@@ -37,12 +37,16 @@ class Convention:
     counts: str
     leaves_out: str
     multiply_add: str  # "2 FLOPs", "1 FLOP" or a mixture, in words
-    apply: Callable[[CostBreakdown, LLMConfig, str], float]
+    apply: Callable[[CostBreakdown, LLMConfig, str], dict[str, float]]  # FLOPs by component
 
-    def flops(self, cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
+    def by_component(self, cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
+        """FLOPs by component (``elementwise`` for work outside matrix products)."""
         if phase not in ("prefill", "decode"):
             raise ConfigError(f"convention {self.name!r} is defined for prefill and decode, not {phase!r}")
-        return self.apply(cost, llm, phase)
+        return {c: f for c, f in self.apply(cost, llm, phase).items() if f}
+
+    def flops(self, cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
+        return sum(self.by_component(cost, llm, phase).values())
 
     def describe(self) -> str:
         """One paragraph for a table's notes."""
@@ -54,21 +58,20 @@ def _components(cost: CostBreakdown, phase: str, components: tuple[str, ...]) ->
     return {c: cost.flops(phase, "dense", "total", component=c) for c in components}
 
 
-def saisa_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
+def saisa_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """Connector + decoder (+ cross-attention), 2 FLOPs per multiply-add, dense attention."""
-    return cost.flops(phase, "dense", "language")
+    return cost.by("component", phase, "dense", "language")
 
 
-def fastv_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
+def fastv_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """Eq. 5 per layer, 4nd² + 2n²d + 2ndm: one FLOP per multiply-add, two of SwiGLU's three FFN matrices."""
     c = _components(cost, phase, (*DECODER, "cross_attn"))
-    return 0.5 * (c["attn_proj"] + c["attn_scores"] + c["cross_attn"]) + c["ffn"] / 3.0
+    return {k: f / 3.0 if k == "ffn" else 0.5 * f for k, f in c.items()}
 
 
-def pdrop_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
+def pdrop_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """FastV's eq. 5 with the FFN term 3ndm: one FLOP per multiply-add, all three FFN matrices."""
-    c = _components(cost, phase, (*DECODER, "cross_attn"))
-    return 0.5 * sum(c.values())
+    return {k: 0.5 * f for k, f in _components(cost, phase, (*DECODER, "cross_attn")).items()}
 
 
 # LLM-Viewer's element-wise operations per row of a LLaMA layer (configs/Llama.py, model_analyzer.py)
@@ -78,7 +81,7 @@ LLM_VIEWER_ACT = 2  # per element of the hidden width (not the FFN width, as LLM
 LLM_VIEWER_SOFTMAX = 5  # per attention score, per head
 
 
-def llm_viewer_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
+def llm_viewer_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """Decoder matmuls at 2 per multiply-add, dense attention, element-wise ops, lm_head at 1 per multiply-add."""
     c = _components(cost, phase, (*DECODER, "cross_attn", "lm_head"))
     h = llm.hidden_size
@@ -86,7 +89,7 @@ def llm_viewer_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> float:
     elementwise = (kv * LLM_VIEWER_NORM * h  # the input norm runs on every row that gives keys and values
                    + full * (LLM_VIEWER_NORM + 2 * LLM_VIEWER_ADD + LLM_VIEWER_ACT) * h
                    + LLM_VIEWER_SOFTMAX * llm.num_heads * cost.pairs(phase, "dense"))
-    return c["attn_proj"] + c["attn_scores"] + c["ffn"] + c["cross_attn"] + 0.5 * c["lm_head"] + elementwise
+    return {**c, "lm_head": 0.5 * c["lm_head"], "elementwise": elementwise}
 
 
 PUBLISHED: dict[str, Convention] = {c.name: c for c in (
@@ -140,3 +143,8 @@ def published(name: str) -> Convention:
 
 def is_published(name: str) -> bool:
     return name in PUBLISHED
+
+
+def scope_for(convention: str, scope: str) -> str:
+    """The ``scope`` a convention's FLOPs rows carry: its own for a published convention, else ``scope``."""
+    return PUBLISHED[convention].scope if convention in PUBLISHED else scope

@@ -99,9 +99,12 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
                     rows.append(make_row(base, metric, per * f, "analytic", component="all", role=role, **common))
         if phase in ("prefill", "decode"):
             for conv in PUBLISHED.values():
-                rows.append(make_row(base, metric, per * conv.flops(cost, model.llm_config, phase), "analytic",
-                                     scope=conv.scope, convention=conv.name, component="all", role="all",
-                                     stage=stage, phase=phase, context_len=ctx))
+                common = dict(scope=conv.scope, convention=conv.name, role="all", stage=stage, phase=phase,
+                              context_len=ctx)
+                parts = conv.by_component(cost, model.llm_config, phase)
+                rows.append(make_row(base, metric, per * sum(parts.values()), "analytic", component="all", **common))
+                rows += [make_row(base, metric, per * f, "analytic", component=comp, **common)
+                         for comp, f in parts.items()]
         if phase == "prefill":
             rows.append(make_row(base, "vision_flops", cost.flops(phase, component="vision"), "analytic",
                                  scope="total", convention="dense", component="vision", role="all",

@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from mllm_bench.config import ConfigError  # noqa: E402
+from mllm_bench.conventions import is_published, published, scope_for  # noqa: E402
 from mllm_bench.registry import architecture_spec  # noqa: E402
 from mllm_bench.spec import ArchSpec  # noqa: E402
 
@@ -28,7 +29,8 @@ COMPONENT_ORDER = ("vision", "connector", "attn_proj", "attn_scores", "ffn", "cr
                    "norm")
 COMPONENT_NAMES = {"vision": "vision tower", "connector": "connector", "attn_proj": "attention proj.",
                    "attn_scores": "attention scores", "ffn": "FFN", "cross_attn": "cross-attention",
-                   "lm_head": "lm_head", "embedding": "embedding", "norm": "norms"}
+                   "lm_head": "lm_head", "embedding": "embedding", "norm": "norms",
+                   "elementwise": "element-wise ops"}
 X_NAMES = {"visual_tokens": "visual tokens per sample", "text_tokens": "text tokens per sample",
            "text_after": "text tokens after the image", "image_size": "image size (px)", "batch_size": "batch size",
            "llm": "LLM", "images_per_sample": "images per sample", "text_before": "text tokens before the image"}
@@ -78,11 +80,16 @@ def save(fig: plt.Figure, stem: str | Path, footnote: str = "") -> list[Path]:
 
 
 def footnote_for(scope: str = "", convention: str = "", extra: str = "") -> str:
-    parts = ["FLOP = 2·MAC"]
-    if scope:
-        parts.append(f"scope: {scope}")
-    if convention:
-        parts.append(f"attention: {convention}")
+    if is_published(convention):
+        conv = published(convention)
+        parts = [f"FLOPs: the {conv.name} convention ({conv.title}; multiply-add = {conv.multiply_add}; scope "
+                 f"{conv.scope})"]
+    else:
+        parts = ["FLOP = 2·MAC"]
+        if scope:
+            parts.append(f"scope: {scope}")
+        if convention:
+            parts.append(f"attention: {convention}")
     if extra:
         parts.append(extra)
     return "; ".join(parts)
@@ -109,6 +116,7 @@ def flops_by_component(
 ) -> list[Path]:
     """Stacked bars, one per model, split by component; one panel per (metric, stage) that has a breakdown."""
     df = normalise(df)
+    scope = scope_for(convention, scope)
     labels = model_labels(df)
     data = []
     for metric, stage, title in panels:
@@ -289,7 +297,7 @@ def _mark_crossovers(ax: plt.Axes, curves: dict[tuple, tuple[np.ndarray, np.ndar
 
 
 def default_curve_panels(scope: str, convention: str) -> list[tuple[str, dict[str, str], str]]:
-    flops = {"scope": scope, "convention": convention}
+    flops = {"scope": scope_for(convention, scope), "convention": convention}
     return [
         ("prefill_flops", {"stage": "inference", **flops}, "prefill FLOPs"),
         ("train_step_flops", {"stage": "finetune", **flops}, "train-step FLOPs (finetune)"),
