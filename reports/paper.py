@@ -15,13 +15,14 @@ from pathlib import Path
 import pandas as pd
 
 from mllm_bench.config import LLMConfig, VisionConfig
+from mllm_bench.conventions import scope_for
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.results import atomic_write_text, concat_rows, write_rows
 from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from . import plots, train_cost
 from .collect import dedupe
-from .rows import environment_line, fmt_change, normalise, pick
+from .rows import Conventions, environment_line, fmt_change, normalise, pick
 
 PAPER_ARCHS = ("llava", "flamingo", "saisa")
 PAPER_LLMS = ("vicuna-7b", "vicuna-13b")
@@ -110,8 +111,11 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
                archs: Sequence[str] = PAPER_ARCHS, mfu: float | train_cost.MFU = 0.4, device: str = "a100",
                on_step: Callable[[str], None] | None = None, command: str = "mllm-bench paper",
                vision: str = PAPER_VISION, workload: Workload = PAPER_WORKLOAD,
-               options: dict[str, dict] | None = None) -> PaperResult:
+               options: dict[str, dict] | None = None, conventions: Sequence[str] = ()) -> PaperResult:
     """Profile what the tables need and write everything under ``out_dir``.
+
+    ``conventions``: FLOP conventions (published or mllm-bench's; :mod:`mllm_bench.conventions`) of which an
+    extra inference table is written each, ``inference_flops_<convention>.md``/``.csv``.
 
     ``mfu``: one value, or a :class:`train_cost.MFU` (e.g. :func:`train_cost.measured_mfu` of measured rows,
     read with ``llm=None`` so that a 7B measurement also serves 13B, as the notes say).
@@ -151,6 +155,13 @@ def regenerate(out_dir: str | Path, profile_fn: ProfileFn, llms: Sequence[str] =
     files.append(atomic_write_text(out / "inference_flops_paper.md", inference_markdown(paper_conv, claim=True)))
     files.append(atomic_write_text(out / "inference_flops_total_effective.md",
                                    inference_markdown(total_eff, claim=False)))
+    for name in conventions:
+        table = inference_table(rows, scope_for(name, "language"), name, llms, archs, False, vision, workload)
+        files.append(atomic_write_text(out / f"inference_flops_{name}.csv", table.to_csv(index=False)))
+        notes = "\n".join(f"- {line}" for line in Conventions("language", name).lines())
+        files.append(atomic_write_text(out / f"inference_flops_{name}.md",
+                                       f"# Inference FLOPs, {name} convention\n\n"
+                                       f"{inference_markdown(table, claim=False)}\n{notes}\n"))
 
     points = []
     for llm in llms:

@@ -3,6 +3,7 @@ LLaVA-1.5-7B and the SAISA paper workload (576 visual + 32 + 32 text tokens, pre
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from mllm_bench.cli.app import app
 from mllm_bench.reports.rows import Conventions
@@ -135,3 +136,20 @@ def test_train_cost_refuses_a_published_convention() -> None:
     result = CliRunner().invoke(app, ["train-cost", "--convention", "fastv"])
     assert result.exit_code == 2
     assert "fastv" in result.output
+
+
+def test_paper_writes_a_table_in_a_published_convention(tmp_path) -> None:
+    from mllm_bench.reports.paper import regenerate
+
+    from mllm_bench.presets import llm_preset, vision_preset
+
+    wl = Workload(text_before=4, text_after=4)
+    result = regenerate(tmp_path, profile, llms=("tiny-llm-mha",), archs=("llava", "saisa"), vision="tiny-clip",
+                        workload=wl, conventions=("pdrop",))
+    table = pd.read_csv(tmp_path / "inference_flops_pdrop.csv").set_index("arch")
+    c, v = llm_preset("tiny-llm-mha"), vision_preset("tiny-clip").tokens_per_image
+    n, d, m = 8 + v, c.hidden_size, c.intermediate_size
+    pdrop = c.num_layers * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)
+    assert table.loc["llava", "tflops_analytic"] == pytest.approx(pdrop / 1e12, rel=1e-12)
+    assert "pdrop convention" in (tmp_path / "inference_flops_pdrop.md").read_text()
+    assert any(p.name == "inference_flops_pdrop.md" for p in result.files)
