@@ -82,14 +82,13 @@ def test_shortv_freezes_the_fewest_layers_within_a_flops_budget():
 
 
 def test_visual_token_budget_per_knob():
-    choices = {c.arch: c for c in choose_all(["llava", "fastv", "visionzip", "qformer", "flamingo"], "vicuna-7b",
+    choices = {c.arch: c for c in choose_all(["llava", "fastv", "visionzip", "qformer"], "vicuna-7b",
                                              "clip-vit-l-336", {}, PAPER_WORKLOAD, parse_budget("visual_tokens=64"),
                                              baseline="saisa")}
     assert choices["visionzip"].options == {"tokens": 64}
     assert choices["fastv"].value == pytest.approx((V - 64) / V) and kept_visual_tokens(V, choices["fastv"].value) == 64
     assert choices["llava"].options == {"pool": 3}  # the 24x24 grid pooled 3x3: 8x8 = 64 tokens
     assert choices["qformer"].options == {"num_queries": 64}
-    assert choices["flamingo"].options == {"num_latents": 64}
     assert all(c.amount == 64 and c.meets for c in choices.values())
 
 
@@ -193,3 +192,47 @@ def test_search_uses_the_knob_table_it_is_given():
     knobs = {"fastv": dataclasses.replace(KNOBS["fastv"], values=lambda model, workload: [0.5, 0.25])}
     choice = pick("fastv", "flops=1e15", knobs=knobs)
     assert choice.value == 0.25 and len(choice.searched) <= 2
+
+
+# ----- compare --equal end to end ----------------------------------------------------------------------------
+def test_compare_equal_visual_tokens(tmp_path):
+    import json
+
+    import pandas as pd
+    from mllm_bench.cli.app import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "eq"
+    # tiny-clip at 96 px: 12 x 12 = 144 visual tokens per image
+    archs = "llava,visionzip,fastv,saisa"
+    args = ["--equal", "visual_tokens=64", "-a", archs, "--llm", "tiny-llm-mha", "--vision", "tiny-clip",
+            "--image-size", "96", "--measure", "never", "--count", "none", "--stage", "finetune",
+            "--format", "csv", "--out", str(out), "--plots"]
+    result = CliRunner().invoke(app, ["compare", *args])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False)
+    params = rows[rows["metric"] == "params"].set_index("arch")
+    options = {a: json.loads(o) if o else {} for a, o in params["options"].items()}
+    assert options["visionzip"] == {"tokens": 64}
+    assert options["fastv"] == {"drop_ratio": (144 - 64) / 144}
+    assert options["llava"] == {} and options["saisa"] == {}  # the baseline and an architecture without a knob
+    assert params["visual_tokens"].to_dict() == {"llava": 144, "visionzip": 64, "fastv": 144, "saisa": 144}
+    visual_kv = rows[(rows["metric"] == "kv_cache_bytes") & (rows["role"] == "visual")].set_index("arch")["value"]
+    # FastV caches all 144 visual tokens in its first K = 2 layers and the 64 kept in the third; VisionZip 64 in all 3
+    assert visual_kv["fastv"] == visual_kv["visionzip"] * (2 * 144 + 64) / (3 * 64)
+    text = " ".join(result.output.split())
+    assert "fastv: drop_ratio=0.555556: 64 visual tokens kept from layer 2 on, 100.0% of the budget 64, within" in text
+    assert "saisa: no knob" in text and "llava: the baseline" in text
+    md = (out / "comparison.md").read_text()
+    assert "Equal budget: visual tokens ≤ 64 per sample" in md and "- visionzip: tokens=64" in md
+    assert (out / "plots" / "pareto.png").stat().st_size > 1000
+
+
+def test_compare_equal_refuses_a_malformed_budget():
+    from mllm_bench.cli.app import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["compare", "--equal", "tokens=64"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "--equal 'tokens=64': expected KEY=VALUE with KEY one of ['flops', 'visual_tokens', 'params']" in text
