@@ -15,6 +15,12 @@ grid run into it (``<out>/grids/``). With a SQLite file, each point's rows are s
 finishes, replacing rows of the same point, code and device, and every finished point missing from the
 file is backfilled at the start and the end of a run: the file holds each finished point exactly once.
 
+Under a launcher of several processes (torchrun's RANK/WORLD_SIZE, srun's SLURM_PROCID/SLURM_NTASKS) rank r
+takes the points with index % world_size == r, on ``cuda:LOCAL_RANK`` where the sweep runs on CUDA (a point's
+key keeps ``cuda``, so any number of ranks, or one process, resumes the same store). Each rank writes a start
+and a done marker under ``<out>/ranks/<launch>-of-<N>/``; rank 0 waits for the others' done markers (or
+their end, or a timeout) and writes the summary from the store, as one process would.
+
 Visual tokens are not a model setting; ``visual_tokens=N`` is mapped to the workload like this:
 if N is a multiple of the vision tower's tokens per image (576 for CLIP ViT-L/14-336), the point uses
 N / 576 images per sample at the preset's resolution (images adjacent, no text between them);
@@ -24,8 +30,8 @@ with 14-px patches). Anything else is rejected with the nearest valid counts.
 ``image=WxH`` sets the images' original size (``Workload.image_sizes``): every image of a sample is W px
 wide and H px high (``WxH;WxH;...``: one size per image), as ``compare --image-size WxH`` does. The vision
 tower keeps its own size (``image_size``); an architecture that cuts images by their size (LLaVA-NeXT's
-AnyRes) takes its crops and visual tokens from it, one that resizes every image to the tower (LLaVA-1.5)
-is unchanged. Rows record the sizes in ``image_sizes`` (``672x1008``, ``;`` between images).
+AnyRes crops, Llama-3.2-Vision's tile grid) takes its visual tokens from it, one that resizes every image
+to the tower (LLaVA-1.5) is unchanged. Rows record the sizes in ``image_sizes`` (``672x1008``, ``;`` between images).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import torch
 from mllm_bench.choices import VARY_FIELDS as VARY_FIELDS  # re-exported
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
+from mllm_bench.conventions import scope_for
 from mllm_bench.environment import device_name, git_commit
 from mllm_bench.model import option_value, parse_options
 from mllm_bench.presets import LLM_PRESETS, vision_preset
@@ -153,9 +160,9 @@ def image_note(vision: str | VisionConfig) -> str:
     """What ``image=WxH`` means, for the manifest and the plots' footnote."""
     vcfg = vision if isinstance(vision, VisionConfig) else vision_preset(vision)
     return (f"{IMAGE_FIELD}=WxH: each image W px wide, H px high (Workload.image_sizes); the {vcfg.name} tower stays "
-            f"at its image_size; an architecture that cuts images by their size (AnyRes) derives its visual tokens "
-            "from it, one that resizes images to the tower or uses fixed tiles does not (each row's visual_tokens "
-            "says what it used)")
+            "at its image_size; an architecture that cuts images by their size (AnyRes crops, a tile grid) derives "
+            "its visual tokens from it, one that resizes every image to the tower does not (each row's "
+            "visual_tokens says what it used)")
 
 
 def image_curve_rows(rows: pd.DataFrame, labels: Mapping[str, str], x_is_image: bool,
@@ -750,8 +757,8 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
                                      else ("train_step_flops", "train_step_latency_s"))
         flops = latency = math.nan
         if len(o.rows) and {"metric", "source"} <= set(o.rows.columns):
-            picked = pick(o.rows, flops_metric, ("counted", "analytic"), by=("arch",), scope=scope,
-                          convention=convention)
+            picked = pick(o.rows, flops_metric, ("counted", "analytic"), by=("arch",),
+                          scope=scope_for(convention, scope), convention=convention)
             flops = float(picked["value"].iloc[0]) if len(picked) else math.nan
             timed = pick(o.rows, time_metric, ("measured",), by=("arch",))
             latency = float(timed["value"].iloc[0]) if len(timed) else math.nan

@@ -51,8 +51,18 @@ def no_launcher(monkeypatch):
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher variables; GIT_DIR hides the checkout, so the code version points
+    record is ``0.1.0@unknown`` whatever others commit meanwhile (see :func:`pinned_code`)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return {**env, "PYTHONPATH": str(ROOT), **extra}
+    return {**env, "PYTHONPATH": str(ROOT), "GIT_DIR": str(ROOT / "no-such-git-dir"), **extra}
+
+
+@pytest.fixture
+def pinned_code(monkeypatch):
+    """The code version of in-process runs, as the subprocesses of :func:`clean_env` see it."""
+    from mllm_bench import __version__
+
+    monkeypatch.setattr(sweep_mod, "code_version", lambda: f"{__version__}@unknown")
 
 
 # ----- ranks from the launcher's variables -----------------------------------------------------------------
@@ -167,7 +177,8 @@ def comparable(path: Path) -> pd.DataFrame:
     return rows.drop(columns=[c for c in (*ENVIRONMENT, "sweep_device") if c in rows.columns])
 
 
-def test_two_ranks_write_the_summary_one_process_writes_and_a_rerun_redoes_nothing(tmp_path, no_launcher):
+def test_two_ranks_write_the_summary_one_process_writes_and_a_rerun_redoes_nothing(tmp_path, no_launcher,
+                                                                                   pinned_code):
     ranked, single = tmp_path / "ranked", tmp_path / "single"
     procs = []
     for r in (0, 1):  # rank 1 starts late: rank 0 must wait for its points
@@ -214,3 +225,26 @@ def test_the_readme_torchrun_command_runs_on_cpu(tmp_path, no_launcher):
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["points_finished"] == 2 and manifest["ranks"]["launch"].startswith("torchrun-")
     assert sorted(o["arch"] for o in manifest["this_run"]) == ["llava", "saisa"]
+
+
+def test_a_failed_point_on_another_rank_is_reported_by_rank_zero(tmp_path, no_launcher, monkeypatch):
+    from mllm_bench.cli import sweep as sweep_cli
+
+    calls: list = []
+    failing = fake_profile(calls, fail={("saisa", 16): RuntimeError("kaput on rank 1")})
+    monkeypatch.setattr(sweep_cli, "get_profile", lambda: failing)
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MLLM_BENCH_LAUNCH_ID", "t1")
+    monkeypatch.setenv("RANK", "1")
+    one = CliRunner().invoke(app, [*SWEEP, "--out", str(out)])
+    assert one.exit_code == 0, one.output  # a worker's failure must not make torchrun stop rank 0
+    assert "kaput on rank 1" in one.output and not (out / "sweep.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    zero = CliRunner().invoke(app, [*SWEEP, "--out", str(out), "--wait-ranks", "5"])
+    assert zero.exit_code == 1 and "kaput on rank 1" in zero.output
+    assert sorted(c[0] for c in calls) == ["llava", "llava", "saisa", "saisa"]  # each rank its own points
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["points_finished"] == 2 and len(manifest["errors"]) == 2
+    assert manifest["ranks"] == {"world_size": 2, "launch": "t1", "from": "RANK/WORLD_SIZE",
+                                 "split": "point index % world_size == rank", "missing": []}
