@@ -22,12 +22,13 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mllm_bench.config import ConfigError, VisionConfig
-from mllm_bench.model import MLLM
-from mllm_bench.registry import build_model
-from mllm_bench.workload import Workload, check_workload_fits
+
+if TYPE_CHECKING:  # torch loads when a model is built, not when a budget is parsed
+    from mllm_bench.model import MLLM
+    from mllm_bench.workload import Workload
 
 BUDGET_KINDS: dict[str, str] = {
     "flops": "prefill FLOPs per batch (the table's --scope and --convention), e.g. flops=3.3e12",
@@ -131,7 +132,12 @@ class Knob:
 
 def tokens_text(knob: Knob | None, model: MLLM) -> str:
     """What ``knob.tokens`` counts, with the model's options filled in (FastV's layer K)."""
-    text = knob.tokens_text if knob else "visual tokens in the sequence"
+    if knob:
+        text = knob.tokens_text
+    elif model.positions_per_image == 0:
+        text = "visual tokens (cross-attention keys/values, none in the sequence)"
+    else:
+        text = "visual tokens in the sequence"
     fields = {f.name: getattr(model.options, f.name) for f in dataclasses.fields(model.options)}
     return text.format(**fields)
 
@@ -193,7 +199,11 @@ def amount_of(model: MLLM, workload: Workload, kind: str, scope: str, convention
     """The budgeted quantity of ``model`` on ``workload``: prefill FLOPs (analytic), visual tokens in the LLM,
     or parameters."""
     if kind == "flops":
-        return float(model.analytic_cost(workload.replace(stage="inference")).flops("prefill", convention, scope))
+        try:
+            cost = model.analytic_cost(workload.replace(stage="inference"))
+        except NotImplementedError as err:
+            raise ConfigError(f"--equal flops: {err}; the budget is met on the analytic cost") from err
+        return float(cost.flops("prefill", convention, scope))
     if kind == "visual_tokens":
         return float((knob.tokens if knob else sequence_visual_tokens)(model, workload))
     if kind == "params":
@@ -231,6 +241,9 @@ class _Search:
         self.seen: dict[int, Setting] = {}
 
     def model(self, value: Any) -> MLLM:
+        from mllm_bench.registry import build_model
+        from mllm_bench.workload import check_workload_fits
+
         model = build_model(self.arch, self.llm, self.vision, {**self.options, self.knob.option: value},
                             device="meta", dtype=self.workload.dtype)
         check_workload_fits(self.workload, model.llm_config, model.positions_per_image)
@@ -283,6 +296,8 @@ def choose(arch: str, llm: Any, vision: str | VisionConfig, options: Mapping[str
            budget: Budget, scope: str = "language", convention: str = "dense",
            baseline: str | None = None, knobs: Mapping[str, Knob] = KNOBS) -> Choice:
     """Where ``arch`` runs under ``budget`` (see :class:`Choice`); ``options`` are its other options."""
+    from mllm_bench.registry import build_model
+
     options = dict(options or {})
     knob = knobs.get(arch)
     kind = budget.kind
@@ -345,10 +360,4 @@ def budget_notes(choices: Sequence[Choice], budget: Budget, scope: str, conventi
     head = (f"Equal budget: {budget.describe(scope, convention)}. Each architecture with a knob runs at the "
             "setting whose cost is the largest within the budget (analytic cost model); the others as they are.")
     return [head, *[c.line for c in choices]]
-
-
-def knob_table() -> list[dict[str, str]]:
-    """:data:`KNOBS` as rows for people (architecture, option, allowed values, budgets moved, monotone in)."""
-    return [{"arch": arch, "option": k.option, "allowed": k.allowed, "moves": ", ".join(sorted(k.moves)),
-             "monotone": ", ".join(sorted(k.monotone)), "visual tokens": k.tokens_text} for arch, k in KNOBS.items()]
 
