@@ -89,8 +89,10 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
         for scope in ("language", "total"):
             for convention in ("dense", "effective"):
                 common = dict(scope=scope, convention=convention, stage=stage, phase=phase, context_len=ctx)
-                if convention == "effective" and cost.info.get("effective_note"):
-                    common["note"] = cost.info["effective_note"]  # an architecture's assumption, on its rows
+                # an architecture's assumptions, on the rows they apply to
+                notes = [cost.info.get("cost_note"), convention == "effective" and cost.info.get("effective_note")]
+                if any(notes):
+                    common["note"] = "; ".join(n for n in notes if n)
                 rows.append(make_row(base, metric, per * cost.flops(phase, convention, scope), "analytic",
                                      component="all", role="all", **common))
                 for comp, f in cost.by("component", phase, convention, scope).items():
@@ -100,7 +102,7 @@ def _analytic_rows(base: dict, cost: CostBreakdown, stage: str, decode_ctx: int 
         if phase in ("prefill", "decode"):
             for conv in PUBLISHED.values():
                 common = dict(scope=conv.scope, convention=conv.name, role="all", stage=stage, phase=phase,
-                              context_len=ctx)
+                              context_len=ctx, note=cost.info.get("cost_note", ""))
                 parts = conv.by_component(cost, model.llm_config, phase)
                 rows.append(make_row(base, metric, per * sum(parts.values()), "analytic", component="all", **common))
                 rows += [make_row(base, metric, per * f, "analytic", component=comp, **common)
