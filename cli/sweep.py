@@ -107,7 +107,7 @@ def sweep(
     check_before_work([Run.of_point(p) for p in points], out=out, db=db)
     if out is None:
         out = DEFAULT_ROOT / grid_slug(grid, [p.key for p in points])
-    if db is not None:
+    if db is not None and ranks.rank == 0:
         check_db(db)
     profile = get_profile()
     several = ranks.world_size > 1
@@ -118,7 +118,8 @@ def sweep(
     share = len(points[ranks.rank::ranks.world_size])
     with progress_bar(share, label) as advance:
         result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"),
-                           db=db, rank=ranks.rank, world_size=ranks.world_size, run_device=run_device)
+                           db=db if ranks.rank == 0 else None,  # only rank 0 writes SQLite (files on NFS)
+                           rank=ranks.rank, world_size=ranks.world_size, run_device=run_device)
     ranks_info = None
     if several:
         mark_rank_done(out, ranks, result)

@@ -165,24 +165,26 @@ def image_note(vision: str | VisionConfig) -> str:
             "visual_tokens says what it used)")
 
 
-def image_curve_rows(rows: pd.DataFrame, labels: Mapping[str, str], x_is_image: bool,
+def image_curve_rows(rows: pd.DataFrame, labels: Mapping[str, str] | None, x_is_image: bool,
                      hue: str | None) -> tuple[pd.DataFrame, str, str | None, str]:
-    """Rows to plot over the ``image`` field: (rows, x, hue, note). ``labels``: each point key's ``image`` value.
+    """Rows to plot over the ``image`` field: (rows, x, hue, note). ``labels``: each point key's ``image`` value
+    (rows carry ``sweep_key``); None takes the rows' own ``image_sizes`` (saved rows, e.g. for ``report``).
 
     The rows get column ``image`` (the value). As x, images are placed by their pixel count in megapixels
     (W·H per image, or summed per sample when a value gives one size per image); when two values have the same count
     (e.g. 672x336 and 336x672) and no other field takes the hue, the aspect ratio W:H does, so no line joins
     two shapes at one x. Raises ConfigError when the pixel counts still collide."""
-    rows = rows.assign(**{IMAGE_FIELD: rows["sweep_key"].map(labels)})
+    given = rows["sweep_key"].map(labels) if labels is not None else rows["image_sizes"].astype(str)
+    rows = rows.assign(**{IMAGE_FIELD: given})
     if not x_is_image:
         return rows, "", IMAGE_FIELD, ""
-    values = list(dict.fromkeys(labels.values()))
+    values = list(dict.fromkeys(labels.values() if labels is not None else (v for v in given if v)))
     pairs = {v: image_pairs(v) for v in values}
     per_image = all(len(p) == 1 for p in pairs.values())
     x = "megapixels per image" if per_image else "image megapixels per sample"
     pixels = {v: sum(h * w for h, w in p) for v, p in pairs.items()}
     aspect = {v: ";".join(f"{w // math.gcd(w, h)}:{h // math.gcd(w, h)}" for h, w in p) for v, p in pairs.items()}
-    rows = rows.assign(**{x: rows[IMAGE_FIELD].map(lambda v: pixels[v] / 1e6)})
+    rows = rows.assign(**{x: rows[IMAGE_FIELD].map(lambda v: pixels[v] / 1e6 if v in pixels else math.nan)})
     if len(set(pixels.values())) < len(values):
         if hue is not None or len({(pixels[v], aspect[v]) for v in values}) < len(values):
             clash = sorted(v for v in values if list(pixels.values()).count(pixels[v]) > 1)

@@ -124,6 +124,11 @@ def test_curves_place_images_by_pixel_count_and_split_shapes_of_equal_count():
         image_curve_rows(plot_rows(same), same, True, "llm")  # the hue is taken by the second field
     rows, x, hue, note = image_curve_rows(plot_rows(labels), labels, False, None)
     assert (x, hue, note) == ("", "image", "") and list(rows["image"]) == list(labels.values())
+    saved = plot_rows(labels).assign(image_sizes=list(labels.values()))  # rows read back, no point keys needed
+    rows, x, _, _ = image_curve_rows(saved, None, True, None)
+    assert rows.set_index("image")[x].to_dict() == {v: image_pixels / 1e6 for v, image_pixels in
+                                                    (("336x336", 336 * 336), ("672x1008", 672 * 1008),
+                                                     ("1008x336", 1008 * 336))}
 
 
 def test_cli_sweeps_images_and_plots_them(tmp_path):

@@ -248,3 +248,26 @@ def test_a_failed_point_on_another_rank_is_reported_by_rank_zero(tmp_path, no_la
     assert manifest["points_finished"] == 2 and len(manifest["errors"]) == 2
     assert manifest["ranks"] == {"world_size": 2, "launch": "t1", "from": "RANK/WORLD_SIZE",
                                  "split": "point index % world_size == rank", "missing": []}
+
+
+def test_only_rank_zero_writes_the_sqlite_file_and_it_gets_every_rank_s_points_once(tmp_path, no_launcher,
+                                                                                     monkeypatch):
+    import sqlite3
+
+    from mllm_bench.cli import sweep as sweep_cli
+
+    monkeypatch.setattr(sweep_cli, "get_profile", lambda: fake_profile())
+    out, db = tmp_path / "out", tmp_path / "runs.db"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MLLM_BENCH_LAUNCH_ID", "t2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        result = CliRunner().invoke(app, [*SWEEP, "--out", str(out), "--db", str(db), "--wait-ranks", "5"])
+        assert result.exit_code == 0, result.output
+        if rank == "1":
+            assert not db.exists()  # the other ranks leave SQLite to rank 0 (no concurrent writers on NFS)
+    with sqlite3.connect(db) as con:
+        per_point = dict(con.execute("select sweep_key, count(*) from results group by sweep_key").fetchall())
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert sorted(per_point) == sorted(o["key"] for o in manifest["this_run"]) and len(per_point) == 4
+    assert len(set(per_point.values())) == 1  # every point stored once, with all of its rows
