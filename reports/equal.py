@@ -220,9 +220,16 @@ def _num(x: float) -> str:
     return re.sub(r"e\+?0*(\d)", r"e\1", f"{x:.4g}")
 
 
+def _count(n: int, text: str) -> str:
+    """``n`` and what it counts, singular for one (``1 visual token kept``)."""
+    if n == 1:
+        text = re.sub(r"^(\w+ )?(token|latent)s", r"\1\2", text)
+    return f"{n} {text}"
+
+
 def _amount_text(kind: str, amount: float, tokens_text: str = "visual tokens") -> str:
     if kind == "visual_tokens":
-        return f"{int(amount)} {tokens_text}"
+        return _count(int(amount), tokens_text)
     return f"{'prefill FLOPs' if kind == 'flops' else 'parameters'} {_num(amount)}"
 
 
@@ -334,7 +341,7 @@ def choose(arch: str, llm: Any, vision: str | VisionConfig, options: Mapping[str
     got = search.at(values, index)
     amount = _amount_text(kind, got.amount, got.tokens_text)
     if kind != "visual_tokens" and got.tokens is not None:
-        amount += f" ({got.tokens} {got.tokens_text})"
+        amount += f" ({_count(got.tokens, got.tokens_text)})"
     setting = f"{knob.option}={_fmt(got.value)}"
     if chosen is None:
         line = (f"{arch}: no setting meets {budget.describe(scope, convention)}; smallest is {amount} at {setting} "
