@@ -204,6 +204,8 @@ def scale_for(unit: str, values: Iterable[float]) -> tuple[float, str]:
         table = _SECONDS
     elif unit == "ratio":
         return 0.01, "%"
+    elif unit == "tokens":
+        return 1.0, "tokens"
     else:
         base = {"FLOP": "FLOP", "FLOP/s": "FLOP/s", "params": "", "tokens/s": "tok/s"}.get(unit, unit)
         table = tuple((d, f"{p}{base}" if base else (p or "#")) for d, p in _PREFIXES)
@@ -319,7 +321,8 @@ def workload_line(df: pd.DataFrame) -> str:
     """The workload shared by the rows (or the ranges when they differ)."""
     parts = []
     for col, name in (
-        ("batch_size", "batch"), ("images_per_sample", "images/sample"), ("image_size", "image px"),
+        ("batch_size", "batch"), ("images_per_sample", "images/sample"), ("image_size", "tower px"),
+        ("image_sizes", "images W×H"),
         ("visual_tokens", "visual tokens/sample"), ("text_tokens", "text tokens/sample"),
         ("text_before", "before image"), ("text_after", "after image"), ("generate_tokens", "generated"),
     ):
