@@ -707,9 +707,13 @@ def _device_for(point: Point, run_device: str | None) -> str:
 
 def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str],
                    result: SweepResult, device: str | None = None) -> dict[str, Any] | None:
-    """The finished record of one point (ok or oom), or None after a failure (recorded in ``result.errors``)."""
+    """The finished record of one point (ok or oom), or None after a failure (recorded in ``result.errors``).
+
+    Run on ``device`` (e.g. ``cuda:3``) in place of the point's ``cuda``, its rows still name the point's device
+    (one workload whichever GPU ran it); the record's ``ran_on`` names the one used."""
     vision = point.vision_config()
     workload = point.make_workload()
+    named = workload.device
     if device is not None and device != workload.device:
         workload = workload.replace(device=device)
     try:
@@ -725,11 +729,13 @@ def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str
             return None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}", workload.device).assign(status="oom")
+        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}").assign(status="oom")
         status = "oom"
     rows = rows.assign(vision=point.vision)
+    if workload.device != named and "device" in rows.columns:
+        rows = rows.assign(device=rows["device"].replace(workload.device, named))
     return {"key": point.key, "params": point.params(), "values": dict(point.values), "status": status,
-            "origin": dict(origin),
+            "origin": dict(origin), "ran_on": workload.device,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "rows": json.loads(rows_to_json(rows))}
 
@@ -771,7 +777,7 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
                                         "latency_s", "key"])
 
 
-def _status_row(point: Point, vision: VisionConfig, status: str, message: str, device: str = "") -> pd.DataFrame:
+def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -> pd.DataFrame:
     w = point.make_workload()
     return pd.DataFrame([{
         "arch": point.arch, "llm": point.llm, "vision": point.vision,
@@ -784,7 +790,7 @@ def _status_row(point: Point, vision: VisionConfig, status: str, message: str, d
         "visual_tokens": "" if w.image_sizes else w.images_per_sample * vision.tokens_per_image,
         "text_tokens": w.num_text_tokens,
         "text_before": w.text_before, "text_after": w.text_after, "generate_tokens": w.generate_tokens,
-        "dtype": w.dtype, "device": device or w.device, "error": message[:500],
+        "dtype": w.dtype, "device": w.device, "error": message[:500],
     }])
 
 

@@ -111,11 +111,13 @@ def test_a_rank_runs_its_points_on_its_device_and_keys_keep_the_device_type(tmp_
 
     def profile(arch, workload, **kw):
         seen.append((workload.batch_size, workload.device))
-        return inner(arch, workload.replace(device="cpu"), **kw)
+        return inner(arch, workload.replace(device="cpu"), **kw).assign(device=workload.device)
 
     result = run_sweep(points, tmp_path, profile, rank=1, world_size=2, origin=HERE, run_device="cuda:1")
     assert seen == [(2, "cuda:1")]  # index 1 of 0..2 is rank 1's under index % 2
     assert result.keys == [points[1].key] and dict(points[1].workload)["device"] == "cuda"
+    assert set(result.rows["device"]) == {"cuda"}  # one workload whichever GPU ran it: tables can mix ranks
+    assert json.loads((tmp_path / "points" / f"{points[1].key}.json").read_text())["ran_on"] == "cuda:1"
 
 
 # ----- resuming with another number of ranks -----------------------------------------------------------------
