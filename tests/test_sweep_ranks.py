@@ -215,20 +215,6 @@ def test_two_ranks_write_the_summary_one_process_writes_and_a_rerun_redoes_nothi
     pd.testing.assert_frame_equal(comparable(ranked / "results.json"), one)
 
 
-def test_the_readme_torchrun_command_runs_on_cpu(tmp_path, no_launcher):
-    out = tmp_path / "torchrun"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed beside this Python")
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "mllm_bench.cli.app", *SWEEP[:4],
-                           "text_after=4", *SWEEP[5:], "--out", str(out)], env=clean_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    manifest = json.loads((out / "sweep.json").read_text())
-    assert manifest["points_finished"] == 2 and manifest["ranks"]["launch"].startswith("torchrun-")
-    assert sorted(o["arch"] for o in manifest["this_run"]) == ["llava", "saisa"]
-
-
 def test_a_failed_point_on_another_rank_is_reported_by_rank_zero(tmp_path, no_launcher, monkeypatch):
     from mllm_bench.cli import sweep as sweep_cli
 
