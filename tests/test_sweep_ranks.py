@@ -206,7 +206,8 @@ def test_two_ranks_write_the_summary_one_process_writes_and_a_rerun_redoes_nothi
     assert {r: m["keys"] for r, m in markers.items()} == {r: [k["key"] for k in keys[r::2]] for r in (0, 1)}
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (ranked / "points").glob("*.json")}
-    again = CliRunner().invoke(app, [*SWEEP, "--out", str(ranked)])  # one process, after the 2-rank launch
+    # one process (WORLD_SIZE=1) after the 2-rank launch
+    again = CliRunner(env={"RANK": "0", "WORLD_SIZE": "1"}).invoke(app, [*SWEEP, "--out", str(ranked)])
     assert again.exit_code == 0, again.output
     manifest = json.loads((ranked / "sweep.json").read_text())
     assert manifest["points_done"] == 0 and manifest["points_skipped"] == 4 and "ranks" not in manifest
