@@ -130,7 +130,7 @@ def sweep(
             for message in [m for _, m in result.errors]:
                 err_console.print(f"[red]failed:[/] {message}", highlight=False)
             return  # exit 0: a failing worker would make torchrun stop rank 0; rank 0 reports and exits 1
-        err_console.print(f"rank 0: waiting for ranks 1 to {ranks.world_size - 1} (at most {wait_ranks:g} s)",
+        err_console.print(f"rank 0: waiting for the other {ranks.world_size - 1} rank(s) (at most {wait_ranks:g} s)",
                           highlight=False)
         markers, missing = wait_for_ranks(out, ranks, wait_ranks)
         result = merge_ranks(points, result, markers, missing, out, ranks.world_size)
@@ -160,18 +160,18 @@ def sweep(
         for name in option_fields(grid):  # an option's value becomes the x (or hue) of its architecture's rows
             rows = curve_rows(rows, name, grid[name])
             notes.append(f"architectures without {name} are drawn flat across it")
-        written = []
-        try:
-            if IMAGE_FIELD in grid:  # images placed by pixel count (x) or named by their size (hue)
-                labels = {p.key: dict(p.values)[IMAGE_FIELD] for p in points}
+        drawable = True
+        if IMAGE_FIELD in grid:  # images placed by pixel count (x) or named by their size (hue)
+            labels = {p.key: dict(p.values)[IMAGE_FIELD] for p in points}
+            try:
                 rows, image_x, hue, image_xnote = image_curve_rows(rows, labels, x == IMAGE_FIELD, hue)
                 x = image_x or x
                 notes += [image_note(vision), *([image_xnote] if image_xnote else [])]
-            written = plots.cost_curves(rows, x, out / f"cost_vs_{fields[0].replace('.', '_')}",
-                                        scope=scope.value, convention=convention.value, hue=hue,
-                                        note="; ".join(notes))
-        except ConfigError as err:
-            err_console.print(f"[yellow]no plot:[/] {err}", highlight=False)
+            except ConfigError as err:
+                drawable = False
+                err_console.print(f"[yellow]no plot:[/] {err}", highlight=False)
+        written = plots.cost_curves(rows, x, out / f"cost_vs_{fields[0].replace('.', '_')}", scope=scope.value,
+                                    convention=convention.value, hue=hue, note="; ".join(notes)) if drawable else []
         err_console.print(f"wrote {len(written)} plot files")
     if db is not None:
         for note in result.db_notes:

@@ -145,3 +145,13 @@ def test_cli_sweeps_images_and_plots_them(tmp_path):
                    ("llava-next", "32x32"): anyres_tokens(side, side, side),
                    ("llava-next", "64x64"): anyres_tokens(2 * side, 2 * side, side)}
     assert (out / "cost_vs_image.png").exists() and (out / "cost_vs_image.pdf").exists()
+
+
+def test_cli_draws_no_curve_that_would_join_two_shapes_at_one_x(tmp_path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(app, ["sweep", "-a", "llava", "--vary", "image=64x32,32x64",
+                                      "--vary", "llm=tiny-llm,tiny-llm-mha", "--vision", "tiny-clip",
+                                      "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no plot" in result.output and "same pixel count" in result.output
+    assert "wrote 0 plot files" in result.output and (out / "results.json").exists()
