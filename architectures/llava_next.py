@@ -221,7 +221,7 @@ class LLaVANeXT(SplicedMLLM):
             raise ConfigError(f"llava-next option image_grid_pinpoints: {bad} are not multiples of the vision "
                               f"tower's image size {s} (each pinpoint is a grid of {s}x{s} tiles)")
         self.multi_modal_projector = MLPProjector(vision.hidden_size, llm.hidden_size)
-        self.image_newline = nn.Parameter(torch.randn(llm.hidden_size) / math.sqrt(llm.hidden_size))
+        self.image_newline = nn.Parameter(nn.init.normal_(torch.empty(llm.hidden_size), std=llm.hidden_size ** -0.5))
 
     # ----- AnyRes token counts ---------------------------------------------------------------------
     def grid(self, size: Size) -> Size:

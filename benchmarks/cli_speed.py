@@ -3,7 +3,9 @@
 Each command runs as a whole process, at least ``--repeat`` times (default 3), interleaved with the
 ``import torch`` baseline so that load drifts alike for both; the medians are compared. Peak RSS is the
 largest ``ru_maxrss`` of the command's process tree (``os.wait4``'s rusage of each run, children
-included). Sweeps write into a temporary folder, a fresh one each run. Prints one line per command:
+included). Sweeps write into a temporary folder, a fresh one each run. The count cache
+(``mllm_bench.count_cache``) is measured both ways: ``cold`` gives every run an empty cache folder, ``warm``
+one filled by an untimed run of the same command first. Prints one line per command:
 ratio, target, met/missed, then the load average. Exit status 1 when a target is missed.
 
     python benchmarks/cli_speed.py [--repeat 3] [--only help,compare]
@@ -38,6 +40,7 @@ class Case:
     group: str
     expect_rc: int = 0
     sweep: bool = False  # gets --out <fresh temp folder>
+    cache: str = "cold"  # the count cache: "cold" (empty for every run) or "warm" (filled by an untimed run first)
 
 
 def cases() -> list[Case]:
@@ -46,23 +49,30 @@ def cases() -> list[Case]:
     out += [Case(f"mllm-bench {c} --help", [c, "--help"], 0.3, "help") for c in SUBCOMMANDS]
     out.append(Case("usage error (compare --batch-size 0)", ["compare", "--batch-size", "0"], 0.3, "help",
                     expect_rc=2))
-    out.append(Case("compare (defaults)", ["compare", "--format", "json"], 1.6, "compare"))
-    out.append(Case("compare --llm vicuna-13b", ["compare", "--format", "json", "--llm", "vicuna-13b"], 1.8,
-                    "compare"))
-    out.append(Case(f"sweep --vary {VISUAL_5} (15 points)", ["sweep", "--vary", VISUAL_5, "--no-plots"], 2.5,
-                    "sweep", sweep=True))
-    out.append(Case("sweep 4 archs x 10 visual x 5 text (200 points)",
-                    ["sweep", "-a", "llava,naavit,flamingo,saisa", "--vary", VISUAL_10, "--vary", TEXT_5,
-                     "--no-plots"], 10.0, "sweep", sweep=True))
+    for cache in ("cold", "warm"):
+        out.append(Case(f"compare (defaults), {cache} count cache", ["compare", "--format", "json"], 1.6, "compare",
+                        cache=cache))
+        out.append(Case(f"compare --llm vicuna-13b, {cache} count cache",
+                        ["compare", "--format", "json", "--llm", "vicuna-13b"], 1.8, "compare", cache=cache))
+    for cache in ("cold", "warm"):
+        out.append(Case(f"sweep --vary {VISUAL_5} (15 points), {cache}", ["sweep", "--vary", VISUAL_5, "--no-plots"],
+                        2.5, "sweep", sweep=True, cache=cache))
+        out.append(Case(f"sweep 4 archs x 10 visual x 5 text (200 points), {cache}",
+                        ["sweep", "-a", "llava,naavit,flamingo,saisa", "--vary", VISUAL_10, "--vary", TEXT_5,
+                         "--no-plots"], 10.0, "sweep", sweep=True, cache=cache))
     return out
 
 
-def run_once(argv: list[str], expect_rc: int = 0) -> tuple[float, int]:
+def run_once(argv: list[str], expect_rc: int = 0, cache_dir: str | None = None) -> tuple[float, int]:
     """Wall seconds of one whole process and its peak RSS in bytes (``os.wait4``'s rusage of that child,
-    which covers the descendants it waited for, e.g. a sweep's worker processes)."""
+    which covers the descendants it waited for, e.g. a sweep's worker processes). ``cache_dir``: the count
+    cache's folder (``MLLM_BENCH_CACHE_DIR``)."""
+    env = {**os.environ, "COLUMNS": "120", "MLLM_BENCH_COUNT_CACHE": "on"}
+    if cache_dir:
+        env["MLLM_BENCH_CACHE_DIR"] = cache_dir
     with tempfile.TemporaryFile(mode="w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "COLUMNS": "120"})
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -76,16 +86,27 @@ def measure(case: Case, repeat: int) -> tuple[list[float], list[float], int]:
     """(case seconds, baseline seconds, peak RSS bytes); the baseline runs just before each run of the case."""
     times, base = [], []
     peak = 0
-    for _ in range(repeat):
-        base.append(run_once([sys.executable, "-c", "import torch"])[0])
-        folder = tempfile.mkdtemp(prefix="mllm-bench-speed-") if case.sweep else None
-        try:
-            wall, rss = run_once(MLLM + case.argv + (["--out", folder] if folder else []), case.expect_rc)
-        finally:
+    shared = tempfile.mkdtemp(prefix="mllm-bench-cache-")
+    try:
+        if case.cache == "warm":
+            folder = tempfile.mkdtemp(prefix="mllm-bench-speed-") if case.sweep else None
+            run_once(MLLM + case.argv + (["--out", folder] if folder else []), case.expect_rc, shared)
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
-        times.append(wall)
-        peak = max(peak, rss)
+        for _ in range(repeat):
+            base.append(run_once([sys.executable, "-c", "import torch"])[0])
+            folder = tempfile.mkdtemp(prefix="mllm-bench-speed-") if case.sweep else None
+            cache = shared if case.cache == "warm" else tempfile.mkdtemp(prefix="mllm-bench-cache-")
+            try:
+                wall, rss = run_once(MLLM + case.argv + (["--out", folder] if folder else []), case.expect_rc, cache)
+            finally:
+                for path in (folder, None if cache == shared else cache):
+                    if path:
+                        shutil.rmtree(path, ignore_errors=True)
+            times.append(wall)
+            peak = max(peak, rss)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     return times, base, peak
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from typing import Any
 
 import pandas as pd
 import torch
 
+from . import count_cache
 from .config import ConfigError, LLMConfig, VisionConfig
 from .conventions import PUBLISHED
 from .costmodel import COMPONENTS, CostBreakdown, equivalent_tokens, spliced_reference_cost
@@ -218,6 +220,46 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
     return rows
 
 
+# meta models built by this process, most recent last: a command profiles the same model in several stages
+_META_MODELS: OrderedDict[tuple, MLLM] = OrderedDict()
+META_MODELS_KEPT = 8
+
+
+def _meta_model(arch: str, llm: str | LLMConfig, vision: str | VisionConfig, options: dict[str, Any] | None,
+                dtype: torch.dtype) -> MLLM:
+    """The meta-device model (attention ``sdpa``, inference stage), built once per process for each identity.
+
+    Profiling leaves it as it found it (counting restores the stage and gradient checkpointing)."""
+    key = (get_architecture(arch), arch, repr(llm), repr(vision), repr(sorted((options or {}).items())), str(dtype))
+    model = _META_MODELS.pop(key, None)
+    if model is None:
+        model = build_model(arch, llm, vision, options, device="meta", dtype=dtype)
+    model.set_attention_backend("sdpa")  # counting on meta: the dense convention, every backend alike
+    model.set_stage("inference")
+    _META_MODELS[key] = model
+    while len(_META_MODELS) > META_MODELS_KEPT:
+        _META_MODELS.popitem(last=False)
+    return model
+
+
+def _counts(arch: str, model: MLLM, workload: Workload, context_len: int | None,
+            ctx: int | str) -> tuple[dict[str, CountedFlops], int | str]:
+    """Counted FLOPs of ``workload``'s phases (and the decode context), from the count cache when this code
+    counted the same model and workload before (:mod:`mllm_bench.count_cache`)."""
+    name = count_cache.key(type(model), "profile", arch, model.llm_config, model.vision_config, model.options, workload,
+                           context_len)
+    hit = count_cache.load(name)
+    if hit is not None:
+        return {p: c for p, c in hit.items() if p != "ctx"}, hit["ctx"]
+    counted: dict[str, CountedFlops] = {}
+    if workload.stage == "inference":
+        counted["prefill"], counted["decode"], ctx = count_inference(model, workload, context_len)
+    else:
+        counted["train_step"] = count_train_step(model, workload, workload.stage)
+    count_cache.store(name, {**counted, "ctx": ctx})
+    return counted, ctx
+
+
 def profile(
     arch: str,
     workload: Workload = PAPER_WORKLOAD,
@@ -243,8 +285,7 @@ def profile(
     settings = settings or MeasureSettings()
     attention_backend = settings.backend_for(cls.spec.fast_attention_backend)
     stage = workload.stage
-    meta_model = build_model(arch, llm, vision, options, device="meta", dtype=workload.torch_dtype)
-    meta_model.set_attention_backend("sdpa")  # counting on meta: the dense convention, every backend alike
+    meta_model = _meta_model(arch, llm, vision, options, workload.torch_dtype)
     num_params = meta_model.num_parameters()
     run_device = workload.device
     if run_device == "meta":
@@ -261,10 +302,7 @@ def profile(
         ctx = context_len if context_len is not None else prompt
     meta_wl = workload.replace(device="meta")
     if count:
-        if stage == "inference":
-            counted["prefill"], counted["decode"], ctx = count_inference(meta_model, meta_wl, context_len)
-        else:
-            counted["train_step"] = count_train_step(meta_model, meta_wl, stage)
+        counted, ctx = _counts(arch, meta_model, meta_wl, context_len, ctx)
     base = _base(arch, meta_model, workload, out_device, attention_backend)
 
     rows = [make_row(base, "params", num_params, "counted", component="all", role="all", stage="inference")]

@@ -6,6 +6,8 @@ third-party plugin, and :func:`register` adds one at run time (tests, notebooks)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -123,8 +125,28 @@ def build_model(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)  # parameters are created in the target dtype (no fp32 detour)
     try:
-        with torch.device(device):
+        with torch.device(device), (_values_not_initialised() if device.type == "meta" else nullcontext()):
             model = cls(llm_cfg, vision_cfg, options)
     finally:
         torch.set_default_dtype(previous)
     return model.to(torch_dtype)
+
+
+@contextmanager
+def _values_not_initialised() -> Iterator[None]:
+    """``torch.nn.init``'s in-place initialisers as no-ops: meta tensors hold no values to initialise, and
+    on meta some of them (``normal_``) run Python reference code that imports torch._dynamo (~2 s)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, _unchanged)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def _unchanged(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor

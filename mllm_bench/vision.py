@@ -51,7 +51,7 @@ class VisionEmbeddings(nn.Module):
                                          bias=cfg.kind == "siglip")
         self.has_cls = cfg.has_cls_token
         if self.has_cls:
-            self.class_embedding = nn.Parameter(torch.randn(d))
+            self.class_embedding = nn.Parameter(nn.init.normal_(torch.empty(d)))  # = torch.randn(d)
         # one learned vector per position; used whole (transformers gathers it with an arange buffer)
         self.position_embedding = nn.Embedding(cfg.num_patches + int(self.has_cls), d)
 

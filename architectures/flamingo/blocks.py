@@ -120,7 +120,7 @@ class PerceiverResampler(nn.Module):
 
     def __init__(self, dim: int, opts: FlamingoOptions) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(opts.num_latents, dim))
+        self.latents = nn.Parameter(nn.init.normal_(torch.empty(opts.num_latents, dim)))  # = torch.randn
         self.layers = nn.ModuleList(
             PerceiverLayer(dim, opts.resampler_heads, opts.resampler_dim_head, opts.resampler_ff_mult)
             for _ in range(opts.resampler_depth)

@@ -1,0 +1,120 @@
+"""A disk cache of counted FLOPs, so that a command repeated on the same models answers without re-counting.
+
+Counting a 7B model on meta tensors takes about a second per phase, almost all of it torch's Python
+reference kernels for meta tensors; the answer depends only on the code and the shapes. An entry's key
+holds everything a count depends on:
+
+* the code: a hash of every ``.py`` file of the installed ``mllm_bench`` package (architectures included),
+  the torch and transformers versions, and :data:`CACHE_VERSION`;
+* the model: its class's source files (so a plugin's or a test's own architecture counts too), architecture
+  name, the LLM and vision configs and the options, as their ``repr``;
+* the call: what was counted (``inference`` / a training stage), the whole workload, ``context_len``.
+
+So an edit to any source file, an upgrade, or a change of shape starts from empty. Entries are JSON, written
+atomically; an unreadable entry is ignored (and rewritten). ``MLLM_BENCH_COUNT_CACHE=off`` turns the cache
+off; ``MLLM_BENCH_CACHE_DIR`` moves it (default ``$XDG_CACHE_HOME/mllm-bench`` or ``~/.cache/mllm-bench``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .flops import CountedFlops
+from .results import atomic_write_text
+
+CACHE_VERSION = 1
+
+
+def enabled() -> bool:
+    return os.environ.get("MLLM_BENCH_COUNT_CACHE", "on").lower() not in ("off", "0", "false", "no")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MLLM_BENCH_CACHE_DIR"):
+        return Path(os.environ["MLLM_BENCH_CACHE_DIR"]) / "counts"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mllm-bench" / "counts"
+
+
+@cache
+def code_fingerprint() -> str:
+    """Hash of the package's source files and the versions the counts depend on."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(f"count-cache {CACHE_VERSION}".encode())
+    roots = {root}
+    for sub in ("architectures", "reports", "cli"):  # package-dir maps them outside mllm_bench/
+        spec = importlib.util.find_spec(f"mllm_bench.{sub}")
+        roots.update(Path(p).resolve() for p in (spec.submodule_search_locations or ()) if spec)
+    for path in sorted(f for r in roots for f in r.rglob("*.py")):
+        digest.update(str(path.relative_to(path.parents[1])).encode())
+        digest.update(path.read_bytes())
+    for package in ("torch", "transformers"):
+        try:
+            digest.update(f"{package}=={version(package)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package} missing".encode())
+    return digest.hexdigest()
+
+
+@cache
+def class_fingerprint(cls: type) -> str:
+    """Hash of the source files defining ``cls`` and its bases: covers architectures from plugins and tests,
+    whose code lies outside the package."""
+    digest = hashlib.sha256()
+    for klass in cls.__mro__:
+        try:
+            source = inspect.getsourcefile(klass)
+        except TypeError:  # a built-in
+            continue
+        if source:
+            digest.update(f"{klass.__module__}.{klass.__qualname__}".encode())
+            digest.update(Path(source).read_bytes())
+    return digest.hexdigest()
+
+
+def key(model_class: type, *parts: Any) -> str:
+    """The entry name for a count of a ``model_class`` model described by ``parts`` (their ``repr``s)."""
+    text = json.dumps([code_fingerprint(), class_fingerprint(model_class), *map(repr, parts)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _encode(counts: CountedFlops) -> dict[str, Any]:
+    return {"by_module_pass": [[m, p, f] for (m, p), f in counts.by_module_pass.items()],
+            "components": counts.components, "by_op": counts.by_op}
+
+
+def _decode(data: dict[str, Any]) -> CountedFlops:
+    return CountedFlops({(m, p): float(f) for m, p, f in data["by_module_pass"]}, dict(data["components"]),
+                        {k: float(v) for k, v in data["by_op"].items()})
+
+
+def load(name: str) -> dict[str, Any] | None:
+    """The entry ``name`` (its counts decoded), or None when absent, off or unreadable."""
+    if not enabled():
+        return None
+    try:
+        data = json.loads((cache_dir() / f"{name}.json").read_text(encoding="utf-8"))
+        return {k: _decode(v) if isinstance(v, dict) else v for k, v in data.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(name: str, entry: dict[str, Any]) -> None:
+    """Write entry ``name`` (values: :class:`CountedFlops` or JSON values); a cache that cannot be written is
+    skipped, never an error."""
+    if not enabled():
+        return
+    data = {k: _encode(v) if isinstance(v, CountedFlops) else v for k, v in entry.items()}
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_dir() / f"{name}.json", json.dumps(data))
+    except OSError:
+        pass
