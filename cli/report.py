@@ -83,8 +83,13 @@ def report(
             raise ConfigError(f"--vary {vary!r} is not a column of the rows")
         rows = one_workload(rows, over=(vary,))
         folder = out or Path(".")
-        written = plots.cost_curves(rows, vary, folder / f"cost_vs_{vary}", scope=scope.value,
-                                    convention=convention.value)
+        x, hue, note = vary, None, ""
+        if vary == "image_sizes":  # text labels (WxH): placed by pixel count, as the sweep's plots place them
+            from mllm_bench.reports.sweep import image_curve_rows
+
+            rows, x, hue, note = image_curve_rows(rows, None, True, None)
+        written = plots.cost_curves(rows, x, folder / f"cost_vs_{vary}", scope=scope.value,
+                                    convention=convention.value, hue=hue, note=note)
         typer.echo("\n".join(str(p) for p in written))
         return
     if len(set(rows["llm"])) > 1 and not llm:

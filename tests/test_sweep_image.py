@@ -145,6 +145,11 @@ def test_cli_sweeps_images_and_plots_them(tmp_path):
                    ("llava-next", "32x32"): anyres_tokens(side, side, side),
                    ("llava-next", "64x64"): anyres_tokens(2 * side, 2 * side, side)}
     assert (out / "cost_vs_image.png").exists() and (out / "cost_vs_image.pdf").exists()
+    # saved rows plot again over their image sizes (text labels, placed by pixel count)
+    replot = CliRunner().invoke(app, ["report", str(out / "results.json"), "--vary", "image_sizes",
+                                      "--out", str(tmp_path / "report")])
+    assert replot.exit_code == 0, replot.output
+    assert (tmp_path / "report" / "cost_vs_image_sizes.png").exists()
 
 
 def test_cli_draws_no_curve_that_would_join_two_shapes_at_one_x(tmp_path):
