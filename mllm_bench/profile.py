@@ -139,8 +139,10 @@ def _token_rows(base: dict, cost: CostBreakdown, model: MLLM, workload: Workload
     for scope, conv, value in measures:
         x = equivalent_tokens(value(cost), {t: value(ref) for t, ref in refs.items()})
         if x is not None:
+            notes = ["LLaVA-1.5 visual tokens with the same prefill FLOPs", cost.info.get("cost_note"),
+                     conv == "effective" and cost.info.get("effective_note")]
             rows.append(make_row(base, "equivalent_visual_tokens", x * images, "analytic", scope=scope,
-                                 convention=conv, note="LLaVA-1.5 visual tokens with the same prefill FLOPs", **common))
+                                 convention=conv, note="; ".join(n for n in notes if n), **common))
     return rows
 
 
