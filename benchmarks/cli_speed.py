@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "mllm-bench")
 MLLM = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "mllm_bench.cli.app"]
-SUBCOMMANDS = ("list", "compare", "sweep", "train-cost", "paper", "report")
+SUBCOMMANDS = ("list", "compare", "sweep", "train-cost", "paper", "report", "literature")
 MEMORY_LIMIT = 2**30  # bytes
 VISUAL_5 = "visual_tokens=144,576,1152,2304,2880"
 VISUAL_10 = "visual_tokens=144,256,576,1024,1152,1728,2304,2880,3456,4032"

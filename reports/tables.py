@@ -114,9 +114,10 @@ def comparison(df: pd.DataFrame, quantities: list[Quantity], baseline: str = "ll
         raise ConfigError(f"baseline {baseline!r} is not among the compared architectures; choose one of {archs}")
     base_keys = [k for k in labels if k[0] == baseline]
     measured = df[df["source"] == "measured"]
+    by_metric = {m: rows for m, rows in df.groupby("metric", sort=False)}  # one pass, not one per quantity
     records = []
     for q in quantities:
-        rows = pick(df, q.metric, q.sources, **dict(q.where))
+        rows = pick(by_metric.get(q.metric, df.iloc[:0]), q.metric, q.sources, **dict(q.where))
         if rows.empty:
             continue
         values = {tuple(r[c] for c in IDENTITY): r for _, r in rows.iterrows()}

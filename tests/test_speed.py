@@ -9,7 +9,7 @@ import sys
 import pytest
 
 HEAVY = ("torch", "transformers", "pandas")
-SUBCOMMANDS = ("list", "compare", "sweep", "train-cost", "paper", "report")
+SUBCOMMANDS = ("list", "compare", "sweep", "train-cost", "paper", "report", "literature")
 PROBE = """
 import sys
 sys.argv = ["mllm-bench", *sys.argv[1:]]
