@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +67,9 @@ def sweep(
     db: Path = typer.Option(None, help="SQLite file that gets every finished point's rows once (as each finishes)."),
     wait_ranks: float = typer.Option(86400.0, min=0.0, help="Under several ranks (torchrun, srun): seconds rank 0 "
                                      "waits for the others before writing the summary from what is finished."),
+    jobs: int = typer.Option(1, min=1, help="Count the points in this many local processes (ranks of one launch "
+                             "on this machine, as under torchrun); not with --measure, whose timings they would "
+                             "share the machine with."),
 ) -> None:
     """Sweep workload/config fields across architectures; re-running skips points this code finished here.
 
@@ -72,6 +77,7 @@ def sweep(
     its own device (cuda:LOCAL_RANK) and rank 0 writes the summary once all ranks are done."""
     from mllm_bench.reports.sweep import (
         IMAGE_FIELD,
+        Ranks,
         check_db,
         curve_rows,
         expand,
@@ -88,6 +94,7 @@ def sweep(
         refresh_db,
         run_sweep,
         share_launch_id,
+        start_rank_worker,
         visual_tokens_note,
         wait_for_ranks,
         write_sweep,
@@ -99,6 +106,15 @@ def sweep(
     grid = parse_vary(vary)
     points = expand(archs, grid, base, llm, vision, options, measure.value)
     ranks = launch_ranks()
+    if jobs > 1:
+        if ranks.world_size > 1:
+            raise ConfigError(f"--jobs {jobs} under a launcher of {ranks.world_size} ranks ({ranks.source}): use one "
+                              "or the other")
+        if measure.value != "never":
+            raise ConfigError(f"--jobs {jobs} with --measure {measure.value}: parallel points would share the "
+                              "machine and distort each other's timings; measure with one process per device "
+                              "(torchrun / srun)")
+        ranks = Ranks(0, jobs, 0, f"jobs-{os.getpid()}-{os.urandom(4).hex()}", "--jobs")
     run_device = rank_device(base.device, ranks)
     if run_device != base.device and run_device.startswith("cuda"):
         import torch
@@ -114,6 +130,8 @@ def sweep(
     if several:
         ranks = share_launch_id(ranks)
         mark_rank_started(out, ranks)
+    workers = [start_rank_worker(points, out, profile, dataclasses.replace(ranks, rank=r), run_device)
+               for r in range(1, jobs)] if jobs > 1 else []
     label = f"sweeping (rank {ranks.rank} of {ranks.world_size}, {run_device})" if several else "sweeping"
     share = len(points[ranks.rank::ranks.world_size])
     with progress_bar(share, label) as advance:
@@ -133,6 +151,8 @@ def sweep(
         err_console.print(f"rank 0: waiting for the other {ranks.world_size - 1} rank(s) (at most {wait_ranks:g} s)",
                           highlight=False)
         markers, missing = wait_for_ranks(out, ranks, wait_ranks)
+        for worker in workers:
+            worker.join()
         result = merge_ranks(points, result, markers, missing, out, ranks.world_size)
         if db is not None:
             refresh_db(result, db, out)

@@ -42,6 +42,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import socket
@@ -993,6 +994,27 @@ def mark_rank_done(out_dir: str | Path, ranks: Ranks, result: SweepResult) -> Pa
             "outcomes": [{"key": o.point.key, "status": o.status, "run": o.run, "why": o.why}
                          for o in result.outcomes]}
     return atomic_write_text(_launch_dir(out_dir, ranks) / f"rank-{ranks.rank}.json", json.dumps(info) + "\n")
+
+
+def _rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn, ranks: Ranks,
+                 run_device: str | None) -> None:
+    """One local rank of ``sweep --jobs``: its share of the points, then its done marker (rank 0 merges)."""
+    torch.set_num_threads(1)  # one core per process: the ranks share the machine's cores
+    mark_rank_started(out_dir, ranks)
+    result = run_sweep(points, out_dir, profile_fn, rank=ranks.rank, world_size=ranks.world_size,
+                       run_device=run_device)
+    mark_rank_done(out_dir, ranks, result)
+
+
+def start_rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn, ranks: Ranks,
+                      run_device: str | None) -> multiprocessing.Process:
+    """Start rank ``ranks.rank`` of a local launch in a fresh interpreter (spawned: nothing of this process's
+    torch state is shared); rank 0, this process, waits for its done marker as for any launcher's ranks."""
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_rank_worker, args=(list(points), str(out_dir), profile_fn, ranks, run_device),
+        name=f"mllm-bench-sweep-rank-{ranks.rank}", daemon=True)
+    worker.start()
+    return worker
 
 
 def wait_for_ranks(out_dir: str | Path, ranks: Ranks, timeout_s: float, since: float | None = None,

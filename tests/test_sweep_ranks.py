@@ -260,3 +260,25 @@ def test_only_rank_zero_writes_the_sqlite_file_and_it_gets_every_rank_s_points_o
     manifest = json.loads((out / "sweep.json").read_text())
     assert sorted(per_point) == sorted(o["key"] for o in manifest["this_run"]) and len(per_point) == 4
     assert len(set(per_point.values())) == 1  # every point stored once, with all of its rows
+
+
+def test_jobs_count_points_in_local_processes_as_one_process_would(tmp_path, no_launcher, pinned_code, monkeypatch):
+    """``--jobs 2``: a spawned second process takes every other point; the summary equals a one-process run."""
+    monkeypatch.setenv("GIT_DIR", str(ROOT / "no-such-git-dir"))  # the spawned rank sees the code version too
+    jobs, single = tmp_path / "jobs", tmp_path / "single"
+    result = CliRunner().invoke(app, [*SWEEP, "--out", str(jobs), "--jobs", "2", "--wait-ranks", "120"])
+    assert result.exit_code == 0, result.output
+    markers = sorted(p.name for p in (jobs / "ranks").glob("*/rank-*.json") if "start" not in p.name)
+    assert markers == ["rank-0.json", "rank-1.json"]
+    assert CliRunner().invoke(app, [*SWEEP, "--out", str(single)]).exit_code == 0
+    pd.testing.assert_frame_equal(comparable(jobs / "results.json"), comparable(single / "results.json"))
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    (["--measure", "always"], {}, "would share the machine"),
+    ([], {"RANK": "0", "WORLD_SIZE": "2"}, "use one or the other"),
+])
+def test_jobs_refuse_measuring_and_launchers(tmp_path, no_launcher, extra, env, message):
+    result = CliRunner(env=env).invoke(app, [*SWEEP, "--out", str(tmp_path / "x"), "--jobs", "2", *extra])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
