@@ -28,7 +28,7 @@ MLLM = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "mllm_be
 SUBCOMMANDS = ("list", "compare", "sweep", "train-cost", "paper", "report", "literature")
 MEMORY_LIMIT = 2**30  # bytes
 VISUAL_5 = "visual_tokens=144,576,1152,2304,2880"
-VISUAL_10 = "visual_tokens=144,256,576,1024,1152,1728,2304,2880,3456,4032"
+VISUAL_10 = "visual_tokens=144,256,576,784,1024,1152,1296,1600,2304,2880"  # + 1024 text: within 4,096 positions
 TEXT_5 = "text_tokens=64,128,256,512,1024"
 
 

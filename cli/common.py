@@ -364,8 +364,7 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
     import torch
 
     from mllm_bench.attention import available_backends
-    from mllm_bench.profile import should_measure
-    from mllm_bench.registry import build_model
+    from mllm_bench.profile import cached_meta_model, should_measure
     from mllm_bench.static_decode import DECODE_MODES
     from mllm_bench.workload import check_workload_fits
 
@@ -381,8 +380,7 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
         key = repr((run.arch, run.llm, run.vision, sorted((run.options or {}).items()), run.workload.dtype))
         if key not in models:
             try:
-                models[key] = build_model(run.arch, run.llm, run.vision, run.options, device="meta",
-                                          dtype=run.workload.dtype)
+                models[key] = cached_meta_model(run.arch, run.llm, run.vision, run.options, run.workload.dtype)
             except ConfigError as err:
                 raise ConfigError(f"{run.arch} with --llm {llm_name}: {err}") from err
         model = models[key]

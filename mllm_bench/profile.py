@@ -31,7 +31,7 @@ from .model import MLLM
 from .registry import build_model, get_architecture
 from .results import make_row, to_frame
 from .timing import Timing
-from .workload import PAPER_WORKLOAD, Workload, dtype_name
+from .workload import PAPER_WORKLOAD, Workload, dtype_name, parse_dtype
 
 __all__ = ["profile", "should_measure", "MeasureSettings"]
 
@@ -227,11 +227,12 @@ _META_MODELS: OrderedDict[tuple, MLLM] = OrderedDict()
 META_MODELS_KEPT = 8
 
 
-def _meta_model(arch: str, llm: str | LLMConfig, vision: str | VisionConfig, options: dict[str, Any] | None,
-                dtype: torch.dtype) -> MLLM:
+def cached_meta_model(arch: str, llm: str | LLMConfig, vision: str | VisionConfig,
+                      options: dict[str, Any] | None, dtype: str | torch.dtype) -> MLLM:
     """The meta-device model (attention ``sdpa``, inference stage), built once per process for each identity.
 
     Profiling leaves it as it found it (counting restores the stage and gradient checkpointing)."""
+    dtype = parse_dtype(dtype)
     key = (get_architecture(arch), arch, repr(llm), repr(vision), repr(sorted((options or {}).items())), str(dtype))
     model = _META_MODELS.pop(key, None)
     if model is None:
@@ -287,7 +288,7 @@ def profile(
     settings = settings or MeasureSettings()
     attention_backend = settings.backend_for(cls.spec.fast_attention_backend)
     stage = workload.stage
-    meta_model = _meta_model(arch, llm, vision, options, workload.torch_dtype)
+    meta_model = cached_meta_model(arch, llm, vision, options, workload.torch_dtype)
     num_params = meta_model.num_parameters()
     run_device = workload.device
     if run_device == "meta":
