@@ -42,14 +42,57 @@ def option_defaults(options_cls: type) -> list[tuple[str, str]]:
     return out
 
 
+def architecture_rows() -> list[tuple[str, str, str]]:
+    """(name, wiring, options with defaults) of every installed architecture, in the registry's order.
+
+    Listing imports every architecture, and so torch (~2 s); the answer is kept in the cache folder
+    (:mod:`mllm_bench.fingerprint`), keyed by the package's source hash, each entry point's module source and
+    its distribution's version, so that a repeated ``mllm-bench list`` imports none of them."""
+    import hashlib
+    import json
+    from importlib.metadata import entry_points
+
+    from mllm_bench.fingerprint import cache_root, caches_enabled, code_fingerprint, module_fingerprint
+
+    eps = sorted(entry_points(group="mllm_bench.architectures"), key=lambda ep: ep.name)
+    key = hashlib.sha256(json.dumps([code_fingerprint(), [
+        (ep.name, ep.value, module_fingerprint(ep.module), ep.dist.version if ep.dist else "") for ep in eps
+    ]]).encode()).hexdigest()
+    path = cache_root() / "list" / f"{key}.json"
+    if caches_enabled():
+        try:
+            return [tuple(row) for row in json.loads(path.read_text(encoding="utf-8"))]
+        except (OSError, ValueError, TypeError):
+            pass
+    from mllm_bench.config import ConfigError
+    from mllm_bench.registry import architecture_names, get_architecture
+
+    rows, broken = [], False
+    for name in architecture_names():
+        try:
+            cls = get_architecture(name)
+            options = "\n".join(f"{k}={v}" for k, v in option_defaults(cls.Options)) or "none"
+            rows.append((name, cls.spec.description, options))
+        except (ImportError, ConfigError) as err:  # a broken third-party plugin must not hide the others
+            rows.append((name, f"[red]failed to load: {err}[/red]", ""))
+            broken = True
+    if caches_enabled() and not broken:  # a failure is shown again, never remembered
+        from mllm_bench.results import atomic_write_text
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(rows))
+        except OSError:
+            pass
+    return rows
+
+
 def list_cmd() -> None:
     """List architectures (with their options and defaults) and presets."""
     from rich.console import Console
     from rich.table import Table
 
-    from mllm_bench.config import ConfigError
     from mllm_bench.presets import LLM_PRESETS, VISION_PRESETS
-    from mllm_bench.registry import architecture_names, get_architecture
 
     console = Console()  # made here, so that it reads the terminal width (COLUMNS) of this call
 
@@ -61,15 +104,10 @@ def list_cmd() -> None:
             t.add_column(col, overflow="fold")
         return t
 
-    names = architecture_names()
-    arch = table("architectures", ["name", "wiring", "options (default)"], names)
-    for name in names:
-        try:
-            cls = get_architecture(name)
-            options = "\n".join(f"{k}={v}" for k, v in option_defaults(cls.Options)) or "none"
-            arch.add_row(name, cls.spec.description, options)
-        except (ImportError, ConfigError) as err:  # a broken third-party plugin must not hide the others
-            arch.add_row(name, f"[red]failed to load: {err}[/red]", "")
+    rows = architecture_rows()
+    arch = table("architectures", ["name", "wiring", "options (default)"], [r[0] for r in rows])
+    for row in rows:
+        arch.add_row(*row)
     console.print(arch)
     llms = table("LLM presets", ["name", "hidden", "layers", "heads", "kv heads", "ffn", "vocab"], list(LLM_PRESETS))
     for c in LLM_PRESETS.values():

@@ -18,15 +18,13 @@ off; ``MLLM_BENCH_CACHE_DIR`` moves it (default ``$XDG_CACHE_HOME/mllm-bench`` o
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
-import os
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .fingerprint import cache_root, caches_enabled, code_fingerprint
 from .flops import CountedFlops
 from .results import atomic_write_text
 
@@ -34,34 +32,11 @@ CACHE_VERSION = 1
 
 
 def enabled() -> bool:
-    return os.environ.get("MLLM_BENCH_COUNT_CACHE", "on").lower() not in ("off", "0", "false", "no")
+    return caches_enabled()
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MLLM_BENCH_CACHE_DIR"):
-        return Path(os.environ["MLLM_BENCH_CACHE_DIR"]) / "counts"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mllm-bench" / "counts"
-
-
-@cache
-def code_fingerprint() -> str:
-    """Hash of the package's source files and the versions the counts depend on."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256(f"count-cache {CACHE_VERSION}".encode())
-    roots = {root}
-    for sub in ("architectures", "reports", "cli"):  # package-dir maps them outside mllm_bench/
-        spec = importlib.util.find_spec(f"mllm_bench.{sub}")
-        roots.update(Path(p).resolve() for p in (spec.submodule_search_locations or ()) if spec)
-    for path in sorted(f for r in roots for f in r.rglob("*.py")):
-        digest.update(str(path.relative_to(path.parents[1])).encode())
-        digest.update(path.read_bytes())
-    for package in ("torch", "transformers"):
-        try:
-            digest.update(f"{package}=={version(package)}".encode())
-        except PackageNotFoundError:
-            digest.update(f"{package} missing".encode())
-    return digest.hexdigest()
+    return cache_root() / "counts"
 
 
 @cache
@@ -82,7 +57,7 @@ def class_fingerprint(cls: type) -> str:
 
 def key(model_class: type, *parts: Any) -> str:
     """The entry name for a count of a ``model_class`` model described by ``parts`` (their ``repr``s)."""
-    text = json.dumps([code_fingerprint(), class_fingerprint(model_class), *map(repr, parts)])
+    text = json.dumps([CACHE_VERSION, code_fingerprint(), class_fingerprint(model_class), *map(repr, parts)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

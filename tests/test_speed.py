@@ -25,9 +25,9 @@ print("CODE=" + str(code), file=sys.stderr)
 """
 
 
-def _startup(*argv: str) -> tuple[list[str], str]:
+def _startup(*argv: str, env: dict[str, str] | None = None) -> tuple[list[str], str]:
     proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "120"}, timeout=60)
+                          env={**os.environ, "COLUMNS": "120", **(env or {})}, timeout=60)
     lines = dict(line.split("=", 1) for line in proc.stderr.splitlines() if line.startswith(("HEAVY=", "CODE=")))
     return [m for m in lines["HEAVY"].split(",") if m], lines["CODE"]
 
@@ -62,3 +62,30 @@ def test_reused_block_counts_equal_a_full_count(arch: str) -> None:
     for stage in ("pretrain", "finetune"):
         a, b = count_train_step(model, wl, stage, reuse=False), count_train_step(model, wl, stage, reuse=True)
         assert _counts(a) == _counts(b) and a.by_pass() == b.by_pass()
+
+
+def test_a_repeated_list_imports_no_torch_and_prints_the_same(tmp_path) -> None:
+    """The first ``list`` imports the architectures (torch); its rows are cached, keyed by the code."""
+    env = {"MLLM_BENCH_COUNT_CACHE": "on", "MLLM_BENCH_CACHE_DIR": str(tmp_path)}
+    first, code = _startup("list", env=env)
+    assert "torch" in first and code == "0"
+    again, code = _startup("list", env=env)
+    assert again == [] and code == "0"
+    cold = subprocess.run([sys.executable, "-m", "mllm_bench.cli.app", "list"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "120", "MLLM_BENCH_COUNT_CACHE": "off"}, timeout=60)
+    warm = subprocess.run([sys.executable, "-m", "mllm_bench.cli.app", "list"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "120", **env}, timeout=60)
+    assert warm.stdout == cold.stdout and "saisa" in warm.stdout
+
+
+def test_the_list_cache_follows_the_architecture_modules(tmp_path, monkeypatch) -> None:
+    from mllm_bench.cli.app import architecture_rows
+
+    from mllm_bench import fingerprint
+
+    monkeypatch.setenv("MLLM_BENCH_COUNT_CACHE", "on")
+    monkeypatch.setenv("MLLM_BENCH_CACHE_DIR", str(tmp_path))
+    architecture_rows()
+    monkeypatch.setattr(fingerprint, "module_fingerprint", lambda name: "edited " + name)
+    architecture_rows()
+    assert len(list((tmp_path / "list").glob("*.json"))) == 2
