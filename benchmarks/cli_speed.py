@@ -40,12 +40,14 @@ class Case:
     group: str
     expect_rc: int = 0
     sweep: bool = False  # gets --out <fresh temp folder>
-    cache: str = "cold"  # the count cache: "cold" (empty for every run) or "warm" (filled by an untimed run first)
+    cache: str = "cold"  # the caches (counts, list): "cold" (empty for every run) or "warm" (filled by an untimed
+    # run of the same command first)
 
 
 def cases() -> list[Case]:
     out = [Case("mllm-bench --help", ["--help"], 0.3, "help"),
-           Case("mllm-bench list", ["list"], 0.3, "help")]
+           Case("mllm-bench list, cold cache", ["list"], 0.3, "help"),
+           Case("mllm-bench list, warm cache", ["list"], 0.3, "help", cache="warm")]
     out += [Case(f"mllm-bench {c} --help", [c, "--help"], 0.3, "help") for c in SUBCOMMANDS]
     out.append(Case("usage error (compare --batch-size 0)", ["compare", "--batch-size", "0"], 0.3, "help",
                     expect_rc=2))
