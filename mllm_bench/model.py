@@ -226,7 +226,11 @@ class MLLM(nn.Module, ABC):
 
     def num_parameters(self, prefix: str = "") -> int:
         """Parameters (each shared tensor once) whose name starts with ``prefix``."""
-        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+        # names and shapes are fixed once a model is built, so the sizes are listed once
+        sizes = self.__dict__.get("_parameter_sizes")
+        if sizes is None:
+            sizes = self.__dict__["_parameter_sizes"] = tuple((n, p.numel()) for n, p in self.named_parameters())
+        return sum(k for n, k in sizes if n.startswith(prefix))
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision-tower features (B*K, V, vision width) of images (B, K, C, H, W), one row block per image."""

@@ -237,8 +237,8 @@ def cached_meta_model(arch: str, llm: str | LLMConfig, vision: str | VisionConfi
     model = _META_MODELS.pop(key, None)
     if model is None:
         model = build_model(arch, llm, vision, options, device="meta", dtype=dtype)
+        model.set_stage("inference")  # profiling hands a reused model back in this stage
     model.set_attention_backend("sdpa")  # counting on meta: the dense convention, every backend alike
-    model.set_stage("inference")
     _META_MODELS[key] = model
     while len(_META_MODELS) > META_MODELS_KEPT:
         _META_MODELS.popitem(last=False)

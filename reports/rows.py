@@ -54,8 +54,9 @@ def pick(
             rank = rank + _rank(rows[col], ("all", "")) * 10
     rank = rank + _rank(rows["source"], sources)
     rows = rows.assign(_rank=rank).sort_values("_rank", kind="stable")
-    best = rows[rows["_rank"] == rows.groupby(list(by), dropna=False)["_rank"].transform("min")]
-    _refuse_ties(best, metric, by)
+    if rows.duplicated([*by, "_rank"]).any():  # two rows rank first together for one model only if these exist
+        best = rows[rows["_rank"] == rows.groupby(list(by), dropna=False)["_rank"].transform("min")]
+        _refuse_ties(best, metric, by)
     return rows.drop_duplicates(list(by)).drop(columns="_rank")
 
 
