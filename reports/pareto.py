@@ -95,7 +95,7 @@ def pareto_plot(points: pd.DataFrame, x: str, y: str, stem: str | Path, x_label:
         ax.scatter(p["_x"] / xdiv, p["_y"] / ydiv, s=110, marker="o", zorder=3, linewidth=1.2,
                    color=color if on else "white", edgecolor=color if not on else "black")
         ax.annotate(plots._pretty(str(p["label"])), (p["_x"] / xdiv, p["_y"] / ydiv), textcoords="offset points",
-                    xytext=(6, 5), fontsize=8)
+                    xytext=(9, 0), ha="left", va="center", fontsize=8, zorder=4)  # beside the marker, not on it
     best = pts[front.to_numpy()].sort_values(["_x", "_y"], ascending=[True, not maximise_y])
     if len(best) > 1:
         ax.step(best["_x"] / xdiv, best["_y"] / ydiv, where="post", color="0.3", lw=1.2, ls="--", zorder=2,
