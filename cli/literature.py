@@ -22,21 +22,21 @@ def literature(
     from rich.console import Console
     from rich.table import Table
 
+    from mllm_bench.config import ConfigError
+    from mllm_bench.conventions import PUBLISHED
+
+    if fmt.value == "latex":
+        raise ConfigError("--format latex: the literature table prints as table, markdown, csv or json")
     table = lit.conventions_table() if conventions else lit.literature_table(
         lit.load_claims(claims) if claims is not None else None)
-    fmt_name = fmt.value
-    if fmt_name == "csv":
+    if fmt.value == "csv":
         typer.echo(table.to_csv(index=False), nl=False)
-    elif fmt_name == "json":
+    elif fmt.value == "json":
         typer.echo(table.to_json(orient="records", indent=1))
-    elif fmt_name in ("markdown", "latex") or conventions and fmt_name == "table":
-        if conventions:
-            for _, r in table.iterrows():
-                typer.echo(f"- **{r['convention']}** — {r['title']} ({r['source']}): {r['formula']}. Scope: "
-                           f"{r['scope']}; counts {r['counts']}; a multiply-add = {r['multiply_add']}; leaves out "
-                           f"{r['leaves_out']}.")
-        else:
-            typer.echo(lit.to_markdown(table), nl=False)
+    elif conventions:
+        typer.echo("\n".join(f"- {c.describe()}" for c in PUBLISHED.values()))
+    elif fmt.value == "markdown":
+        typer.echo(lit.to_markdown(table), nl=False)
     else:
         out = Table(title="published efficiency claims, recomputed", show_lines=True)
         for col in ("claim", "published", "convention", "recomputed", "ours d/lang", "ours e/total", "reproduced"):

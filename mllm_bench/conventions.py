@@ -22,7 +22,8 @@ from .choices import CONVENTIONS, PUBLISHED_CONVENTIONS
 from .config import ConfigError, LLMConfig
 from .costmodel import CostBreakdown
 
-DECODER = ("attn_proj", "attn_scores", "ffn")
+# the decoder's components, cross-attention blocks included (which no published formula describes)
+DECODER = ("attn_proj", "attn_scores", "ffn", "cross_attn")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,9 @@ class Convention:
 
 
 def _components(cost: CostBreakdown, phase: str, components: tuple[str, ...]) -> dict[str, float]:
-    return {c: cost.flops(phase, "dense", "total", component=c) for c in components}
+    """Dense FLOPs of ``components`` (0 where absent)."""
+    by = cost.by("component", phase, "dense", "total")
+    return {c: by.get(c, 0.0) for c in components}
 
 
 def saisa_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
@@ -65,13 +68,13 @@ def saisa_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, fl
 
 def fastv_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """Eq. 5 per layer, 4nd² + 2n²d + 2ndm: one FLOP per multiply-add, two of SwiGLU's three FFN matrices."""
-    c = _components(cost, phase, (*DECODER, "cross_attn"))
+    c = _components(cost, phase, DECODER)
     return {k: f / 3.0 if k == "ffn" else 0.5 * f for k, f in c.items()}
 
 
 def pdrop_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """FastV's eq. 5 with the FFN term 3ndm: one FLOP per multiply-add, all three FFN matrices."""
-    return {k: 0.5 * f for k, f in _components(cost, phase, (*DECODER, "cross_attn")).items()}
+    return {k: 0.5 * f for k, f in _components(cost, phase, DECODER).items()}
 
 
 # LLM-Viewer's element-wise operations per row of a LLaMA layer (configs/Llama.py, model_analyzer.py)
@@ -83,12 +86,12 @@ LLM_VIEWER_SOFTMAX = 5  # per attention score, per head
 
 def llm_viewer_flops(cost: CostBreakdown, llm: LLMConfig, phase: str) -> dict[str, float]:
     """Decoder matmuls at 2 per multiply-add, dense attention, element-wise ops, lm_head at 1 per multiply-add."""
-    c = _components(cost, phase, (*DECODER, "cross_attn", "lm_head"))
+    c = _components(cost, phase, (*DECODER, "lm_head"))
     h = llm.hidden_size
     full, kv = cost.rows(phase)
     elementwise = (kv * LLM_VIEWER_NORM * h  # the input norm runs on every row that gives keys and values
                    + full * (LLM_VIEWER_NORM + 2 * LLM_VIEWER_ADD + LLM_VIEWER_ACT) * h
-                   + LLM_VIEWER_SOFTMAX * llm.num_heads * cost.pairs(phase, "dense"))
+                   + LLM_VIEWER_SOFTMAX * llm.num_heads * cost.decoder_pairs.get(phase, 0.0))
     return {**c, "lm_head": 0.5 * c["lm_head"], "elementwise": elementwise}
 
 

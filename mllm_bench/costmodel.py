@@ -82,8 +82,8 @@ class CostBreakdown:
     # (phase, role) -> [rows with a query, attention output and FFN; rows with keys/values], summed over the
     # decoder's layers (whole batch): what row-wise conventions (element-wise ops, layer-averaged tokens) need
     decoder_rows: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    # (phase, role) -> [dense, effective] query-key pairs of the decoder's self-attention, summed over layers
-    decoder_pairs: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # phase -> query-key pairs the decoder's self-attention computes (dense), summed over layers and the batch
+    decoder_pairs: dict[str, float] = field(default_factory=dict)
     activation_bytes: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -126,16 +126,6 @@ class CostBreakdown:
         """(full rows, key/value rows) of the decoder's layers in ``phase``, summed over layers and the batch."""
         picked = [v for (p, r), v in self.decoder_rows.items() if p == phase and role in (None, r)]
         return sum(v[0] for v in picked), sum(v[1] for v in picked)
-
-    def pairs(self, phase: str, convention: str = "dense") -> float:
-        """Query-key pairs of the decoder's self-attention in ``phase``, summed over layers and the batch."""
-        i = 0 if convention == "dense" else 1
-        return sum(v[i] for (p, _), v in self.decoder_pairs.items() if p == phase)
-
-    def _tally(self, table: dict[tuple[str, str], list[float]], phase: str, role: str, a: float, b: float) -> None:
-        slot = table.setdefault((phase, role), [0.0, 0.0])
-        slot[0] += a
-        slot[1] += b
 
 
 # ----- sequence shapes and attention pairs ---------------------------------------------------------
@@ -229,7 +219,7 @@ class CostModel:
         qk = 2.0 * qk_width * count
         pv = 2.0 * v_width * count
         if component == "attn_scores":
-            self.cost._tally(self.cost.decoder_pairs, phase, role, dense_pairs * count, effective_pairs * count)
+            self.cost.decoder_pairs[phase] = self.cost.decoder_pairs.get(phase, 0.0) + dense_pairs * count
         self.cost.add(phase, component, role, "forward", dense_pairs * (qk + pv), effective_pairs * (qk + pv))
         if phase == "train_step":
             # dQ, dK from QK^T; dP (needed if Q or K needs it) and dV from PV
@@ -310,8 +300,9 @@ class CostModel:
         h, kv, m = self.llm.hidden_size, self.llm.kv_dim, self.llm.intermediate_size
         q_width = self.q_width
         for role in rows.keys() | kv_rows.keys():
-            self.cost._tally(self.cost.decoder_rows, phase, role, rows.get(role, 0) * count,
-                             kv_rows.get(role, 0) * count)
+            tally = self.cost.decoder_rows.setdefault((phase, role), [0.0, 0.0])
+            tally[0] += rows.get(role, 0) * count
+            tally[1] += kv_rows.get(role, 0) * count
         for role, n in rows.items():
             self.linear(phase, "attn_proj", role, n, h, q_width, trainable, grad_in, count)
         for role, n in kv_rows.items():
@@ -443,7 +434,6 @@ class CostModel:
 def stage_trains(model: Any, prefix: str, stage: str) -> bool:
     """Whether ``stage`` trains any parameter of ``model`` whose name starts with ``prefix``."""
     return any(name.startswith(prefix) for name in model.trainable_parameters(stage))
-
 
 
 def spliced_reference_cost(llm: LLMConfig, vision: VisionConfig, workload: Workload,

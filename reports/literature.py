@@ -122,8 +122,9 @@ class Counts:
 
 
 def _counts(cost: CostBreakdown, model: MLLM, convention: str) -> Counts:
-    return Counts(published(convention).flops(cost, model.llm_config, "prefill"),
-                  cost.flops("prefill", "dense", "language"), cost.flops("prefill", "effective", "total"))
+    """Prefill FLOPs under ``convention`` (NaN when it is no published convention) and under ours."""
+    theirs = PUBLISHED[convention].flops(cost, model.llm_config, "prefill") if convention in PUBLISHED else math.nan
+    return Counts(theirs, cost.flops("prefill", "dense", "language"), cost.flops("prefill", "effective", "total"))
 
 
 def _prefill(claim: Claim, arch: str | None = None, options: str | None = None) -> Counts:
@@ -187,17 +188,14 @@ def _in_unit(claim: Claim, value: float, base: float | None = None) -> float:
 
 def recompute(claim: Claim) -> dict:
     """One table row: the claim, its recomputation under its convention, ours, the gap and its cause."""
-    nan = Counts(math.nan, math.nan, math.nan)
-    counts, base = nan, Counts(1.0, 1.0, 1.0)
+    counts, base = Counts(math.nan, math.nan, math.nan), Counts(1.0, 1.0, 1.0)
     reading = math.nan
-    if claim.compute in ("prefill", "ratio", "saved"):
+    if claim.compute in ("prefill", "ratio", "saved", "calflops-reading"):  # calflops: no convention, a reading
         counts = _prefill(claim)
-        if claim.compute != "prefill":
+        if claim.compute in ("ratio", "saved"):
             base = _prefill(claim, claim.baseline, "")
     elif claim.compute == "shortv-on-next":
         counts = _shortv_on_next(claim)
-    elif claim.compute == "calflops-reading":
-        counts = Counts(math.nan, *_own(claim))  # no published convention: only the reading recomputes it
     if claim.reading == "next-2880-decoder":
         reading = _in_unit(claim, _next_decoder_at_2880(claim))
     elif claim.reading == "calflops-linear":
@@ -213,12 +211,6 @@ def recompute(claim: Claim) -> dict:
         "reading": READING_TEXT.get(claim.reading, ""), "reading_value": reading,
         "reproduced": _reproduced(claim, theirs, reading), "cause": claim.cause, "source": claim.source,
     }
-
-
-def _own(claim: Claim) -> tuple[float, float]:
-    model = _model(claim.arch, claim.llm, claim.options)
-    cost = model.analytic_cost(claim.workload)
-    return cost.flops("prefill", "dense", "language"), cost.flops("prefill", "effective", "total")
 
 
 def _reproduced(claim: Claim, theirs: float, reading: float) -> str:

@@ -114,3 +114,9 @@ def test_literature_command() -> None:
     conventions = runner.invoke(app, ["literature", "--conventions"])
     assert conventions.exit_code == 0
     assert "4nd² + 2n²d + 2ndm" in conventions.output and "llm-viewer" in conventions.output
+
+
+def test_literature_refuses_latex_rather_than_printing_markdown_under_its_name() -> None:
+    result = CliRunner().invoke(app, ["literature", "--format", "latex"])
+    assert result.exit_code == 2
+    assert "--format latex" in result.output
