@@ -52,18 +52,15 @@ def architecture_rows() -> list[tuple[str, str, str]]:
     import json
     from importlib.metadata import entry_points
 
-    from mllm_bench.fingerprint import cache_root, caches_enabled, code_fingerprint, module_fingerprint
+    from mllm_bench.fingerprint import code_fingerprint, module_fingerprint, read_entry, write_entry
 
     eps = sorted(entry_points(group="mllm_bench.architectures"), key=lambda ep: ep.name)
     key = hashlib.sha256(json.dumps([code_fingerprint(), [
         (ep.name, ep.value, module_fingerprint(ep.module), ep.dist.version if ep.dist else "") for ep in eps
     ]]).encode()).hexdigest()
-    path = cache_root() / "list" / f"{key}.json"
-    if caches_enabled():
-        try:
-            return [tuple(row) for row in json.loads(path.read_text(encoding="utf-8"))]
-        except (OSError, ValueError, TypeError):
-            pass
+    cached = read_entry("list", key)
+    if isinstance(cached, list) and all(isinstance(row, list) and len(row) == 3 for row in cached):
+        return [tuple(row) for row in cached]
     from mllm_bench.config import ConfigError
     from mllm_bench.registry import architecture_names, get_architecture
 
@@ -76,14 +73,8 @@ def architecture_rows() -> list[tuple[str, str, str]]:
         except (ImportError, ConfigError) as err:  # a broken third-party plugin must not hide the others
             rows.append((name, f"[red]failed to load: {err}[/red]", ""))
             broken = True
-    if caches_enabled() and not broken:  # a failure is shown again, never remembered
-        from mllm_bench.results import atomic_write_text
-
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(rows))
-        except OSError:
-            pass
+    if not broken:  # a failure is shown again, never remembered
+        write_entry("list", key, rows)
     return rows
 
 

@@ -24,19 +24,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .fingerprint import cache_root, caches_enabled, code_fingerprint
+from .fingerprint import code_fingerprint, read_entry, write_entry
 from .flops import CountedFlops
-from .results import atomic_write_text
 
 CACHE_VERSION = 1
-
-
-def enabled() -> bool:
-    return caches_enabled()
-
-
-def cache_dir() -> Path:
-    return cache_root() / "counts"
 
 
 @cache
@@ -73,23 +64,13 @@ def _decode(data: dict[str, Any]) -> CountedFlops:
 
 def load(name: str) -> dict[str, Any] | None:
     """The entry ``name`` (its counts decoded), or None when absent, off or unreadable."""
-    if not enabled():
-        return None
+    data = read_entry("counts", name)
     try:
-        data = json.loads((cache_dir() / f"{name}.json").read_text(encoding="utf-8"))
-        return {k: _decode(v) if isinstance(v, dict) else v for k, v in data.items()}
-    except (OSError, ValueError, KeyError, TypeError):
+        return {k: _decode(v) if isinstance(v, dict) else v for k, v in data.items()} if data is not None else None
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
 
 def store(name: str, entry: dict[str, Any]) -> None:
-    """Write entry ``name`` (values: :class:`CountedFlops` or JSON values); a cache that cannot be written is
-    skipped, never an error."""
-    if not enabled():
-        return
-    data = {k: _encode(v) if isinstance(v, CountedFlops) else v for k, v in entry.items()}
-    try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache_dir() / f"{name}.json", json.dumps(data))
-    except OSError:
-        pass
+    """Write entry ``name`` (values: :class:`CountedFlops` or JSON values)."""
+    write_entry("counts", name, {k: _encode(v) if isinstance(v, CountedFlops) else v for k, v in entry.items()})

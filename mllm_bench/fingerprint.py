@@ -3,17 +3,19 @@
 ``code_fingerprint()``: every ``.py`` file of the installed ``mllm_bench`` package (its architectures, reports
 and cli included, which setuptools' package-dir maps outside ``mllm_bench/``) and the torch and transformers
 versions. ``module_fingerprint(name)``: one module's source file (e.g. a plugin's), found without importing it.
-Also where the caches live and whether they are on.
+Also where the caches live, whether they are on, and reading and writing one entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 SUBPACKAGES = ("architectures", "reports", "cli")
 
@@ -29,6 +31,29 @@ def cache_root() -> Path:
         return Path(os.environ["MLLM_BENCH_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mllm-bench"
+
+
+def read_entry(kind: str, name: str) -> Any | None:
+    """The JSON value cached as ``kind/name``; None when the caches are off, or it is absent or unreadable."""
+    if not caches_enabled():
+        return None
+    try:
+        return json.loads((cache_root() / kind / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_entry(kind: str, name: str, value: Any) -> None:
+    """Cache ``value`` (JSON) as ``kind/name``, atomically; a cache that cannot be written is skipped."""
+    if not caches_enabled():
+        return
+    from .results import atomic_write_text  # imports pandas: only when something is written
+
+    try:
+        (cache_root() / kind).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_root() / kind / f"{name}.json", json.dumps(value))
+    except OSError:
+        pass
 
 
 @cache
