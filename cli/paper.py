@@ -11,12 +11,11 @@ from pathlib import Path
 
 import typer
 
-from mllm_bench.choices import BUDGET_DEVICES, CONVENTIONS, PUBLISHED_CONVENTIONS
+from mllm_bench.choices import BUDGET_DEVICES
 
-from .common import check_before_work, err_console, get_profile, handle_errors, progress_bar
+from .common import Convention, check_before_work, err_console, get_profile, handle_errors, progress_bar
 
 DEFAULT_ROOT = Path("out/paper")
-ALL = CONVENTIONS + PUBLISHED_CONVENTIONS
 
 
 def fresh_run_dir(root: Path = DEFAULT_ROOT) -> Path:
@@ -40,8 +39,8 @@ def paper(
     device: str = typer.Option("a100", help=f"Device for GPU-hours: {', '.join(BUDGET_DEVICES)}."),
     mfu: str = typer.Option("0.4", help="MFU for the training budget, in (0, 1]: one number, or per architecture "
                             "(llava=0.47,saisa=0.32; a bare number sets the rest)."),
-    convention: list[str] = typer.Option([], help="Also write inference_flops_<CONVENTION>.md/.csv under a FLOPs "
-                                         f"convention, repeatable: {', '.join(ALL)}."),
+    convention: list[Convention] = typer.Option([], help="Also write inference_flops_<CONVENTION>.md/.csv under "
+                                                "this FLOPs convention (repeatable)."),
     measured: Path = typer.Option(None, help="Result file with measured train_step mfu rows (e.g. "
                                   "results/gpu/nvidia-h200/rows.csv): each arch's finetune MFU, for every LLM size."),
 ) -> None:
@@ -66,9 +65,7 @@ def paper(
     except ConfigError as err:
         raise ConfigError(f"--device: {err}") from err
     check_before_work(out=out)
-    for name in convention:
-        if name not in ALL:
-            raise ConfigError(f"--convention must be one of {list(ALL)}, got {name!r}")
+    conventions = [c.value for c in convention]
     utilisation = parse_mfu(mfu, PAPER_ARCHS)
     if measured is not None:  # any LLM's rows: a 7B measurement serves 13B too
         utilisation, _ = measured_mfu(measured, PAPER_ARCHS, None, vision_preset(PAPER_VISION).tokens_per_image,
@@ -80,10 +77,10 @@ def paper(
         out = fresh_run_dir()
     command += (f" --device {device}" if device != "a100" else "") + (f" --mfu {mfu}" if mfu != "0.4" else "")
     command += f" --measured {measured}" if measured is not None else ""
-    command += "".join(f" --convention {name}" for name in convention)
+    command += "".join(f" --convention {name}" for name in conventions)
     with progress_bar(steps, "regenerating paper results") as advance:
         result = regenerate(out, profile, mfu=utilisation, device=device, on_step=advance, command=command,
-                            conventions=convention)
+                            conventions=conventions)
     result.files += write_literature(out, read_results(measured) if measured is not None else None)
     typer.echo(inference_markdown(result.inference, claim=True), nl=False)
     err_console.print(f"wrote {len(result.files)} files under {out}")
