@@ -114,8 +114,9 @@ def sweep(
             raise ConfigError(f"--jobs {jobs} with --measure {measure.value}: parallel points would share the "
                               "machine and distort each other's timings; measure with one process per device "
                               "(torchrun / srun)")
+    run_device = rank_device(base.device, ranks)  # the launcher's ranks: --jobs share this process's device
+    if jobs > 1:
         ranks = Ranks(0, jobs, 0, f"jobs-{os.getpid()}-{os.urandom(4).hex()}", "--jobs")
-    run_device = rank_device(base.device, ranks)
     if run_device != base.device and run_device.startswith("cuda"):
         import torch
 

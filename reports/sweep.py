@@ -183,7 +183,15 @@ def image_curve_rows(rows: pd.DataFrame, labels: Mapping[str, str] | None, x_is_
     pairs = {v: image_pairs(v) for v in values}
     per_image = all(len(p) == 1 for p in pairs.values())
     x = "megapixels per image" if per_image else "image megapixels per sample"
-    pixels = {v: sum(h * w for h, w in p) for v, p in pairs.items()}
+    repeat = dict.fromkeys(pairs, 1)
+    if not per_image:  # per sample, a size given once stands for every image of the sample
+        images = set(pd.to_numeric(rows["images_per_sample"], errors="coerce").dropna().astype(int))
+        if len(images) != 1:
+            raise ConfigError(f"--vary {IMAGE_FIELD}: the rows hold {sorted(images)} images per sample, so a size "
+                              "given once (for every image) has no one pixel count per sample; not plotted")
+        (count,) = images
+        repeat = {v: count if len(p) == 1 else 1 for v, p in pairs.items()}
+    pixels = {v: repeat[v] * sum(h * w for h, w in p) for v, p in pairs.items()}
     aspect = {v: ";".join(f"{w // math.gcd(w, h)}:{h // math.gcd(w, h)}" for h, w in p) for v, p in pairs.items()}
     rows = rows.assign(**{x: rows[IMAGE_FIELD].map(lambda v: pixels[v] / 1e6 if v in pixels else math.nan)})
     if len(set(pixels.values())) < len(values):
@@ -778,6 +786,18 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
                                         "latency_s", "key"])
 
 
+def _visual_tokens(point: Point, workload: Workload) -> int | str:
+    """Visual tokens per sample as the point's architecture counts them (a pooled LLaVA, the Q-Former's queries,
+    …); "" when its meta model cannot be built."""
+    from mllm_bench.profile import cached_meta_model
+
+    try:
+        model = cached_meta_model(point.arch, point.llm, point.vision, dict(point.options) or None, workload.dtype)
+    except ConfigError:
+        return ""
+    return sum(model.visual_tokens_per_image(workload))
+
+
 def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -> pd.DataFrame:
     w = point.make_workload()
     return pd.DataFrame([{
@@ -788,7 +808,7 @@ def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -
         "images_per_sample": w.images_per_sample, "image_size": w.image_size or vision.image_size,
         "image_sizes": image_label(w.image_sizes or ((vision.image_size,) * 2,)) if w.images_per_sample else "",
         # with image sizes set the architecture derives its tokens from them: unknown without its model
-        "visual_tokens": "" if w.image_sizes else w.images_per_sample * vision.tokens_per_image,
+        "visual_tokens": "" if w.image_sizes else _visual_tokens(point, w),
         "text_tokens": w.num_text_tokens,
         "text_before": w.text_before, "text_after": w.text_after, "generate_tokens": w.generate_tokens,
         "dtype": w.dtype, "device": w.device, "error": message[:500],
@@ -979,9 +999,10 @@ def process_start_time() -> float:
 _IMPORTED = time.time()
 
 
-def mark_rank_started(out_dir: str | Path, ranks: Ranks) -> None:
-    """Record that this rank has begun (pid, host, time): rank 0 can tell a rank that died from a slow one."""
-    info = {"rank": ranks.rank, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+def mark_rank_started(out_dir: str | Path, ranks: Ranks, pid: int | None = None) -> None:
+    """Record that this rank has begun (pid, default this process's; host, time): rank 0 can tell a rank that
+    died from a slow one."""
+    info = {"rank": ranks.rank, "pid": pid or os.getpid(), "host": socket.gethostname(), "started": time.time()}
     atomic_write_text(_launch_dir(out_dir, ranks) / f"rank-{ranks.rank}.start.json", json.dumps(info) + "\n")
 
 
@@ -1000,7 +1021,6 @@ def _rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: Profi
                  run_device: str | None) -> None:
     """One local rank of ``sweep --jobs``: its share of the points, then its done marker (rank 0 merges)."""
     torch.set_num_threads(1)  # one core per process: the ranks share the machine's cores
-    mark_rank_started(out_dir, ranks)
     result = run_sweep(points, out_dir, profile_fn, rank=ranks.rank, world_size=ranks.world_size,
                        run_device=run_device)
     mark_rank_done(out_dir, ranks, result)
@@ -1014,6 +1034,8 @@ def start_rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: 
         target=_rank_worker, args=(list(points), str(out_dir), profile_fn, ranks, run_device),
         name=f"mllm-bench-sweep-rank-{ranks.rank}", daemon=True)
     worker.start()
+    # marked here, not in the worker: a worker that dies while starting (an import error) is then seen as dead
+    mark_rank_started(out_dir, ranks, pid=worker.pid)
     return worker
 
 
@@ -1078,8 +1100,13 @@ def merge_ranks(points: Sequence[Point], own: SweepResult, markers: Mapping[int,
         elif point.key in reported:
             o = reported[point.key]
             record = read_point(store, point.key) if o["status"] in ("ok", "oom") else None
-            rows = record_rows(point.key, record) if record is not None else pd.DataFrame()
-            outcome = PointOutcome(point, o["status"], o["run"], o.get("why", ""), rows)
+            if o["status"] in ("ok", "oom") and record is None:  # reported finished, but no rows to show
+                why = f"rank {i % world_size} reported it {o['status']}, but its point file did not parse"
+                outcome = PointOutcome(point, "error", "failed", why)
+                merged.errors.append((point.key, why))
+            else:
+                rows = record_rows(point.key, record) if record is not None else pd.DataFrame()
+                outcome = PointOutcome(point, o["status"], o["run"], o.get("why", ""), rows)
         else:
             why = missing.get(i % world_size, f"rank {i % world_size} did not report it")
             outcome = PointOutcome(point, "missing", "missing", why)

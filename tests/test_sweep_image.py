@@ -80,7 +80,7 @@ def test_llava_next_tokens_follow_the_image_size_and_rows_carry_it(tmp_path):
         "672x672": anyres_tokens(48, 48),  # 2x2 tiles: 576 + 48·48 + 48 (REFERENCE.md: 2,928)
         "672x1008": anyres_tokens(48, 32),  # 672 wide, 1008 high on 2x2 tiles: 48 rows, 48·672/1008 = 32 columns
     }
-    assert expected_next["672x672"] == 576 + 48 * 48 + 48
+    assert expected_next["672x672"] == 2928  # REFERENCE.md's count for 672×672
     for size, tokens in expected_next.items():
         assert got["llava-next", size] == (tokens, 336)  # the tower stays at 336 px
         assert got["llava", size] == (576, 336)  # LLaVA-1.5 resizes every image to the tower
@@ -160,3 +160,22 @@ def test_cli_draws_no_curve_that_would_join_two_shapes_at_one_x(tmp_path):
     assert result.exit_code == 0, result.output
     assert "no plot" in result.output and "same pixel count" in result.output
     assert "wrote 0 plot files" in result.output and (out / "results.json").exists()
+
+
+def test_a_size_given_once_counts_every_image_of_the_sample_when_others_give_one_per_image():
+    labels = {"a": "672x672", "b": "336x336;672x672"}
+    rows, x, _, _ = image_curve_rows(plot_rows(labels).assign(images_per_sample=2), labels, True, None)
+    assert x == "image megapixels per sample"
+    assert rows.set_index("image")[x].to_dict() == {"672x672": 2 * 672 * 672 / 1e6,
+                                                    "336x336;672x672": (336 * 336 + 672 * 672) / 1e6}
+
+
+def test_a_status_row_counts_visual_tokens_as_its_architecture_does():
+    from mllm_bench.reports.sweep import _status_row
+
+    from mllm_bench.presets import vision_preset
+
+    (point,) = expand(["qformer"], parse_vary(["text_after=4"]), BASE, "tiny-llm", "tiny-clip",
+                      {"qformer": {"num_queries": 5}})
+    row = _status_row(point, vision_preset("tiny-clip"), "oom", "out of memory").iloc[0]
+    assert row["visual_tokens"] == 5 * BASE.images_per_sample  # its queries, not the tower's patches

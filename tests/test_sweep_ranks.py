@@ -282,3 +282,15 @@ def test_jobs_refuse_measuring_and_launchers(tmp_path, no_launcher, extra, env, 
     result = CliRunner(env=env).invoke(app, [*SWEEP, "--out", str(tmp_path / "x"), "--jobs", "2", *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_a_point_reported_finished_whose_file_does_not_parse_is_an_error_not_an_empty_ok(tmp_path):
+    points = expand(["llava"], {"batch_size": [1, 2]}, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    ranks = Ranks(1, 2, 1, "t", "test")
+    other = run_sweep(points, tmp_path, fake_profile(), rank=1, world_size=2, origin=HERE)
+    marker = json.loads(mark_rank_done(tmp_path, ranks, other).read_text())
+    (tmp_path / "points" / f"{points[1].key}.json").write_text("{truncated", encoding="utf-8")
+    own = run_sweep(points, tmp_path, fake_profile(), rank=0, world_size=2, origin=HERE)
+    merged = merge_ranks(points, own, {1: marker}, {}, tmp_path, 2)
+    assert [o.status for o in merged.outcomes] == ["ok", "error"]
+    assert any(points[1].key == key and "did not parse" in why for key, why in merged.errors)
