@@ -89,6 +89,9 @@ def compare(
         from mllm_bench.reports.equal import parse_budget
 
         budget = parse_budget(equal)  # a malformed --equal is refused before anything else
+        if budget.kind == "flops" and convention.value not in ("dense", "effective"):
+            raise ConfigError(f"--equal {equal} with --convention {convention.value}: FLOPs budgets are met in "
+                              "mllm-bench's own conventions (--convention dense or effective, in --scope)")
     archs, options = parse_models(arch, llm, vision, option)
     if baseline not in archs:
         raise ConfigError(f"--baseline {baseline!r} is not among --arch {archs}")

@@ -50,6 +50,7 @@ class Score:
     value: float
     origin: str
     higher_is_better: bool = True
+    direction_stated: bool = False  # whether the file says which way is better (else higher is taken as better)
 
 
 def parse_spec(spec: str) -> tuple[Path, str | None]:
@@ -113,7 +114,8 @@ def read_lmms_eval(path: Path, arch: str | None) -> list[Score]:
             if not isinstance(value, int | float) or not math.isfinite(value):
                 continue  # "N/A", submission paths, nested breakdowns
             name = f"{task} {metric}" + (f" ({filter_})" if filter_ and filter_ != "none" else "")
-            scores.append(Score(arch, name, float(value), origin, bool(task_better.get(metric, True))))
+            scores.append(Score(arch, name, float(value), origin, bool(task_better.get(metric, True)),
+                                metric in task_better))
     if not scores:
         raise ConfigError(f"--accuracy {path}: \"results\" holds no numeric score; expected {LMMS_EVAL_SHAPE}")
     return scores
@@ -140,6 +142,10 @@ def read_csv_scores(path: Path, arch: str | None) -> list[Score]:
                           "the column")
     scores = []
     for number, line in enumerate(lines, start=2):
+        extra = [v for v in line.get(None) or [] if (v or "").strip()]
+        if extra:  # csv puts fields beyond the header under None: a decimal comma would cut the score short
+            raise ConfigError(f"--accuracy {path} line {number}: more fields than the header ({extra!r} left over); "
+                              "quote a value that holds a comma")
         row = {k.strip(): (v or "").strip() for k, v in line.items() if k is not None}
         name, raw, who = row.get("benchmark", ""), row.get("score", ""), arch or row.get("arch", "")
         if not name or not who:
@@ -195,7 +201,8 @@ def join(rows: pd.DataFrame, scores: Sequence[Score]) -> Joined:
                               "keep one with --where (e.g. --where options=...) or --llm")
         key = mine.iloc[0].to_dict()
         records.append({**key, "metric": METRIC, "value": s.value, "unit": UNIT, "source": SOURCE,
-                        "benchmark": s.benchmark, "higher_is_better": s.higher_is_better, "note": s.origin})
+                        "benchmark": s.benchmark, "higher_is_better": s.higher_is_better,
+                        "direction_stated": s.direction_stated, "note": s.origin})
         origins.setdefault(s.origin.split(" line ")[0], set()).add(s.arch)
     notes = []
     if records:
@@ -207,6 +214,10 @@ def join(rows: pd.DataFrame, scores: Sequence[Score]) -> Joined:
         lower = sorted({r["benchmark"] for r in records if not r["higher_is_better"]})
         if lower:
             notes.append(f"Lower is better for: {', '.join(lower)} (the file's higher_is_better).")
+        assumed = sorted({r["benchmark"] for r in records if not r["direction_stated"]})
+        if assumed:
+            notes.append(f"Higher is taken as better for: {', '.join(assumed)} (the file does not say which way is "
+                         "better).")
     return Joined(pd.DataFrame.from_records(records), warnings, notes)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mllm_bench.config import ConfigError
+from mllm_bench.conventions import scope_for
 
 from .rows import IDENTITY, model_labels, normalise, pick, scale_for
 
@@ -66,7 +67,8 @@ def inference_cost_points(df: pd.DataFrame, scope: str, convention: str) -> pd.D
     """Prefill FLOPs (``prefill_flops``, per batch, at ``scope``/``convention``) and KV cache per sample
     (``kv_cache_bytes``, every role) of each model."""
     return cost_points(df, [
-        ("prefill_flops", "prefill_flops", {"stage": "inference", "scope": scope, "convention": convention}),
+        ("prefill_flops", "prefill_flops", {"stage": "inference", "scope": scope_for(convention, scope),
+                                            "convention": convention}),
         ("kv_cache_bytes", "kv_cache_bytes", {"role": "all"}),
     ])
 

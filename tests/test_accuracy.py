@@ -89,6 +89,7 @@ def test_csv_scores(tmp_path):
     ("arch,benchmark,score\nllava,,1\n", None, "line 2: benchmark is blank"),
     ("arch,benchmark,score\n", None, "no scores"),
     ("arch,benchmark,score\nllava,gqa,1\n", "saisa", "has an arch column already"),
+    ("arch,benchmark,score\nllava,gqa,62,5\n", None, "line 2: more fields than the header"),  # a decimal comma
 ])
 def test_malformed_csv(tmp_path, content, arch, message):
     path = tmp_path / "bad.csv"
@@ -200,3 +201,12 @@ def test_report_accuracy_errors(results_file, tmp_path, extra, message):
     result = runner.invoke(app, ["report", str(results_file), *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_the_notes_say_where_higher_is_only_assumed_better(tmp_path):
+    path = tmp_path / "acc.csv"
+    path.write_text("arch,benchmark,score\nllava,ocr wer,12.5\n")
+    rows = pd.DataFrame([{"arch": "llava", "llm": "vicuna-7b", "vision": "clip-vit-l-336", "options": "",
+                          "metric": "params", "value": 1.0}])
+    joined = join(rows, read_scores(str(path)))
+    assert any("Higher is taken as better for: ocr wer" in n for n in joined.notes)

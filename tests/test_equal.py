@@ -236,3 +236,12 @@ def test_compare_equal_refuses_a_malformed_budget():
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "--equal 'tokens=64': expected KEY=VALUE with KEY one of ['flops', 'visual_tokens', 'params']" in text
+
+
+def test_compare_refuses_a_flops_budget_in_a_published_convention():
+    from mllm_bench.cli.app import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["compare", "--equal", "flops=3e12", "--convention", "fastv"])
+    assert result.exit_code == 2
+    assert "mllm-bench's own conventions" in " ".join(result.output.split())

@@ -78,3 +78,11 @@ def test_plot_skips_points_without_values(tmp_path):
                            "y": [2.0, 1.0]})
     assert len(pareto_plot(points, "x", "y", tmp_path / "p")) == 2
     assert pareto_plot(points.assign(x=math.nan), "x", "y", tmp_path / "q") == []
+
+
+def test_points_under_a_published_convention_use_its_own_scope():
+    rows = rows_of({"llava": (8.5e12, 3.3e8)})
+    fastv = (rows["metric"] == "prefill_flops") & (rows["scope"] == "language")
+    rows.loc[fastv, ["scope", "convention"]] = ["decoder", "fastv"]
+    points = inference_cost_points(rows, "language", "fastv")
+    assert points["prefill_flops"].tolist() == [8.5e12]  # the fastv row carries scope "decoder", not --scope
