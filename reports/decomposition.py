@@ -34,7 +34,7 @@ from mllm_bench.costmodel import SCOPES, CostBreakdown, CostModel, Segment, caus
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.registry import architecture_names, build_model
 from mllm_bench.results import atomic_write_text
-from mllm_bench.workload import PAPER_WORKLOAD, Workload
+from mllm_bench.workload import PAPER_WORKLOAD, Workload, dtype_name
 
 from .rows import CONVENTION_TEXT, SCOPE_TEXT, field_text, fmt_change, normalise
 
@@ -180,9 +180,11 @@ def _matching(rows: pd.DataFrame, metric: str, arch: str, llm: str, vision: str,
     want = {"metric": metric, "source": "measured", "arch": arch, "llm": llm, "vision": vision, "options": "",
             "stage": "inference", "phase": "prefill", "scope": scope, "batch_size": str(workload.batch_size),
             "images_per_sample": str(workload.images_per_sample), "text_before": str(workload.text_before),
-            "text_after": str(workload.text_after), "visual_tokens": str(visual_tokens),
-            "dtype": workload.dtype}
-    blank_ok = {"image_size": str(image_size)}
+            "text_after": str(workload.text_after), "text_tokens": str(workload.num_text_tokens),
+            "generate_tokens": str(workload.generate_tokens), "visual_tokens": str(visual_tokens),
+            "dtype": dtype_name(workload.torch_dtype)}
+    sizes = ";".join(f"{w}x{h}" for h, w in workload.image_sizes or ((image_size, image_size),))  # as rows say
+    blank_ok = {"image_size": str(image_size), "image_sizes": sizes}  # blank: rows written before the column
     keep = pd.Series(True, index=rows.index)
     for col, value in want.items():
         keep &= rows[col].map(field_text) == value
@@ -218,6 +220,14 @@ def measured_prefill(measured: pd.DataFrame, arch: str, llm: str, vision: str, w
 
 
 # ----- the table --------------------------------------------------------------------------------------
+def _workload_of(table: pd.DataFrame) -> Workload:
+    """The workload a decomposition table was computed for (its notes and figure say it; never assumed)."""
+    if "workload" not in table.attrs:
+        raise ConfigError("a decomposition table without its workload (table.attrs['workload']): make it with "
+                          "decomposition(...) and keep its attrs")
+    return table.attrs["workload"]
+
+
 def _tflops(cost: CostBreakdown, convention: str, scope: str, component: str | None = None) -> float:
     return cost.flops("prefill", convention, scope, component=component) / 1e12
 
@@ -273,8 +283,8 @@ def decomposition(llm: str, workload: Workload = PAPER_WORKLOAD, vision: str = "
                 rec[f"saving_{comp}_{conv}"] = parts.get(comp, 0.0) / 1e12
         m = None
         if measured is not None and step.arch:
-            m = measured_prefill(measured, step.arch, llm, vision, workload, vision_cfg.image_size,
-                                 _model(step.arch, llm_cfg, vision_cfg).tokens_per_image, scope)
+            visual = sum(_model(step.arch, llm_cfg, vision_cfg).visual_tokens_per_image(workload))  # per sample
+            m = measured_prefill(measured, step.arch, llm, vision, workload, vision_cfg.image_size, visual, scope)
         rec["measured_prefill_ms"] = m.latency_s * 1e3 if m else math.nan
         rec["measured_iqr_ms"] = m.iqr_s * 1e3 if m else math.nan
         rec["measured_device"] = m.device_name if m else ""
@@ -317,7 +327,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         raise ConfigError("the decomposition table is empty")
     out = ["# Where SAISA's saving comes from: LLaVA-1.5 → SAISA step by step", ""]
-    workload = table.attrs.get("workload", PAPER_WORKLOAD)
+    workload = _workload_of(table)
     for llm, sub in table.groupby("llm", sort=False):
         for conv in CONVENTIONS:
             out += [f"## {llm}, {conv} attention, {sub['scope'].iloc[0]} scope", ""]
@@ -371,7 +381,7 @@ def notes(table: pd.DataFrame, workload: Workload = PAPER_WORKLOAD) -> list[str]
         where = "; ".join(f"{r['llm']} {r['arch']}: {r['measured_device']}, {r['measured_backend']}"
                           for _, r in m.iterrows())
         missing = sorted(set(table["llm"]) - set(m["llm"]))
-        lines.append(f"Measured prefill: median of CUDA-event timings, {scope} scope, ms (IQR in brackets), "
+        lines.append(f"Measured prefill: median of the timed repeats, {scope} scope, ms (IQR in brackets), "
                      f"from the measured rows ({where}). Steps 2 and 3 have no implementation, so no time ('—')."
                      + (f" No measured rows for {', '.join(missing)}." if missing else "")
                      + " Times differ by attention kernel as well as by FLOPs (the backend is named per row).")
@@ -433,7 +443,7 @@ def waterfall(table: pd.DataFrame, stem: Path) -> list[Path]:
     axes[0].legend(loc="upper right", fontsize=8, title="change by component", title_fontsize=8)
     fig.suptitle(f"LLaVA-1.5 → SAISA, {table['llm'].iloc[0]}: where the saving comes from", fontsize=11)
     fig.tight_layout()
-    workload = table.attrs.get("workload", PAPER_WORKLOAD)
+    workload = _workload_of(table)
     visual = vision_preset(table["vision"].iloc[0]).tokens_per_image
     extra = (f"{_workload_text(workload, visual)}; steps cumulative (labels give the change vs the previous bar, "
              "share of LLaVA−SAISA in brackets; hatched = added FLOPs); measured prefill [ms] under "

@@ -148,7 +148,8 @@ def test_the_check_against_the_architectures_can_fail():
 def _latency_rows() -> pd.DataFrame:
     base = {"llm": "vicuna-7b", "vision": "clip-vit-l-336", "options": "", "unit": "s", "source": "measured",
             "stage": "inference", "phase": "prefill", "batch_size": 1, "images_per_sample": 1, "image_size": 336,
-            "visual_tokens": 576, "text_tokens": 64, "text_before": 32, "text_after": 32, "dtype": "bfloat16",
+            "visual_tokens": 576, "text_tokens": 64, "generate_tokens": 0, "text_before": 32, "text_after": 32,
+            "dtype": "bfloat16",
             "device": "cuda", "device_name": "GPU-X", "component": "all", "role": "all", "git_commit": "abc",
             "timestamp": "t"}
     rows = []
@@ -208,3 +209,8 @@ def test_files_are_written(tmp_path):
     md = (tmp_path / "saving_decomposition.md").read_text()
     assert "## vicuna-13b, effective attention, language scope" in md
     assert "No measured rows for vicuna-13b" in md
+
+
+def test_measured_rows_match_a_workload_whose_dtype_is_written_as_an_alias():
+    table = decomposition("vicuna-7b", PAPER_WORKLOAD.replace(dtype="bf16"), measured=_latency_rows())
+    assert table["measured_prefill_ms"].iloc[0] == pytest.approx(30.0)  # rows say "bfloat16", the workload "bf16"
