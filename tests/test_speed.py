@@ -45,15 +45,18 @@ def _counts(counted) -> list:
     return list(counted.by_module_pass.items())
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("arch", __import__("mllm_bench.registry", fromlist=["x"]).architecture_names())
-def test_reused_block_counts_equal_a_full_count(arch: str) -> None:
+def test_reused_block_counts_equal_a_full_count(arch: str, device: str) -> None:
+    """On meta the reused count also answers repeated kernels from memory (``mllm_bench.meta_shapes``)."""
     from mllm_bench.flops import count_inference, count_train_step
     from mllm_bench.registry import architecture_spec, build_model
     from mllm_bench.workload import Workload
 
-    model = build_model(arch, "tiny-llm", "tiny-clip", dict(architecture_spec(arch).tiny_options) or None)
+    model = build_model(arch, "tiny-llm", "tiny-clip", dict(architecture_spec(arch).tiny_options) or None,
+                        device=device)
     model.set_attention_backend("sdpa")
-    wl = Workload(batch_size=2, images_per_sample=1, text_before=3, text_after=5)
+    wl = Workload(batch_size=2, images_per_sample=1, text_before=3, text_after=5, device=device)
     full, reused = count_inference(model, wl, reuse=False), count_inference(model, wl, reuse=True)
     assert full[2] == reused[2]
     for a, b in zip(full[:2], reused[:2], strict=True):
