@@ -125,6 +125,11 @@ def record_paths() -> Iterator[Counter[str]]:
         _RECORDERS.remove(counter)
 
 
+def paths_recorded() -> bool:
+    """Whether a :func:`record_paths` block is active (code that would skip attention calls must not then)."""
+    return bool(_RECORDERS)
+
+
 def note_path(path: str) -> None:
     """Count ``path`` in every active :func:`record_paths` counter.
 

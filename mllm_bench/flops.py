@@ -25,10 +25,13 @@ layers, cross-attention blocks) is counted once per distinct call: the key is :d
 the block's structure (module classes and the code of their ``forward``, parameter and buffer shapes,
 dtypes and ``requires_grad``, plain attributes, children) and its inputs (tensor shapes, strides,
 dtypes, ``requires_grad``; every other argument by value, objects by their fields). A later call with the
-same key runs uncounted (its side effects, e.g. KV-cache appends, still happen) and gets the recorded
-FLOPs under its own module names, in the same order, so every number and breakdown equals a full
-count (``tests/test_speed.py`` checks each registered architecture). Anything the key cannot describe is
-counted in full. The cache lives for one :func:`count_call`.
+same key gets the recorded FLOPs under its own module names, in the same order, so every number and
+breakdown equals a full count (``tests/test_speed.py`` checks each registered architecture). On meta
+tensors such a call is not run at all when the first one's effects were provably only its outputs and
+attributes it set on plain-object arguments (a layer's KV cache): fresh tensors of the recorded layouts
+stand in for both. Otherwise (any other effect, tensors off meta, attention paths being recorded) it runs
+uncounted, so its side effects still happen. Anything the key cannot describe is counted in full. The
+cache lives for one :func:`count_call`.
 
 With reuse on, meta kernels are also answered from :data:`~mllm_bench.meta_shapes.META_OUTPUTS` (the
 outputs' layout of an op already run on the same argument metadata; the replays of reused blocks run
@@ -49,9 +52,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
+from .attention import paths_recorded
 from .config import ConfigError
 from .costmodel import COMPONENTS, in_scope
-from .meta_shapes import META_OUTPUTS
+from .meta_shapes import META_OUTPUTS, layout_of, rebuild
 from .model import MLLM
 from .workload import Workload
 
@@ -233,6 +237,62 @@ class _Recorder:
             self.ops[op] = self.ops.get(op, 0) + flops
 
 
+def _argument_attributes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """The attributes of each argument that is a plain object (e.g. a layer's KV cache), shallow-copied."""
+    named = {**dict(enumerate(args)), **kwargs}
+    return {pos: dict(vars(obj)) for pos, obj in named.items()
+            if hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, nn.Module, type))
+            and not callable(obj)}
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """A reused block's call reproduced without running it, on meta tensors: fresh outputs of the recorded
+    layout, and the attributes it set on its arguments (a KV cache's keys and values) set again to fresh
+    tensors of their recorded layout. Made only when the first call's every other effect is ruled out: its
+    outputs and new attributes are meta tensors (or None), the block's own signature is unchanged, and with
+    those attributes put back the arguments' signature is what it was before the call."""
+
+    out: Any
+    effects: tuple[tuple[int | str, str, Any], ...]  # (argument position or name, attribute, layout)
+
+    @classmethod
+    def of(cls, block: nn.Module, key: Any, before: dict[int | str, dict[str, Any]], args: tuple[Any, ...],
+           kwargs: dict[str, Any], out: Any) -> _Replay | None:
+        out_layout = layout_of(out)
+        if out_layout is None:
+            return None
+        named = {**dict(enumerate(args)), **kwargs}
+        effects: list[tuple[int | str, str, Any]] = []
+        for pos, old in before.items():
+            new = vars(named[pos])
+            if new.keys() != old.keys():
+                return None
+            for attr, value in new.items():
+                if value is not old[attr]:
+                    layout = layout_of(value) if isinstance(value, torch.Tensor) or value is None else None
+                    if layout is None:
+                        return None
+                    effects.append((pos, attr, layout))
+        now = {(pos, attr): vars(named[pos])[attr] for pos, attr, _ in effects}
+        try:
+            for pos, attr, _ in effects:
+                setattr(named[pos], attr, before[pos][attr])
+            unchanged = (_module_signature(block), _signature((args, kwargs))) == key[1:]
+        except _Uncacheable:
+            unchanged = False
+        finally:
+            for (pos, attr), value in now.items():
+                setattr(named[pos], attr, value)
+        return cls(out_layout, tuple(effects)) if unchanged else None
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        named = {**dict(enumerate(args)), **kwargs}
+        for pos, attr, layout in self.effects:
+            setattr(named[pos], attr, rebuild(layout))
+        return rebuild(self.out)
+
+
 def _needs_grad(args: Any) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in tree_flatten(args)[0])
 
@@ -302,12 +362,15 @@ class ComponentFlopCounter(TorchDispatchMode):
                 return forward(*args, **kwargs)
             found = self._block_counts.get(key)
             if found is not None:
-                self._replaying += 1
-                try:
-                    out = forward(*args, **kwargs)
-                finally:
-                    self._replaying -= 1
-                counts, ops = found
+                counts, ops, replay = found
+                if replay is not None and self.meta_outputs is not None and not paths_recorded():
+                    out = replay.run(args, kwargs)
+                else:
+                    self._replaying += 1
+                    try:
+                        out = forward(*args, **kwargs)
+                    finally:
+                        self._replaying -= 1
                 for (rel, pass_), flops in counts.items():
                     self._add(prefix + rel, pass_, flops, None)
                 for op, flops in ops.items():
@@ -315,12 +378,14 @@ class ComponentFlopCounter(TorchDispatchMode):
                 return out
             recorder = _Recorder(prefix)
             self._recorders.append(recorder)
+            before = _argument_attributes(args, kwargs)
             try:
                 out = forward(*args, **kwargs)
             finally:
                 self._recorders.remove(recorder)
             if recorder.usable:
-                self._block_counts[key] = (recorder.counts, recorder.ops)
+                self._block_counts[key] = (recorder.counts, recorder.ops,
+                                           _Replay.of(block, key, before, args, kwargs, out))
             return out
 
         call._reuse_wrapper = True  # type: ignore[attr-defined]  # not part of the block's signature

@@ -47,8 +47,9 @@ def _key(obj: Any) -> Any:
     raise _NotKeyable
 
 
-def _layout(out: Any) -> Any:
-    """What rebuilds ``out``: (shape, stride, dtype) per tensor, or None when ``out`` is not all meta tensors."""
+def layout_of(out: Any) -> Any:
+    """What :func:`rebuild` makes ``out`` again from: (shape, stride, dtype) per tensor, through plain tuples and
+    lists; None when ``out`` is anything else (a tensor off meta, a view with a storage offset, another type)."""
     if out is None:
         return ("none",)
     if isinstance(out, torch.Tensor):
@@ -56,20 +57,21 @@ def _layout(out: Any) -> Any:
                 or out.is_neg()):
             return None
         return ("T", tuple(out.shape), out.stride(), out.dtype)
-    if isinstance(out, (tuple, list)):
-        parts = tuple(_layout(v) for v in out)
+    if type(out) in (tuple, list):
+        parts = tuple(layout_of(v) for v in out)
         return None if any(p is None for p in parts) else (type(out), parts)
     return None
 
 
-def _rebuild(layout: Any) -> Any:
+def rebuild(layout: Any) -> Any:
+    """Fresh empty meta tensors (in the same tuples and lists) laid out as :func:`layout_of` recorded."""
     if layout[0] == "none":
         return None
     if layout[0] == "T":
         _, shape, stride, dtype = layout
         return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
     kind, parts = layout
-    return kind(_rebuild(p) for p in parts)
+    return kind(rebuild(p) for p in parts)
 
 
 _UNSAFE_TAGS = frozenset({torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output,
@@ -107,9 +109,9 @@ class MetaOutputs:
         layout = self._answers.get(key)
         if layout is not None:
             self.hits += 1
-            return _rebuild(layout)
+            return rebuild(layout)
         out = func(*args, **kwargs)
-        layout = _layout(out)
+        layout = layout_of(out)
         if layout is not None:
             self.misses += 1
             if len(self._answers) >= self.max_entries:

@@ -92,3 +92,83 @@ def test_the_list_cache_follows_the_architecture_modules(tmp_path, monkeypatch) 
     monkeypatch.setattr(fingerprint, "module_fingerprint", lambda name: "edited " + name)
     architecture_rows()
     assert len(list((tmp_path / "list").glob("*.json"))) == 2
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.k = None
+
+
+def _blocks(forward):
+    """Three identical blocks (a ModuleList, so the counter reuses them) whose forward is ``forward``."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        cost_component = "ffn"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8, bias=False, device="meta")
+
+        def forward(self, x, state):
+            return forward(self, x, state)
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(3))
+
+    return Stack(), torch.empty(2, 5, 8, device="meta")
+
+
+def test_a_reused_block_that_sets_its_cache_is_not_run_again_and_the_cache_is_set() -> None:
+    import torch
+
+    from mllm_bench.flops import count_call
+
+    runs = []
+
+    def forward(block, x, cache):
+        runs.append(1)
+        cache.k = block.proj(x).transpose(1, 2)  # a strided layout the replay must reproduce
+        return block.proj(x) + x
+
+    stack, x = _blocks(forward)
+    caches = [_Cache() for _ in stack.layers]
+    with torch.no_grad():
+        counted = count_call(stack, lambda: [layer(x, c) for layer, c in zip(stack.layers, caches, strict=True)],
+                             strict=False)
+    assert len(runs) == 1  # the first call ran; the other two were reproduced
+    for c in caches:
+        assert c.k.device.type == "meta" and c.k.shape == (2, 8, 5) and c.k.stride() == (40, 1, 8)
+    assert counted.total == 3 * 2 * (2 * 10 * 8 * 8)  # per block two 8x8 projections of 10 rows, 2 FLOPs a MAC
+
+
+def test_a_block_with_an_effect_it_cannot_reproduce_runs_every_time() -> None:
+    import torch
+
+    from mllm_bench.attention import record_paths
+    from mllm_bench.flops import count_call
+
+    def appends(block, x, log):
+        log.append(x.shape)  # mutates a list argument: not an attribute set
+        return block.proj(x)
+
+    stack, x = _blocks(appends)
+    log: list = []
+    with torch.no_grad():
+        count_call(stack, lambda: [layer(x, log) for layer in stack.layers], strict=False)
+    assert len(log) == 3
+
+    runs = []
+
+    def sets(block, x, cache):
+        runs.append(1)
+        cache.k = block.proj(x)
+        return block.proj(x)
+
+    stack, x = _blocks(sets)
+    with torch.no_grad(), record_paths():  # attention paths counted: every call must run
+        count_call(stack, lambda: [layer(x, _Cache()) for layer in stack.layers], strict=False)
+    assert len(runs) == 3
