@@ -91,6 +91,7 @@ def sweep(
         option_fields,
         parse_vary,
         rank_device,
+        rank_share,
         refresh_db,
         run_sweep,
         share_launch_id,
@@ -134,7 +135,7 @@ def sweep(
     workers = [start_rank_worker(points, out, profile, dataclasses.replace(ranks, rank=r), run_device)
                for r in range(1, jobs)] if jobs > 1 else []
     label = f"sweeping (rank {ranks.rank} of {ranks.world_size}, {run_device})" if several else "sweeping"
-    share = len(points[ranks.rank::ranks.world_size])
+    share = len(rank_share(points, ranks.rank, ranks.world_size))
     with progress_bar(share, label) as advance:
         result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"),
                            db=db if ranks.rank == 0 else None,  # only rank 0 writes SQLite (files on NFS)
@@ -151,7 +152,7 @@ def sweep(
             return  # exit 0: a failing worker would make torchrun stop rank 0; rank 0 reports and exits 1
         err_console.print(f"rank 0: waiting for the other {ranks.world_size - 1} rank(s) (at most {wait_ranks:g} s)",
                           highlight=False)
-        markers, missing = wait_for_ranks(out, ranks, wait_ranks)
+        markers, missing = wait_for_ranks(out, ranks, wait_ranks, points=points)
         for worker in workers:
             worker.join()
         result = merge_ranks(points, result, markers, missing, out, ranks.world_size)

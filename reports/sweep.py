@@ -19,7 +19,9 @@ Under a launcher of several processes (torchrun's RANK/WORLD_SIZE, srun's SLURM_
 takes the points with index % world_size == r, on ``cuda:LOCAL_RANK`` where the sweep runs on CUDA (a point's
 key keeps ``cuda``, so any number of ranks, or one process, resumes the same store). Each rank writes a start
 and a done marker under ``<out>/ranks/<launch>-of-<N>/``; rank 0 waits for the others' done markers (or
-their end, or a timeout) and writes the summary from the store, as one process would.
+their end, or a timeout) and writes the summary from the store, as one process would. A done marker counts
+only as this launch's answer: the world size and the rank's share of this grid, after the rank's start marker
+of this launch (see :func:`wait_for_ranks`); a marker an earlier launch left in the folder is not merged.
 
 Visual tokens are not a model setting; ``visual_tokens=N`` is mapped to the workload like this:
 if N is a multiple of the vision tower's tokens per image (576 for CLIP ViT-L/14-336), the point uses
@@ -625,6 +627,11 @@ def _reusable(store: Path, key: str, origin: Mapping[str, str]) -> tuple[dict[st
     return (None, problem) if problem else (record, "")
 
 
+def rank_share(points: Sequence[Point], rank: int, world_size: int) -> list[Point]:
+    """The points rank ``rank`` of ``world_size`` takes from the grid ``points``: index % world_size == rank."""
+    return list(points)[rank::world_size]
+
+
 def run_sweep(
     points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn,
     on_point: Callable[[Point, str], None] | None = None, rank: int = 0, world_size: int = 1,
@@ -641,7 +648,7 @@ def run_sweep(
     """
     store = Path(out_dir) / "points"
     store.mkdir(parents=True, exist_ok=True)
-    mine = list(points)[rank::world_size]
+    mine = rank_share(points, rank, world_size)
     result = SweepResult(pd.DataFrame(), keys=[p.key for p in mine])
     if db is not None:
         check_db(db)
@@ -999,87 +1006,216 @@ def process_start_time() -> float:
 _IMPORTED = time.time()
 
 
-def mark_rank_started(out_dir: str | Path, ranks: Ranks, pid: int | None = None) -> None:
-    """Record that this rank has begun (pid, default this process's; host, time): rank 0 can tell a rank that
-    died from a slow one."""
-    info = {"rank": ranks.rank, "pid": pid or os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    atomic_write_text(_launch_dir(out_dir, ranks) / f"rank-{ranks.rank}.start.json", json.dumps(info) + "\n")
+WAITED = "waited.json"  # in a launch folder: when rank 0 of the latest launch into it stopped waiting
 
 
-def mark_rank_done(out_dir: str | Path, ranks: Ranks, result: SweepResult) -> Path:
-    """Write this rank's done marker: what it did with each of its points (rank 0 merges these)."""
+def _by_this_process(marker: Any) -> bool:
+    return isinstance(marker, dict) and marker.get("pid") == os.getpid() and marker.get("host") == socket.gethostname()
+
+
+def _ended_unfinished(start0: Any, waited: Any) -> bool:
+    """Whether the launch whose rank 0 wrote start marker ``start0`` ended without recording, in ``waited``,
+    that its rank 0 stopped waiting (it was killed, or failed before waiting)."""
+    if not isinstance(start0, dict):
+        return False
+    return not (isinstance(waited, dict) and (waited.get("pid"), waited.get("host")) == (
+        start0.get("pid"), start0.get("host")) and float(waited.get("ended", 0)) >= float(start0.get("started", 0)))
+
+
+def mark_rank_started(out_dir: str | Path, ranks: Ranks, pid: int | None = None,
+                      started: float | None = None) -> float:
+    """Record that this rank has begun (pid, default this process's; host; ``started``, default now) and return
+    ``started``: rank 0 can tell a rank that died from a slow one, and a done marker names the start it follows.
+    Rank 0's marker also records whether the launch before it into this folder ended unfinished."""
+    folder = _launch_dir(out_dir, ranks)
+    started = time.time() if started is None else started
+    info: dict[str, Any] = {"rank": ranks.rank, "pid": pid or os.getpid(), "host": socket.gethostname(),
+                            "started": started}
+    if ranks.rank == 0:
+        info["earlier_unfinished"] = _ended_unfinished(_read_json(folder / "rank-0.start.json"),
+                                                       _read_json(folder / WAITED))
+    atomic_write_text(folder / f"rank-{ranks.rank}.start.json", json.dumps(info) + "\n")
+    return started
+
+
+def mark_rank_done(out_dir: str | Path, ranks: Ranks, result: SweepResult, started: float | None = None) -> Path:
+    """Write this rank's done marker: what it did with each of its points (rank 0 merges these), and
+    ``started``, the time of the start marker it follows (default: this process's start marker in the folder,
+    None without one)."""
+    folder = _launch_dir(out_dir, ranks)
+    if started is None:
+        start = _read_json(folder / f"rank-{ranks.rank}.start.json")
+        started = start.get("started") if _by_this_process(start) else None
     info = {"rank": ranks.rank, "world_size": ranks.world_size, "launch": ranks.launch, "pid": os.getpid(),
-            "host": socket.gethostname(), "finished": time.time(), "keys": result.keys, "done": result.done,
-            "skipped": result.skipped, "new_keys": result.new_keys, "oom": result.oom,
+            "host": socket.gethostname(), "started": started, "finished": time.time(), "keys": result.keys,
+            "done": result.done, "skipped": result.skipped, "new_keys": result.new_keys, "oom": result.oom,
             "errors": [list(e) for e in result.errors], "busy": result.busy,
             "outcomes": [{"key": o.point.key, "status": o.status, "run": o.run, "why": o.why}
                          for o in result.outcomes]}
-    return atomic_write_text(_launch_dir(out_dir, ranks) / f"rank-{ranks.rank}.json", json.dumps(info) + "\n")
+    return atomic_write_text(folder / f"rank-{ranks.rank}.json", json.dumps(info) + "\n")
 
 
 def _rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn, ranks: Ranks,
-                 run_device: str | None) -> None:
+                 run_device: str | None, started: float) -> None:
     """One local rank of ``sweep --jobs``: its share of the points, then its done marker (rank 0 merges)."""
     torch.set_num_threads(1)  # one core per process: the ranks share the machine's cores
     result = run_sweep(points, out_dir, profile_fn, rank=ranks.rank, world_size=ranks.world_size,
                        run_device=run_device)
-    mark_rank_done(out_dir, ranks, result)
+    mark_rank_done(out_dir, ranks, result, started=started)
 
 
 def start_rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn, ranks: Ranks,
                       run_device: str | None) -> multiprocessing.Process:
     """Start rank ``ranks.rank`` of a local launch in a fresh interpreter (spawned: nothing of this process's
     torch state is shared); rank 0, this process, waits for its done marker as for any launcher's ranks."""
+    started = time.time()  # the worker's done marker names this start, whenever its start marker is written
     worker = multiprocessing.get_context("spawn").Process(
-        target=_rank_worker, args=(list(points), str(out_dir), profile_fn, ranks, run_device),
+        target=_rank_worker, args=(list(points), str(out_dir), profile_fn, ranks, run_device, started),
         name=f"mllm-bench-sweep-rank-{ranks.rank}", daemon=True)
     worker.start()
     # marked here, not in the worker: a worker that dies while starting (an import error) is then seen as dead
-    mark_rank_started(out_dir, ranks, pid=worker.pid)
+    mark_rank_started(out_dir, ranks, pid=worker.pid, started=started)
     return worker
 
 
+def _earlier_end(folder: Path) -> float | None:
+    """When rank 0 of the launch before this one into ``folder`` stopped waiting: 0.0 when no launch recorded
+    it, None when that launch ended unfinished (its end is unknown)."""
+    start0, waited = _read_json(folder / "rank-0.start.json"), _read_json(folder / WAITED)
+    # this process's start marker says how the launch before it ended; another's is that launch's own
+    unfinished = bool(start0.get("earlier_unfinished")) if _by_this_process(start0) else _ended_unfinished(
+        start0, waited)
+    if unfinished:
+        return None
+    return float(waited.get("ended", 0)) if isinstance(waited, dict) else 0.0
+
+
+def _when(stamp: Any) -> str:
+    if stamp is None:
+        return "no start marker"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(stamp or 0)))
+
+
+def _share_problem(info: Mapping[str, Any], rank: int, world_size: int, keys: Sequence[str] | None) -> str:
+    """Why done marker ``info`` is not rank ``rank``'s answer for the share ``keys`` of a grid over
+    ``world_size`` ranks ("" when it is; ``keys`` None: not checked)."""
+    if info.get("world_size") != world_size:
+        return f"its world size is {info.get('world_size')}, not {world_size}"
+    got = info.get("keys")
+    if keys is None or got == list(keys):
+        return ""
+    got = got if isinstance(got, list) else []
+    extra, lacking = [k for k in got if k not in set(keys)], [k for k in keys if k not in set(got)]
+    parts = [f"{len(extra)} of its {len(got)} points are not rank {rank}'s in this grid"] if extra else []
+    parts += [f"{len(lacking)} of rank {rank}'s {len(keys)} points are not in it"] if lacking else []
+    return f"its points are not rank {rank}'s share of this grid ({'; '.join(parts) or 'another order'})"
+
+
+def _started_now(start: Mapping[str, Any], boundary: float | None, since: float) -> bool:
+    """Whether start marker ``start`` is of this launch: after the earlier launch's end, or when that is
+    unknown, after ``since``."""
+    stamp = float(start.get("started", 0))
+    return stamp >= since if boundary is None else stamp > boundary
+
+
+def _done_problem(info: Mapping[str, Any], start: Mapping[str, Any] | None, rank: int, ranks: Ranks,
+                  keys: Sequence[str] | None, boundary: float | None, since: float) -> str:
+    """Why rank ``rank``'s done marker ``info`` is not this launch's ("" when it is); ``start``: the rank's start
+    marker in the folder; ``boundary``, ``since``: as in :func:`wait_for_ranks`."""
+    problem = _share_problem(info, rank, ranks.world_size, keys)
+    if problem:
+        return problem
+    if info.get("launch", ranks.launch) != ranks.launch:
+        return f"its launch id is {info.get('launch')!r}, not {ranks.launch!r}"
+    if start is not None and (info.get("pid"), info.get("started")) != (start.get("pid"), start.get("started")):
+        return (f"it follows a start of rank {rank} (pid {info.get('pid')}, {_when(info.get('started'))}) other than "
+                f"this launch's (pid {start.get('pid')}, {_when(start.get('started'))})")
+    if boundary is None:
+        if float(info.get("finished", 0)) < since:
+            return (f"it was written at {_when(info.get('finished'))}, before rank 0 started, and the launch before "
+                    "this one into the folder ended unfinished")
+    elif start is None and boundary:
+        return f"rank {rank} has no start marker, so it may be the earlier launch's (ended {_when(boundary)})"
+    elif start is not None and not _started_now(start, boundary, since):
+        return (f"rank {rank} started at {_when(start.get('started'))}, before the earlier launch into the folder "
+                f"ended ({_when(boundary)})")
+    return ""
+
+
 def wait_for_ranks(out_dir: str | Path, ranks: Ranks, timeout_s: float, since: float | None = None,
-                   poll_s: float = RANK_POLL_S) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+                   poll_s: float = RANK_POLL_S, *, points: Sequence[Point] | None = None,
+                   ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Rank 0 waits for every other rank's done marker: (markers by rank, why each missing rank is missing).
 
+    A done marker counts only as this launch's answer to what it asked of that rank (with a launch id or
+    without: the id only names the folder, and a reused one finds the earlier launch's markers there):
+    - its world size and launch id are this launch's and, given the grid ``points``, its keys are exactly the
+      rank's share of them (:func:`rank_share`);
+    - it follows the rank's start marker in the folder (same pid and start time): once this launch's rank has
+      started, a marker an earlier start of that rank left is not taken for its answer;
+    - that start came after the earlier launch into the folder ended. Rank 0 records when it stops waiting
+      (``waited.json``, also on an error or interrupt); a start before that time is the earlier launch's. A
+      rank that started and finished before this rank 0 started (a launcher that starts rank 0 late) counts.
+      Where that launch's rank 0 ended unfinished (killed) its end is unknown, and a marker counts only when
+      written after ``since`` (default: this process's start). Times of different hosts are compared: their
+      clocks must agree to well within the time between two launches.
+    A marker that does not count is ignored: its rank is still awaited, and the reason given at the timeout
+    says why the marker found was not taken. Start markers count by the same time rule.
+
     Returns when all are in, when every missing rank is known dead (a start marker of this launch whose
-    process on this host is gone) or after ``timeout_s``. Without a launch id a marker counts only when it
-    was written after ``since`` (default: this process's start), so markers of an earlier launch into the
-    same folder are not taken for this one's."""
+    process on this host is gone) or after ``timeout_s``."""
     folder = _launch_dir(out_dir, ranks)
     since = process_start_time() if since is None else since
+    boundary = _earlier_end(folder)
     deadline = time.monotonic() + timeout_s
     others = range(1, ranks.world_size)
-
-    def fresh(info: Any, stamp: str) -> bool:
-        return isinstance(info, dict) and (bool(ranks.launch) or float(info.get(stamp, 0)) >= since)
-
-    while True:
-        done = {r: info for r in others if fresh(info := _read_json(folder / f"rank-{r}.json"), "finished")}
-        missing = {}
-        for r in others:
-            if r in done:
-                continue
-            start = _read_json(folder / f"rank-{r}.start.json")
-            if fresh(start, "started") and start.get("host") == socket.gethostname() and not _pid_alive(
-                    int(start.get("pid", 0))):
-                missing[r] = f"rank {r} (pid {start.get('pid')}) ended without finishing its points"
-        if len(done) + len(missing) == len(others):
-            return done, missing
-        if time.monotonic() >= deadline:
+    shares = {r: None if points is None else [p.key for p in rank_share(points, r, ranks.world_size)]
+              for r in others}
+    try:
+        while True:
+            done, missing, rejected = {}, {}, {}
             for r in others:
-                if r not in done and r not in missing:
-                    missing[r] = f"rank {r} did not finish within {timeout_s:g} s"
-            return done, missing
-        time.sleep(poll_s)
+                start = _read_json(folder / f"rank-{r}.start.json")
+                start = start if isinstance(start, dict) else None
+                info = _read_json(folder / f"rank-{r}.json")
+                if isinstance(info, dict):
+                    rejected[r] = _done_problem(info, start, r, ranks, shares[r], boundary, since)
+                    if not rejected[r]:
+                        done[r] = info
+                        continue
+                if start is not None and _started_now(start, boundary, since) and start.get(
+                        "host") == socket.gethostname() and not _pid_alive(int(start.get("pid", 0))):
+                    missing[r] = f"rank {r} (pid {start.get('pid')}) ended without finishing its points" + (
+                        f" (its done marker was not taken: {rejected[r]})" if rejected.get(r) else "")
+            if len(done) + len(missing) == len(others):
+                return done, missing
+            if time.monotonic() >= deadline:
+                for r in others:
+                    if r not in done and r not in missing:
+                        missing[r] = f"rank {r} did not finish within {timeout_s:g} s" + (
+                            f" (a done marker was found, but for a different grid or launch: {rejected[r]})"
+                            if rejected.get(r) else "")
+                return done, missing
+            time.sleep(poll_s)
+    finally:
+        atomic_write_text(folder / WAITED, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                       "ended": time.time()}) + "\n")
 
 
 def merge_ranks(points: Sequence[Point], own: SweepResult, markers: Mapping[int, Mapping[str, Any]],
                 missing: Mapping[int, str], out_dir: str | Path, world_size: int) -> SweepResult:
     """One result for the whole grid from rank 0's ``own`` and the other ranks' done markers; points of a
-    rank that never reported are listed as not finished (``run`` "missing", ``why`` the reason)."""
+    rank that never reported, or whose marker is not for its share of ``points`` over ``world_size`` ranks,
+    are listed as not finished (``run`` "missing", ``why`` the reason)."""
     store = Path(out_dir) / "points"
+    missing, kept = dict(missing), {}
+    for r, info in markers.items():
+        problem = _share_problem(info, r, world_size, [p.key for p in rank_share(points, r, world_size)])
+        if problem:
+            missing[r] = f"rank {r}'s done marker was not merged: {problem}"
+        else:
+            kept[r] = info
+    markers = kept
     merged = SweepResult(pd.DataFrame(), keys=[p.key for p in points], done=own.done, skipped=own.skipped,
                          oom=list(own.oom), new_keys=list(own.new_keys), errors=list(own.errors),
                          busy=list(own.busy), db_notes=list(own.db_notes), db_error=own.db_error)

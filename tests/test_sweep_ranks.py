@@ -4,6 +4,7 @@ writes; resuming with another number of ranks redoes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -162,14 +163,153 @@ def test_rank_zero_waits_for_a_slow_rank_and_not_for_a_dead_one(tmp_path):
     assert set(merged.rows["batch_size"]) == {1, 2}  # rank 1's rows read back from the store
 
 
-def test_without_a_launch_id_only_markers_of_this_launch_count(tmp_path):
-    ranks = Ranks(0, 2, 0, "")
+def test_a_rank_that_finished_before_rank_zero_started_counts(tmp_path):
+    """No launch id, rank 0 started late by the launcher: rank 1's marker, written before rank 0's process
+    start (``since``), is this launch's: its start came after the earlier launch into the folder ended."""
+    points = expand(["llava"], {"batch_size": [1, 2, 3, 4]}, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    folder = tmp_path / "ranks" / "unnamed-of-2"
+    earlier_launch(tmp_path, Ranks(0, 2, 0, ""), points)
+    ended = json.loads((folder / "waited.json").read_text())["ended"]
+    mark_rank_started(tmp_path, Ranks(1, 2, 1, ""), started=ended + 5)
+    mark_rank_done(tmp_path, Ranks(1, 2, 1, ""), run_sweep(points, tmp_path, fake_profile(), rank=1, world_size=2,
+                                                           origin=HERE))
+    mark_rank_started(tmp_path, Ranks(0, 2, 0, ""))  # rank 0 of this launch starts last
+    start = time.monotonic()
+    markers, missing = wait_for_ranks(tmp_path, Ranks(0, 2, 0, ""), timeout_s=20, poll_s=0.1,
+                                      since=time.time() + 60, points=points)
+    assert time.monotonic() - start < 10 and missing == {}  # taken at once, not waited for until the timeout
+    assert markers[1]["keys"] == [points[1].key, points[3].key] and markers[1]["started"] == ended + 5
+
+
+def test_the_first_launch_into_a_folder_counts_a_rank_that_finished_before_rank_zero(tmp_path):
     mark_rank_started(tmp_path, Ranks(1, 2, 1, ""))
     mark_rank_done(tmp_path, Ranks(1, 2, 1, ""), run_sweep([], tmp_path, fake_profile(), origin=HERE))
-    markers, missing = wait_for_ranks(tmp_path, ranks, timeout_s=0.3, poll_s=0.1, since=time.time() + 1)
-    assert markers == {} and missing == {1: "rank 1 did not finish within 0.3 s"}  # an earlier launch's marker
-    markers, _ = wait_for_ranks(tmp_path, ranks, timeout_s=0.3, poll_s=0.1, since=time.time() - 60)
+    markers, missing = wait_for_ranks(tmp_path, Ranks(0, 2, 0, ""), timeout_s=5, poll_s=0.1, since=time.time() + 60)
+    assert list(markers) == [1] and missing == {}
+
+
+def earlier_launch(out: Path, ranks: Ranks, points: list, with_end: bool = True) -> None:
+    """A launch of ``points`` over ``ranks.world_size`` ranks into ``out`` that finished (rank 0 waited for
+    the others and recorded its end) or, ``with_end`` False, whose rank 0 was killed before waiting."""
+    mark_rank_started(out, dataclasses.replace(ranks, rank=0))
+    for r in range(1, ranks.world_size):
+        mine = dataclasses.replace(ranks, rank=r)
+        mark_rank_started(out, mine)
+        mark_rank_done(out, mine, run_sweep(points, out, fake_profile(), rank=r, world_size=ranks.world_size,
+                                            origin=HERE))
+    if with_end:
+        markers, _ = wait_for_ranks(out, dataclasses.replace(ranks, rank=0), timeout_s=5, poll_s=0.05, points=points)
+        assert len(markers) == ranks.world_size - 1
+
+
+@pytest.mark.parametrize("launch", ["reused-id", ""])
+def test_a_marker_of_an_earlier_launch_is_not_taken_for_this_one_s(tmp_path, launch):
+    """The same launch folder (a reused MLLM_BENCH_LAUNCH_ID, or no id), the same grid and world size: rank 1
+    of this launch has not started yet, so the folder still holds the earlier launch's start and done markers.
+    They are that launch's: rank 1 started before its rank 0 stopped waiting."""
+    points = expand(["llava"], {"batch_size": [1, 2]}, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    earlier_launch(tmp_path, Ranks(0, 2, 0, launch), points)
+    mark_rank_started(tmp_path, Ranks(0, 2, 0, launch))
+    markers, missing = wait_for_ranks(tmp_path, Ranks(0, 2, 0, launch), timeout_s=0.3, poll_s=0.1,
+                                      since=time.time() - 60, points=points)
+    assert markers == {}
+    assert missing[1].startswith("rank 1 did not finish within 0.3 s (a done marker was found, but for a different "
+                                 "grid or launch: rank 1 started at ")
+    assert "before the earlier launch into the folder ended" in missing[1]
+
+
+def test_a_rank_s_marker_of_an_earlier_start_is_not_taken_once_this_launch_s_rank_started(tmp_path):
+    """A reused launch id whose earlier launch left no record of its end (its rank 0 was killed): once rank 1
+    of this launch has written its start marker, the earlier done marker (another start) is not its answer."""
+    points = expand(["llava"], {"batch_size": [1, 2]}, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    ranks = Ranks(0, 2, 0, "reused")
+    earlier_launch(tmp_path, ranks, points, with_end=False)
+    stale = json.loads((tmp_path / "ranks" / "reused-of-2" / "rank-1.json").read_text())
+    mark_rank_started(tmp_path, ranks)
+    started = mark_rank_started(tmp_path, Ranks(1, 2, 1, "reused"))  # rank 1 of this launch, still working
+    assert started != stale["started"]
+
+    def finish_later():
+        time.sleep(1.0)
+        mark_rank_done(tmp_path, Ranks(1, 2, 1, "reused"), run_sweep(points, tmp_path, fake_profile(), rank=1,
+                                                                     world_size=2, origin=HERE))
+
+    markers, missing = wait_for_ranks(tmp_path, ranks, timeout_s=0.3, poll_s=0.1, since=0, points=points)
+    assert markers == {} and "for a different grid or launch: it follows a start of rank 1" in missing[1]
+    writer = threading.Thread(target=finish_later)
+    writer.start()
+    t0 = time.monotonic()
+    markers, missing = wait_for_ranks(tmp_path, ranks, timeout_s=30, poll_s=0.1, since=0, points=points)
+    writer.join()
+    assert 0.9 <= time.monotonic() - t0 < 10 and missing == {}  # waited for this launch's answer
+    assert markers[1]["started"] == started and markers[1]["finished"] > stale["finished"]
+
+
+def test_after_an_unfinished_launch_only_markers_written_after_rank_zero_started_count(tmp_path):
+    """The earlier launch's rank 0 was killed, so its end is unknown: an intact start and done marker of its
+    rank 1 cannot be told from this launch's by their start, and count only when written after ``since``."""
+    points = expand(["llava"], {"batch_size": [1, 2]}, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    earlier_launch(tmp_path, Ranks(0, 2, 0, ""), points, with_end=False)
+    mark_rank_started(tmp_path, Ranks(0, 2, 0, ""))
+    assert json.loads((tmp_path / "ranks" / "unnamed-of-2" / "rank-0.start.json").read_text())["earlier_unfinished"]
+    markers, missing = wait_for_ranks(tmp_path, Ranks(0, 2, 0, ""), timeout_s=0.3, poll_s=0.1,
+                                      since=time.time() + 1, points=points)
+    assert markers == {} and "before rank 0 started, and the launch before this one into the folder ended " \
+                             "unfinished" in missing[1]
+    markers, _ = wait_for_ranks(tmp_path, Ranks(0, 2, 0, ""), timeout_s=0.3, poll_s=0.1, since=time.time() - 60,
+                                points=points)
     assert list(markers) == [1]
+
+
+@pytest.mark.parametrize("other, reason", [
+    ({"batch_size": [7, 8]}, "its points are not rank 1's share of this grid (1 of its 1 points are not rank 1's in "
+                             "this grid; 1 of rank 1's 1 points are not in it)"),
+    ({"batch_size": [1, 2, 3]}, "its world size is 3, not 2"),
+])
+def test_a_marker_for_another_grid_or_world_size_is_not_merged(tmp_path, other, reason):
+    """A done marker in this launch's folder that answers another request (a reused launch id into the same
+    ``--out``): rank 0 keeps waiting for rank 1 and says at the timeout why the marker was not taken."""
+    points = expand(["llava"], {"batch_size": [1, 2]}, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    grid = expand(["llava"], other, Workload(device="cpu"), "tiny-llm", "tiny-clip")
+    world = len(grid) if len(grid) == 3 else 2
+    old = run_sweep(grid, tmp_path, fake_profile(), rank=1, world_size=world, origin=HERE)
+    mark_rank_started(tmp_path, Ranks(1, 2, 1, "same-id"))
+    marker = mark_rank_done(tmp_path, Ranks(1, world, 1, "same-id"), old)
+    if world != 2:  # a marker of 3 ranks in the folder of 2 (written by hand; the folder names the size)
+        marker = marker.rename(tmp_path / "ranks" / "same-id-of-2" / "rank-1.json")
+    ranks = Ranks(0, 2, 0, "same-id")
+    t0 = time.monotonic()
+    markers, missing = wait_for_ranks(tmp_path, ranks, timeout_s=0.5, poll_s=0.1, points=points)
+    assert time.monotonic() - t0 >= 0.5  # kept waiting: the marker is not this launch's answer
+    assert markers == {}
+    assert missing == {1: "rank 1 did not finish within 0.5 s (a done marker was found, but for a different grid "
+                          f"or launch: {reason})"}
+    own = run_sweep(points, tmp_path, fake_profile(), rank=0, world_size=2, origin=HERE)
+    merged = merge_ranks(points, own, {1: json.loads(marker.read_text())}, {}, tmp_path, 2)  # given it anyway
+    assert [(o.point.key, o.run) for o in merged.outcomes] == [(points[0].key, "new"), (points[1].key, "missing")]
+    assert merged.outcomes[1].why == f"rank 1's done marker was not merged: {reason}" and merged.done == 1
+
+
+def test_a_reused_launch_id_into_the_same_folder_waits_for_the_new_grid(tmp_path, no_launcher, monkeypatch):
+    """Two launches with one MLLM_BENCH_LAUNCH_ID into one --out, different grids: rank 0 of the second,
+    whose rank 1 never comes, does not take the first launch's marker for it."""
+    from mllm_bench.cli import sweep as sweep_cli
+
+    monkeypatch.setattr(sweep_cli, "get_profile", lambda: fake_profile())
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MLLM_BENCH_LAUNCH_ID", "same")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert CliRunner().invoke(app, [*SWEEP, "--out", str(out), "--wait-ranks", "5"]).exit_code == 0
+    second = [*SWEEP[:4], "text_after=16,32", *SWEEP[5:]]
+    result = CliRunner().invoke(app, [*second, "--out", str(out), "--wait-ranks", "1"])
+    assert result.exit_code == 1, result.output
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert len(manifest["ranks"]["missing"]) == 1
+    assert "rank 1 did not finish within 1 s (a done marker was found, but for a different grid or launch" in \
+           manifest["ranks"]["missing"][0]
+    assert [o["run"] for o in manifest["this_run"]][1::2] == ["missing", "missing"]
 
 
 # ----- a real two-process sweep ------------------------------------------------------------------------------
@@ -270,6 +410,9 @@ def test_jobs_count_points_in_local_processes_as_one_process_would(tmp_path, no_
     assert result.exit_code == 0, result.output
     markers = sorted(p.name for p in (jobs / "ranks").glob("*/rank-*.json") if "start" not in p.name)
     assert markers == ["rank-0.json", "rank-1.json"]
+    folder = next((jobs / "ranks").glob("jobs-*-of-2"))  # the spawned rank's done marker names its start marker
+    done, start = (json.loads((folder / name).read_text()) for name in ("rank-1.json", "rank-1.start.json"))
+    assert (done["pid"], done["started"]) == (start["pid"], start["started"]) and done["pid"] != os.getpid()
     assert CliRunner().invoke(app, [*SWEEP, "--out", str(single)]).exit_code == 0
     pd.testing.assert_frame_equal(comparable(jobs / "results.json"), comparable(single / "results.json"))
 
