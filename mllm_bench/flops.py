@@ -313,9 +313,15 @@ class ComponentFlopCounter(TorchDispatchMode):
         self._handles: list[Any] = []
         self._recorders: list[_Recorder] = []
         self._replaying = 0
-        self._block_counts: dict[Any, tuple[dict[tuple[str, str], float], dict[str, float]]] = {}
+        self._block_counts: dict[Any, tuple[dict[tuple[str, str], float], dict[str, float], _Replay | None]] = {}
         self._patched: list[tuple[nn.Module, Any]] = []
         self.meta_outputs = META_OUTPUTS if reuse else None
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """False: counting runs eagerly, never inside torch.compile, so ``__torch_dispatch__`` needs no
+        ``torch._disable_dynamo`` wrapper (its first call imports torch._dynamo: about 1 s per process)."""
+        return False
 
     def _pre(self, mod: nn.Module, _inputs: Any) -> None:
         name = self.names.get(id(mod))
