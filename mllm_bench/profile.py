@@ -224,7 +224,7 @@ def _measured_rows(base: dict, model: MLLM, workload: Workload, stage: str, flop
 
 # meta models built by this process, most recent last: a command profiles the same model in several stages
 _META_MODELS: OrderedDict[tuple, MLLM] = OrderedDict()
-META_MODELS_KEPT = 8
+META_MODELS_KEPT = 32  # a meta 7B model is about 2 MB of Python objects; a sweep over image sizes needs many
 
 
 def cached_meta_model(arch: str, llm: str | LLMConfig, vision: str | VisionConfig,

@@ -85,8 +85,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns:
             out[col] = ""
-    for col in TEXT_COLUMNS:
-        out[col] = out[col].astype(object).where(out[col].notna(), "").astype(str)
+    out[list(TEXT_COLUMNS)] = out[list(TEXT_COLUMNS)].astype(object).fillna("").astype(str)
     out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
     extra = [c for c in out.columns if c not in COLUMNS]
     for col in extra:
@@ -123,6 +122,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def _json_value(value: Any) -> Any:
+    if type(value) in (str, int, bool):
+        return value
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -133,9 +134,14 @@ def _json_value(value: Any) -> Any:
 
 
 def rows_to_json(df: pd.DataFrame) -> str:
-    """Rows as a JSON list of objects, every column kept; NaN/inf become ``null`` (always valid JSON)."""
-    records = [{k: _json_value(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-    return json.dumps(records, indent=1, allow_nan=False, default=str) + "\n"
+    """Rows as a JSON list of objects, one row a line, every column kept; NaN/inf become ``null`` (always valid
+    JSON)."""
+    columns = [str(c) for c in df.columns]
+    values = [df[c].tolist() for c in df.columns]  # Python scalars, as to_dict gives
+    records = [dict(zip(columns, map(_json_value, row), strict=True)) for row in zip(*values, strict=True)]
+    if not records:
+        return "[]\n"
+    return "[\n" + ",\n".join(json.dumps(r, allow_nan=False, default=str) for r in records) + "\n]\n"
 
 
 def write_json(df: pd.DataFrame, path: str | Path) -> Path:

@@ -774,18 +774,25 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
     """One line per point of this run: architecture, swept values, status, what the run did (new, reused,
     redone, busy, failed) and why, FLOPs (prefill for inference, train step otherwise; ``scope`` and
     ``convention``, counted else analytic) and the measured latency of that phase where there is one."""
+    metrics = [("prefill_flops", "prefill_latency_s") if dict(o.point.workload).get("stage", "inference") == "inference"
+               else ("train_step_flops", "train_step_latency_s") for o in result.outcomes]
+    with_rows = [o.rows.assign(_point=i) for i, o in enumerate(result.outcomes)
+                 if len(o.rows) and {"metric", "source"} <= set(o.rows.columns)]
+    flops_of: dict[tuple[int, str], float] = {}  # (point index, metric) -> value; each point picked on its own
+    if with_rows:
+        rows = concat_rows(with_rows)
+        for col in {"scope", "convention", "component", "role"} & set(rows.columns):
+            rows[col] = rows[col].fillna("")  # a point without the column: no filter, as when picked alone
+        for metric in {m for pair in metrics for m in pair}:
+            picked = (pick(rows, metric, ("counted", "analytic"), by=("_point",), scope=scope_for(convention, scope),
+                           convention=convention) if metric.endswith("_flops")
+                      else pick(rows, metric, ("measured",), by=("_point",)))
+            flops_of.update({(int(i), metric): float(v) for i, v in zip(picked["_point"], picked["value"],
+                                                                       strict=True)})
     lines = []
-    for o in result.outcomes:
-        stage = dict(o.point.workload).get("stage", "inference")
-        flops_metric, time_metric = (("prefill_flops", "prefill_latency_s") if stage == "inference"
-                                     else ("train_step_flops", "train_step_latency_s"))
-        flops = latency = math.nan
-        if len(o.rows) and {"metric", "source"} <= set(o.rows.columns):
-            picked = pick(o.rows, flops_metric, ("counted", "analytic"), by=("arch",),
-                          scope=scope_for(convention, scope), convention=convention)
-            flops = float(picked["value"].iloc[0]) if len(picked) else math.nan
-            timed = pick(o.rows, time_metric, ("measured",), by=("arch",))
-            latency = float(timed["value"].iloc[0]) if len(timed) else math.nan
+    for i, (o, (flops_metric, time_metric)) in enumerate(zip(result.outcomes, metrics, strict=True)):
+        flops = flops_of.get((i, flops_metric), math.nan)
+        latency = flops_of.get((i, time_metric), math.nan)
         lines.append({"arch": o.point.arch, "point": ", ".join(f"{k}={v}" for k, v in o.point.values),
                       "status": o.status, "run": o.run, "why": o.why, "flops_metric": flops_metric,
                       "flops": flops, "latency_s": latency, "key": o.point.key})

@@ -43,6 +43,18 @@ def test_json_is_valid_with_nan_and_inf():
     assert data[3]["metric"] == "oom" and data[3]["error"].startswith("OutOfMemoryError")
 
 
+def test_json_has_one_row_a_line_with_python_values():
+    import numpy as np
+
+    frame = pd.DataFrame({"arch": ["llava", "saisa"], "n": [np.int64(3), np.int64(4)], "x": [0.5, np.nan],
+                          "flag": [True, False]})
+    lines = rows_to_json(frame).splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 4
+    assert json.loads(lines[1].rstrip(",")) == {"arch": "llava", "n": 3, "x": 0.5, "flag": True}
+    assert json.loads(lines[2]) == {"arch": "saisa", "n": 4, "x": None, "flag": False}
+    assert rows_to_json(frame.iloc[:0]) == "[]\n"
+
+
 @pytest.mark.parametrize("name", ["r.json", "r.csv"])
 def test_files_keep_extra_columns_and_nan(tmp_path, name):
     path = write_rows(rows(), tmp_path / name)
