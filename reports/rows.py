@@ -62,8 +62,9 @@ def pick(
 
 def _refuse_ties(best: pd.DataFrame, metric: str, by: Sequence[str]) -> None:
     """Rows that rank first together for one model must agree: which one would be "the" number otherwise?"""
-    for key, group in best.groupby(list(by), sort=False, dropna=False):
-        if len(group) > 1 and not _same_values(group["value"]):
+    tied = best[best.duplicated(list(by), keep=False)]  # only models with more than one first-ranked row
+    for key, group in tied.groupby(list(by), sort=False, dropna=False):
+        if not _same_values(group["value"]):
             differ = [c for c in (*MEASURE, *WORKLOAD) if c != "value" and c in group.columns
                       and group[c].map(field_text).nunique() > 1]
             values = ", ".join(f"{v:g}" for v in group["value"])

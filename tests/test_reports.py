@@ -15,6 +15,18 @@ from mllm_bench.workload import Workload
 from tests.reports_fakes import fake_profile, row
 
 
+def test_pick_refuses_first_ranked_rows_that_disagree_and_takes_ones_that_agree():
+    agree = [row("llava", "prefill_flops", 3.0, scope="language", timestamp=t) for t in ("t1", "t2")]
+    df = normalise(pd.DataFrame([*agree, row("saisa", "prefill_flops", 1.0, scope="language")]))
+    assert pick(df, "prefill_flops", scope="language")["value"].tolist() == [3.0, 1.0]
+    differ = [row("llava", "prefill_flops", 3.0, scope="language", batch_size=1),
+              row("llava", "prefill_flops", 6.0, scope="language", batch_size=2)]
+    df = normalise(pd.DataFrame([*differ, row("saisa", "prefill_flops", 1.0, scope="language")]))
+    with pytest.raises(ConfigError, match=r"prefill_flops of llava.*2 rows qualify with different values \(3, 6\); "
+                                          r"they differ in \['batch_size'\]"):
+        pick(df, "prefill_flops", scope="language")
+
+
 def test_pick_prefers_exact_aggregate_and_counted_rows():
     df = normalise(pd.DataFrame([
         row("llava", "prefill_flops", 1.0, scope="total", convention="dense"),
