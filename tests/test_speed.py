@@ -172,3 +172,11 @@ def test_a_block_with_an_effect_it_cannot_reproduce_runs_every_time() -> None:
     with torch.no_grad(), record_paths():  # attention paths counted: every call must run
         count_call(stack, lambda: [layer(x, _Cache()) for layer in stack.layers], strict=False)
     assert len(runs) == 3
+
+
+def test_the_counter_dispatches_without_torchs_dynamo_wrapper() -> None:
+    """Counting never runs inside torch.compile: ``__torch_dispatch__`` is ours, not wrapped per op by torch."""
+    from mllm_bench.flops import ComponentFlopCounter
+
+    dispatch = ComponentFlopCounter.__dict__["__torch_dispatch__"]
+    assert not hasattr(dispatch, "__wrapped__") and dispatch.__code__.co_filename.endswith("flops.py")
