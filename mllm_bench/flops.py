@@ -237,10 +237,14 @@ class _Recorder:
             self.ops[op] = self.ops.get(op, 0) + flops
 
 
+def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int | str, Any]:
+    """A call's arguments by position (positional ones) or name (keyword ones)."""
+    return {**dict(enumerate(args)), **kwargs}
+
+
 def _argument_attributes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
     """The attributes of each argument that is a plain object (e.g. a layer's KV cache), shallow-copied."""
-    named = {**dict(enumerate(args)), **kwargs}
-    return {pos: dict(vars(obj)) for pos, obj in named.items()
+    return {pos: dict(vars(obj)) for pos, obj in _arguments(args, kwargs).items()
             if hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, nn.Module, type))
             and not callable(obj)}
 
@@ -262,7 +266,7 @@ class _Replay:
         out_layout = layout_of(out)
         if out_layout is None:
             return None
-        named = {**dict(enumerate(args)), **kwargs}
+        named = _arguments(args, kwargs)
         effects: list[tuple[int | str, str, Any]] = []
         for pos, old in before.items():
             new = vars(named[pos])
@@ -287,7 +291,7 @@ class _Replay:
         return cls(out_layout, tuple(effects)) if unchanged else None
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        named = {**dict(enumerate(args)), **kwargs}
+        named = _arguments(args, kwargs)
         for pos, attr, layout in self.effects:
             setattr(named[pos], attr, rebuild(layout))
         return rebuild(self.out)
@@ -369,7 +373,7 @@ class ComponentFlopCounter(TorchDispatchMode):
             found = self._block_counts.get(key)
             if found is not None:
                 counts, ops, replay = found
-                if replay is not None and self.meta_outputs is not None and not paths_recorded():
+                if replay is not None and not paths_recorded():
                     out = replay.run(args, kwargs)
                 else:
                     self._replaying += 1

@@ -778,7 +778,7 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
                else ("train_step_flops", "train_step_latency_s") for o in result.outcomes]
     with_rows = [o.rows.assign(_point=i) for i, o in enumerate(result.outcomes)
                  if len(o.rows) and {"metric", "source"} <= set(o.rows.columns)]
-    flops_of: dict[tuple[int, str], float] = {}  # (point index, metric) -> value; each point picked on its own
+    picked_values: dict[tuple[int, str], float] = {}  # (point index, metric) -> value, picked per point
     if with_rows:
         rows = concat_rows(with_rows)
         for col in {"scope", "convention", "component", "role"} & set(rows.columns):
@@ -787,12 +787,12 @@ def summary_table(result: SweepResult, scope: str = "language", convention: str 
             picked = (pick(rows, metric, ("counted", "analytic"), by=("_point",), scope=scope_for(convention, scope),
                            convention=convention) if metric.endswith("_flops")
                       else pick(rows, metric, ("measured",), by=("_point",)))
-            flops_of.update({(int(i), metric): float(v) for i, v in zip(picked["_point"], picked["value"],
+            picked_values.update({(int(i), metric): float(v) for i, v in zip(picked["_point"], picked["value"],
                                                                        strict=True)})
     lines = []
     for i, (o, (flops_metric, time_metric)) in enumerate(zip(result.outcomes, metrics, strict=True)):
-        flops = flops_of.get((i, flops_metric), math.nan)
-        latency = flops_of.get((i, time_metric), math.nan)
+        flops = picked_values.get((i, flops_metric), math.nan)
+        latency = picked_values.get((i, time_metric), math.nan)
         lines.append({"arch": o.point.arch, "point": ", ".join(f"{k}={v}" for k, v in o.point.values),
                       "status": o.status, "run": o.run, "why": o.why, "flops_metric": flops_metric,
                       "flops": flops, "latency_s": latency, "key": o.point.key})
@@ -1112,7 +1112,8 @@ def _share_problem(info: Mapping[str, Any], rank: int, world_size: int, keys: Se
     if keys is None or got == list(keys):
         return ""
     got = got if isinstance(got, list) else []
-    extra, lacking = [k for k in got if k not in set(keys)], [k for k in keys if k not in set(got)]
+    wanted, have = set(keys), set(got)
+    extra, lacking = [k for k in got if k not in wanted], [k for k in keys if k not in have]
     parts = [f"{len(extra)} of its {len(got)} points are not rank {rank}'s in this grid"] if extra else []
     parts += [f"{len(lacking)} of rank {rank}'s {len(keys)} points are not in it"] if lacking else []
     return f"its points are not rank {rank}'s share of this grid ({'; '.join(parts) or 'another order'})"
