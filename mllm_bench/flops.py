@@ -55,7 +55,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from .attention import paths_recorded
 from .config import ConfigError
 from .costmodel import COMPONENTS, in_scope
-from .meta_shapes import META_OUTPUTS, layout_of, rebuild
+from .meta_shapes import META_OUTPUTS, kernels_without_dynamo_shim, layout_of, rebuild
 from .model import MLLM
 from .workload import Workload
 
@@ -320,6 +320,7 @@ class ComponentFlopCounter(TorchDispatchMode):
         self._block_counts: dict[Any, tuple[dict[tuple[str, str], float], dict[str, float], _Replay | None]] = {}
         self._patched: list[tuple[nn.Module, Any]] = []
         self.meta_outputs = META_OUTPUTS if reuse else None
+        self._unshimmed: Any = None
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -346,6 +347,8 @@ class ComponentFlopCounter(TorchDispatchMode):
                     for block in mod:
                         self._patched.append((block, block.__dict__.get("forward")))
                         block.forward = self._reusing(block, block.forward)
+        self._unshimmed = kernels_without_dynamo_shim()
+        self._unshimmed.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -358,6 +361,7 @@ class ComponentFlopCounter(TorchDispatchMode):
                 block.forward = previous
         self._patched.clear()
         self.stack.clear()
+        self._unshimmed.__exit__(None, None, None)
         return super().__exit__(*exc)
 
     def _reusing(self, block: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:

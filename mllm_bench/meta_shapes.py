@@ -14,14 +14,24 @@ data-dependent output shape, and returns tensors (or a tuple or list of them, or
 Anything else runs the kernel. The key holds the op overload and every argument: tensors by shape,
 stride, storage offset, dtype and conjugate/negative bits, everything else by type and value; an
 argument the key cannot hold by value (a generator, an arbitrary object) runs the kernel.
+
+Many of those Python kernels (``torch._refs``' elementwise ops, ``cat``, ``where``) are wrapped in
+``torch._disable_dynamo``, whose first call imports torch._dynamo (about 1.7 s) only to run the kernel
+outside torch.compile. Counting is never compiled, so :func:`kernels_without_dynamo_shim` lets the wrapper
+call its kernel directly for the duration, and takes that back on exit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from types import FunctionType
 from typing import Any
 
 import torch
+import torch._compile
+import torch._decomp
 
 # At most this many distinct calls are remembered (each a few hundred bytes); then the oldest go.
 MAX_ENTRIES = 200_000
@@ -122,3 +132,55 @@ class MetaOutputs:
 
 # The process's memory, shared by every count.
 META_OUTPUTS = MetaOutputs()
+
+
+def _noop() -> None:
+    return None
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return None
+
+
+@cache
+def _shimmed_kernels() -> tuple[Callable[..., Any], ...]:
+    """The functions that ``torch._disable_dynamo`` wraps inside the Python meta kernels torch registers
+    (``torch._decomp``'s tables, from which the meta kernels are made), found by walking each kernel's
+    wrappers (their ``__wrapped__`` and the functions their closures hold). Empty when torch's shim changes
+    shape, and then the kernels run as torch wraps them (slower, the same result)."""
+    shim_code = torch._compile._disable_dynamo(_noop).__code__
+    found: dict[int, Callable[..., Any]] = {}
+    seen: set[int] = set()
+    todo = [k for table in torch._decomp.global_decomposition_table.values() for k in table.values()]
+    while todo:
+        f = todo.pop()
+        if not isinstance(f, FunctionType) or id(f) in seen:
+            continue
+        seen.add(id(f))
+        cells = {name: _contents(cell) for name, cell in zip(f.__code__.co_freevars, f.__closure__ or (), strict=True)}
+        if f.__code__ is shim_code and isinstance(cells.get("fn"), FunctionType):
+            found[id(cells["fn"])] = cells["fn"]
+        todo += [getattr(f, "__wrapped__", None), *cells.values()]
+    return tuple(found.values())
+
+
+@contextmanager
+def kernels_without_dynamo_shim() -> Iterator[None]:
+    """Inside, torch's ``_disable_dynamo``-wrapped meta kernels call their function directly instead of
+    importing torch._dynamo to wrap it (the shim looks for a resolved wrapper on the function first: here it
+    is the function itself). For code that is not being compiled, which counting never is; on exit every
+    function is as it was."""
+    marked = []
+    for fn in _shimmed_kernels():
+        if "__dynamo_disable" not in fn.__dict__:
+            fn.__dynamo_disable = fn  # type: ignore[attr-defined]
+            marked.append(fn)
+    try:
+        yield
+    finally:
+        for fn in marked:
+            if fn.__dict__.get("__dynamo_disable") is fn:
+                del fn.__dynamo_disable  # type: ignore[attr-defined]
