@@ -35,6 +35,27 @@ COMMANDS = {
 }
 
 
+SUBPACKAGES = ("architectures", "reports", "cli")  # mapped into ``mllm_bench`` by pyproject's package-dir
+
+
+def use_tree(tree: Path) -> None:
+    """Make ``tree``'s own subpackages the ones ``mllm_bench`` imports from it: the editable install maps
+    ``mllm_bench.cli`` and the others to this checkout, which would mix the two revisions; links inside the
+    tree's package are found first. Refuses a tree where an import still resolves elsewhere."""
+    for sub in SUBPACKAGES:
+        link = tree / "mllm_bench" / sub
+        if not link.exists():
+            link.symlink_to(tree / sub, target_is_directory=True)
+    probe = ("import sys\nimport mllm_bench\n" + "".join(f"import mllm_bench.{s}\n" for s in SUBPACKAGES)
+             + "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.startswith('mllm_bench')))")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    paths = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
+                           cwd=tree.parent).stdout.split()  # not this checkout: the current folder comes first
+    stray = [p for p in paths if not Path(p).resolve().is_relative_to(tree.resolve())]
+    if stray:
+        raise SystemExit(f"the earlier revision would import code from outside its tree: {stray}")
+
+
 def run_all(out: Path, pythonpath: str) -> None:
     env = {**os.environ, "MLLM_BENCH_COUNT_CACHE": "off", "PYTHONPATH": pythonpath}
     for name, argv in COMMANDS.items():
@@ -87,6 +108,7 @@ def main() -> None:
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.rev], check=True,
                    stdout=subprocess.DEVNULL)
     try:
+        use_tree(tree)
         for name, path in (("before", str(tree)), ("after", str(ROOT))):
             (work / name).mkdir(parents=True, exist_ok=True)
             run_all(work / name, path)
