@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from mllm_bench.config import ConfigError
@@ -23,9 +24,9 @@ from mllm_bench.results import normalise as normalise
 SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
 
 
-def _rank(values: pd.Series, preferred: Sequence[str]) -> pd.Series:
-    order = {v: i for i, v in enumerate(preferred)}
-    return values.map(lambda v: order.get(v, len(order)))
+def _blank_as(value: object) -> object:
+    """A key part that equals itself: NaN (a missing field) as None, as pandas' ``duplicated`` treats it."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def pick(
@@ -39,25 +40,40 @@ def pick(
 
     A ``where`` value matches rows equal to it, or blank ("" = the field does not apply to that row);
     exact matches win. Among what is left, ``component``/``role`` ``all`` win over breakdown rows, then
-    the first source in ``sources``.
+    the first source in ``sources``. The rows come in rank order (ties in frame order), with ``df``'s index.
+
+    Works on the matching rows' values as plain Python (a report asks for dozens of quantities, each a
+    few rows; pandas' per-call overhead would dominate).
     """
-    rows = df[(df["metric"] == metric) & df["source"].isin(sources)]
-    rank = pd.Series(0, index=rows.index, dtype=float)
+    positions = np.flatnonzero(df["metric"].to_numpy() == metric)
+    column = {c: df[c].to_numpy()[positions].tolist() for c in {"source", *where, "component", "role", *by}
+              if c in df.columns}
+    order = {v: i for i, v in enumerate(sources)}
+    keep = [i for i, v in enumerate(column["source"]) if v in order]
+    rank = dict.fromkeys(keep, 0.0)
     for col, wanted in where.items():
-        allowed = [wanted] if isinstance(wanted, str) else list(wanted)
-        if col not in rows.columns:
+        if col not in column:
             continue
-        rows = rows[rows[col].isin([*allowed, ""])]
-        rank = rank.loc[rows.index] + (rows[col] == "").astype(float) * 100
+        allowed = {wanted, ""} if isinstance(wanted, str) else {*wanted, ""}
+        keep = [i for i in keep if column[col][i] in allowed]
+        for i in keep:
+            rank[i] += 100.0 * (column[col][i] == "")
     for col in ("component", "role"):
-        if col not in where and col in rows.columns:
-            rank = rank + _rank(rows[col], ("all", "")) * 10
-    rank = rank + _rank(rows["source"], sources)
-    rows = rows.assign(_rank=rank).sort_values("_rank", kind="stable")
-    if rows.duplicated([*by, "_rank"]).any():  # two rows rank first together for one model only if these exist
-        best = rows[rows["_rank"] == rows.groupby(list(by), dropna=False)["_rank"].transform("min")]
+        if col not in where and col in column:
+            for i in keep:
+                rank[i] += 10.0 * {"all": 0, "": 1}.get(column[col][i], 2)
+    for i in keep:
+        rank[i] += order[column["source"][i]]
+    keep.sort(key=rank.__getitem__)  # stable: equal ranks keep the frame's order
+    keys = [tuple(_blank_as(column[c][i]) for c in by) for i in keep]
+    if len(set(zip(keys, (rank[i] for i in keep), strict=True))) < len(keep):  # two rows rank first together?
+        ranked = df.iloc[positions[keep]].assign(_rank=[rank[i] for i in keep])
+        best = ranked[ranked["_rank"] == ranked.groupby(list(by), dropna=False)["_rank"].transform("min")]
         _refuse_ties(best, metric, by)
-    return rows.drop_duplicates(list(by)).drop(columns="_rank")
+    first: dict[tuple, int] = {}
+    for k, i in zip(keys, keep, strict=True):
+        first.setdefault(k, i)
+    return df.iloc[positions[list(first.values())]]
 
 
 def _refuse_ties(best: pd.DataFrame, metric: str, by: Sequence[str]) -> None:

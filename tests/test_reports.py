@@ -43,6 +43,52 @@ def test_pick_prefers_exact_aggregate_and_counted_rows():
     assert pick(df, "params", scope="language")["value"].tolist() == [7.0]
 
 
+def _pick_by_pandas(df, metric, sources, by, **where):
+    """The selection rule of :func:`pick`, written with pandas operations: the reference it must equal."""
+    rows = df[(df["metric"] == metric) & df["source"].isin(sources)]
+    rank = pd.Series(0.0, index=rows.index)
+    for col, wanted in where.items():
+        rows = rows[rows[col].isin([wanted, ""] if isinstance(wanted, str) else [*wanted, ""])]
+        rank = rank.loc[rows.index] + (rows[col] == "").astype(float) * 100
+    for col in ("component", "role"):
+        if col not in where:
+            rank = rank + rows[col].map(lambda v: {"all": 0, "": 1}.get(v, 2)) * 10
+    rank = rank + rows["source"].map({s: i for i, s in enumerate(sources)})
+    rows = rows.assign(_rank=rank).sort_values("_rank", kind="stable")
+    return rows.drop_duplicates(list(by)).drop(columns="_rank"), rows.duplicated([*by, "_rank"]).any()
+
+
+def test_pick_equals_its_rule_written_with_pandas_on_random_frames():
+    import random
+
+    rng = random.Random(0)
+    outcomes = []
+    for trial in range(120):
+        records = [row(rng.choice(["llava", "saisa", "fastv"]), rng.choice(["prefill_flops", "params"]),
+                       rng.choice([1.0, 2.0]), source=rng.choice(["counted", "analytic", "measured"]),
+                       scope=rng.choice(["language", "total", ""]), component=rng.choice(["all", "ffn", ""]),
+                       role=rng.choice(["all", "visual", ""]), stage=rng.choice(["inference", "finetune", ""]))
+                   for _ in range(rng.randint(0, 12))]
+        df = normalise(pd.DataFrame(records)) if records else normalise(pd.DataFrame([row("llava", "params", 1.0)]))
+        df.index = [f"r{i}" for i in range(len(df))]  # an index that is not positions
+        sources = tuple(rng.sample(["counted", "analytic", "measured"], rng.randint(1, 3)))
+        where = {k: v for k, v in (("scope", rng.choice(["language", "total", None])),
+                                   ("stage", rng.choice(["inference", ("inference", "finetune"), None])),
+                                   ("role", rng.choice(["visual", None]))) if v is not None}
+        by = rng.choice([("arch",), ("arch", "llm"), ("arch", "stage")])
+        metric = rng.choice(["prefill_flops", "params"])
+        expected, tied = _pick_by_pandas(df, metric, sources, by, **where)
+        try:
+            got = pick(df, metric, sources, by=by, **where)
+        except ConfigError:  # tied first rows that disagree
+            assert tied, f"trial {trial}: refused rows without a tie"
+            outcomes.append("refused")
+            continue
+        pd.testing.assert_frame_equal(got, expected)
+        outcomes.append("tied, agreeing" if tied else "empty" if got.empty else "picked")
+    assert set(outcomes) == {"refused", "tied, agreeing", "empty", "picked"}
+
+
 def test_comparison_vs_baseline_and_renderers():
     df = pd.DataFrame([
         row("llava", "prefill_flops", 8.0e12, scope="language", convention="dense"),
