@@ -363,6 +363,7 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
     :mod:`mllm_bench.attention`). Models are built once per configuration."""
     import torch
 
+    from mllm_bench import count_cache
     from mllm_bench.attention import available_backends
     from mllm_bench.profile import cached_meta_model, should_measure
     from mllm_bench.static_decode import DECODE_MODES
@@ -377,6 +378,12 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
     largest: dict[str, tuple[float, str, str]] = {}  # device -> (estimate, its parts, which run)
     for run in runs:
         llm_name = run.llm if isinstance(run.llm, str) else run.llm.name
+        device = run.workload.device if run.workload.device != "meta" else default_device()
+        # a run this code checked before, with the same model and workload, passes again: no model is built
+        checked_name = count_cache.model_key("checks", run.arch, run.llm, run.vision, run.options, run.workload)
+        checked = count_cache.load(checked_name, "checks") if checked_name else None
+        if checked is not None and not should_measure(run.measure, device, checked["params"]):
+            continue
         key = repr((run.arch, run.llm, run.vision, sorted((run.options or {}).items()), run.workload.dtype))
         if key not in models:
             try:
@@ -389,7 +396,8 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
             model.example_batch(run.workload.replace(device="meta"))  # counts that depend on each image's size
         except ConfigError as err:
             raise ConfigError(f"{run.arch} on {llm_name}: {err}") from err
-        device = run.workload.device if run.workload.device != "meta" else default_device()
+        if checked_name:
+            count_cache.store(checked_name, {"params": model.num_parameters()}, "checks")
         if not should_measure(run.measure, device, model.num_parameters()):
             continue
         if decode_mode == "graph" and torch.device(device).type != "cuda":

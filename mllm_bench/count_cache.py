@@ -1,5 +1,10 @@
 """A disk cache of counted FLOPs, so that a command repeated on the same models answers without re-counting.
 
+It holds three kinds of entry, each a function of the code and the shapes alone: ``counts`` (the counted
+FLOPs of a call), ``rows`` (every row :func:`mllm_bench.profile.profile` returns when it measures nothing,
+less the environment fields, which are taken afresh) and ``checks`` (a run that passed the CLI's checks
+before work, with its parameter count), so that a repeated command builds no model at all.
+
 Counting a 7B model on meta tensors takes about a second per phase, almost all of it torch's Python
 reference kernels for meta tensors; the answer depends only on the code and the shapes. An entry's key
 holds everything a count depends on:
@@ -62,15 +67,31 @@ def _decode(data: dict[str, Any]) -> CountedFlops:
                         {k: float(v) for k, v in data["by_op"].items()})
 
 
-def load(name: str) -> dict[str, Any] | None:
-    """The entry ``name`` (its counts decoded), or None when absent, off or unreadable."""
-    data = read_entry("counts", name)
+def model_key(kind: str, arch: str, llm: Any, vision: Any, options: dict[str, Any] | None, *parts: Any) -> str | None:
+    """The entry name for a ``kind`` answer about architecture ``arch`` with these presets (or configs) and
+    options, and ``parts``; None when they do not resolve (building the model then gives the error)."""
+    from .config import ConfigError
+    from .presets import llm_preset, vision_preset
+    from .registry import get_architecture
+
+    try:
+        cls = get_architecture(arch)
+        llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
+        vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
+    except (ConfigError, ImportError, TypeError):
+        return None
+    return key(cls, kind, arch, llm_cfg, vision_cfg, sorted((options or {}).items()), *parts)
+
+
+def load(name: str, kind: str = "counts") -> dict[str, Any] | None:
+    """The entry ``name`` of ``kind`` (its counts decoded), or None when absent, off or unreadable."""
+    data = read_entry(kind, name)
     try:
         return {k: _decode(v) if isinstance(v, dict) else v for k, v in data.items()} if data is not None else None
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
 
-def store(name: str, entry: dict[str, Any]) -> None:
-    """Write entry ``name`` (values: :class:`CountedFlops` or JSON values)."""
-    write_entry("counts", name, {k: _encode(v) if isinstance(v, CountedFlops) else v for k, v in entry.items()})
+def store(name: str, entry: dict[str, Any], kind: str = "counts") -> None:
+    """Write entry ``name`` of ``kind`` (values: :class:`CountedFlops` or JSON values)."""
+    write_entry(kind, name, {k: _encode(v) if isinstance(v, CountedFlops) else v for k, v in entry.items()})

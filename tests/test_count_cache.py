@@ -7,6 +7,8 @@ import torch
 
 import mllm_bench.profile as profiling
 from mllm_bench import count_cache
+from mllm_bench.config import ConfigError
+from mllm_bench.environment import environment
 from mllm_bench.registry import build_model
 from mllm_bench.workload import Workload
 
@@ -55,11 +57,56 @@ def test_the_key_follows_the_model_the_workload_and_the_code(cache, monkeypatch)
 
 def test_an_unreadable_entry_is_counted_again(cache) -> None:
     cold = profiling.profile("llava", WL, **TINY)
-    (entry,) = cache.glob("*.json")
-    entry.write_text("{not json", encoding="utf-8")
+    entries = sorted(cache.parent.glob("*/*.json"))
+    assert [e.parent.name for e in entries] == ["counts", "rows"]
+    for entry in entries:
+        entry.write_text("{not json", encoding="utf-8")
     again = profiling.profile("llava", WL, **TINY)
     assert _fields(again) == _fields(cold)
-    assert entry.read_text(encoding="utf-8").startswith("{")
+    assert all(entry.read_text(encoding="utf-8").startswith("{") for entry in entries)
+
+
+def _no_model_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built although the cache holds the answer")
+    monkeypatch.setattr(profiling, "cached_meta_model", refuse)
+    monkeypatch.setattr(profiling, "build_model", refuse)
+
+
+@pytest.mark.parametrize("count", [True, False])
+def test_a_repeated_unmeasured_profile_builds_no_model_and_takes_the_environment_afresh(cache, monkeypatch,
+                                                                                          count) -> None:
+    cold = profiling.profile("saisa", WL, count=count, **TINY)
+    _no_model_built(monkeypatch)
+    monkeypatch.setattr(profiling, "environment", lambda *a: {**environment(*a), "git_commit": "a later commit"})
+    warm = profiling.profile("saisa", WL, count=count, **TINY)
+    assert set(warm["git_commit"]) == {"a later commit"}
+    assert _fields(warm.drop(columns="git_commit")) == _fields(cold.drop(columns="git_commit"))
+    assert list(warm.columns) == list(cold.columns) and warm.dtypes.equals(cold.dtypes)
+
+
+def test_measured_rows_are_never_cached(cache) -> None:
+    measured = profiling.profile("llava", WL.replace(dtype="float32"), measure=True, **TINY)
+    assert (measured["source"] == "measured").any()
+    assert not (cache.parent / "rows").exists()
+
+
+def test_a_run_that_passed_the_checks_builds_no_model_the_next_time_and_a_refused_one_is_checked_again(
+        cache, monkeypatch) -> None:
+    from mllm_bench.cli import common
+
+    runs = [common.Run("llava", "tiny-llm", "tiny-clip", None, WL)]
+    common.check_runs(runs)
+    built = []
+    real = profiling.cached_meta_model
+    monkeypatch.setattr(profiling, "cached_meta_model", lambda *a, **k: built.append(a) or real(*a, **k))
+    common.check_runs(runs)
+    assert built == []
+    too_long = [common.Run("llava", "tiny-llm", "tiny-clip", None, WL.replace(text_after=10**6))]
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="llava on tiny-llm"):
+            common.check_runs(too_long)
+    assert len(built) == 2
 
 
 def test_off_writes_nothing(cache, monkeypatch) -> None:
