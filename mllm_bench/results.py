@@ -78,6 +78,9 @@ def to_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     return normalise(df)
 
 
+_TEXT_DTYPE = pd.Series([""], dtype=object).astype(str).dtype  # what text columns become (pandas 3: ``str``)
+
+
 def normalise(df: pd.DataFrame) -> pd.DataFrame:
     """A copy with every schema column present (missing ones ""), blank text as "" (CSV/SQLite give NaN),
     ``value`` as float, schema columns first and extra columns after them (blank as "" when not numeric)."""
@@ -85,8 +88,13 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns:
             out[col] = ""
-    out[list(TEXT_COLUMNS)] = out[list(TEXT_COLUMNS)].astype(object).fillna("").astype(str)
-    out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
+    # columns that are text already, with nothing blank (the profiler's rows), are left as they are: converting
+    # every one costs ~10 ms a frame
+    text = [c for c in TEXT_COLUMNS if out[c].dtype != _TEXT_DTYPE or out[c].isna().any()]
+    if text:
+        out[text] = out[text].astype(object).fillna("").astype(str)
+    if out["value"].dtype != np.float64:
+        out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
     extra = [c for c in out.columns if c not in COLUMNS]
     for col in extra:
         if not pd.api.types.is_numeric_dtype(out[col]):

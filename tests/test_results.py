@@ -118,3 +118,19 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     plain.write_text("x")
     written = atomic_write_text(tmp_path / "atomic.txt", "x")
     assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_normalise_gives_every_text_column_as_converting_all_of_them_would():
+    """Text columns already text are left alone; the result equals converting every one (blank → "")."""
+    from mllm_bench.results import COLUMNS, TEXT_COLUMNS, normalise
+
+    base = {c: "x" for c in COLUMNS} | {"value": 1.0, "batch_size": 1}
+    frames = [pd.DataFrame([base, base]),                                        # text already
+              pd.DataFrame([base, {**base, "scope": None, "note": math.nan}]),  # blanks in text columns
+              pd.DataFrame([base, {**base, "load_avg_1m": 0.5, "cpu_count": 2}]),  # numbers in text columns
+              pd.DataFrame([base]).astype({"arch": object, "value": object})]
+    for df in frames:
+        expected = df.copy()
+        expected[list(TEXT_COLUMNS)] = expected[list(TEXT_COLUMNS)].astype(object).fillna("").astype(str)
+        expected["value"] = pd.to_numeric(expected["value"]).astype(float)
+        pd.testing.assert_frame_equal(normalise(df), expected[list(COLUMNS)])
