@@ -57,6 +57,11 @@ def architecture_names() -> list[str]:
     return sorted(set(_registered) | set(_entry_points()), key=order)
 
 
+def is_architecture(name: str) -> bool:
+    """Whether an architecture is registered or declared as ``name`` (nothing is imported)."""
+    return name in _registered or name in _entry_points()
+
+
 def architecture_spec(name: str) -> ArchSpec:
     """The :class:`ArchSpec` of architecture ``name``."""
     return get_architecture(name).spec
