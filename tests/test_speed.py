@@ -180,3 +180,36 @@ def test_the_counter_dispatches_without_torchs_dynamo_wrapper() -> None:
 
     dispatch = ComponentFlopCounter.__dict__["__torch_dispatch__"]
     assert not hasattr(dispatch, "__wrapped__") and dispatch.__code__.co_filename.endswith("flops.py")
+
+
+RUN_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("handler ran", file=sys.stderr))
+sys.argv = ["mllm-bench", *sys.argv[1:]]
+import torch  # what a profiling command has loaded by the time it exits
+from mllm_bench.cli.app import run
+run()
+print("not reached", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("argv", "code"), [(("compare", "--batch-size", "0"), 2), (("list",), 0),
+                                            (("--version",), 0)])
+def test_the_console_script_exits_with_the_commands_status_after_the_exit_handlers_and_all_output(argv, code):
+    """``run`` ends the process itself (no interpreter teardown), with every line written and atexit run."""
+    proc = subprocess.run([sys.executable, "-c", RUN_PROBE, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "120"})
+    main = "import sys; sys.argv = ['mllm-bench', *sys.argv[1:]]\nfrom mllm_bench.cli.app import main\nmain()"
+    expected = subprocess.run([sys.executable, "-c", main, *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "COLUMNS": "120"})  # Python's own exit
+    assert (proc.returncode, expected.returncode) == (code, code)
+    assert proc.stderr.splitlines()[-1] == "handler ran" and "not reached" not in proc.stderr
+    assert proc.stdout == expected.stdout and proc.stderr.splitlines()[:-1] == expected.stderr.splitlines()
+    assert bool(proc.stdout.strip()) == (code == 0)
+
+
+def test_the_console_script_is_run() -> None:
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "mllm-bench"]
+    assert script.value == "mllm_bench.cli.app:run"
