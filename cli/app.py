@@ -154,8 +154,9 @@ def run() -> None:
 
     Tearing down torch's modules takes about 0.8 s at every exit, and nothing needs it: results are written,
     closed and renamed into place before a command returns. The ``atexit`` handlers still run (multiprocessing
-    joins its children there), then stdout and stderr are flushed; with threads other than this one running,
-    or an uncaught exception, the exit is Python's own."""
+    joins its children there), then stdout and stderr are flushed. With threads other than this one running, a
+    profiler or tracer attached (``python -m cProfile`` writes its file after the program returns), or an uncaught
+    exception, the exit is Python's own."""
     import atexit
     import os
     import threading
@@ -166,7 +167,7 @@ def run() -> None:
     except SystemExit as exit_:
         code = exit_.code
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None or threading.active_count() > 1:
+    if run_exit_handlers is None or threading.active_count() > 1 or sys.getprofile() or sys.gettrace():
         sys.exit(code)
     run_exit_handlers()
     if code is None:
