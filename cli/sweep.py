@@ -77,6 +77,8 @@ def sweep(
     its own device (cuda:LOCAL_RANK) and rank 0 writes the summary once all ranks are done."""
     from mllm_bench.reports.sweep import (
         IMAGE_FIELD,
+        LOCAL_RANK_POLL_S,
+        RANK_POLL_S,
         Ranks,
         check_db,
         curve_rows,
@@ -152,7 +154,8 @@ def sweep(
             return  # exit 0: a failing worker would make torchrun stop rank 0; rank 0 reports and exits 1
         err_console.print(f"rank 0: waiting for the other {ranks.world_size - 1} rank(s) (at most {wait_ranks:g} s)",
                           highlight=False)
-        markers, missing = wait_for_ranks(out, ranks, wait_ranks, points=points)
+        markers, missing = wait_for_ranks(out, ranks, wait_ranks, points=points,
+                                          poll_s=LOCAL_RANK_POLL_S if workers else RANK_POLL_S)
         for worker in workers:
             worker.join()
         result = merge_ranks(points, result, markers, missing, out, ranks.world_size)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import itertools
 import json
 import math
@@ -49,6 +50,7 @@ import os
 import re
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
@@ -908,6 +910,7 @@ def _read_json(path: Path) -> Any:
 RANKS_DIR = "ranks"  # <out>/ranks/<launch>-of-<N>/: each rank's start and done markers
 LAUNCH_ID_ENV = "MLLM_BENCH_LAUNCH_ID"  # names one launch of all ranks where the launcher gives no id
 RANK_POLL_S = 1.0
+LOCAL_RANK_POLL_S = 0.05  # ``--jobs``: the workers are this machine's processes, their markers local files
 
 
 @dataclass(frozen=True)
@@ -1073,10 +1076,18 @@ def _rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: Profi
 
 def start_rank_worker(points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn, ranks: Ranks,
                       run_device: str | None) -> multiprocessing.Process:
-    """Start rank ``ranks.rank`` of a local launch in a fresh interpreter (spawned: nothing of this process's
-    torch state is shared); rank 0, this process, waits for its done marker as for any launcher's ranks."""
+    """Start rank ``ranks.rank`` of a local launch; rank 0, this process, waits for its done marker as for any
+    launcher's ranks. The worker is a fork of this process where that is safe (a POSIX system, CUDA not
+    initialised here: local ranks only count, on meta), so it starts at once with torch imported and the meta
+    models built; else a fresh interpreter (spawned)."""
     started = time.time()  # the worker's done marker names this start, whenever its start marker is written
-    worker = multiprocessing.get_context("spawn").Process(
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() \
+        else "spawn"
+    if method == "fork":  # imported by torch's meta kernels at the first count (sympy: ~0.6 s): once, here
+        importlib.import_module("torch.fx.experimental.symbolic_shapes")
+    sys.stdout.flush()  # a fork inherits unwritten output and would write it again
+    sys.stderr.flush()
+    worker = multiprocessing.get_context(method).Process(
         target=_rank_worker, args=(list(points), str(out_dir), profile_fn, ranks, run_device, started),
         name=f"mllm-bench-sweep-rank-{ranks.rank}", daemon=True)
     worker.start()
