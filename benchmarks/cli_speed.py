@@ -56,12 +56,15 @@ def cases() -> list[Case]:
                         cache=cache))
         out.append(Case(f"compare --llm vicuna-13b, {cache} count cache",
                         ["compare", "--format", "json", "--llm", "vicuna-13b"], 1.8, "compare", cache=cache))
+    sweep_200 = ["sweep", "-a", "llava,naavit,flamingo,saisa", "--vary", VISUAL_10, "--vary", TEXT_5, "--no-plots"]
     for cache in ("cold", "warm"):
         out.append(Case(f"sweep --vary {VISUAL_5} (15 points), {cache}", ["sweep", "--vary", VISUAL_5, "--no-plots"],
                         2.5, "sweep", sweep=True, cache=cache))
-        out.append(Case(f"sweep 4 archs x 10 visual x 5 text (200 points), {cache}",
-                        ["sweep", "-a", "llava,naavit,flamingo,saisa", "--vary", VISUAL_10, "--vary", TEXT_5,
-                         "--no-plots"], 10.0, "sweep", sweep=True, cache=cache))
+        out.append(Case(f"sweep 4 archs x 10 visual x 5 text (200 points), {cache}", sweep_200, 10.0, "sweep",
+                        sweep=True, cache=cache))
+    out.append(Case("sweep 15 points, cold, --jobs 2", ["sweep", "--vary", VISUAL_5, "--no-plots", "--jobs", "2"],
+                    2.5, "sweep", sweep=True))
+    out.append(Case("sweep 200 points, cold, --jobs 2", [*sweep_200, "--jobs", "2"], 10.0, "sweep", sweep=True))
     return out
 
 

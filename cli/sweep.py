@@ -43,6 +43,19 @@ VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}, or
              "derives its tokens from it; image_size=N is the tower's px.")
 
 
+# ``--jobs`` by default: a grid this large is counted in one process per CPU core (forks: they start at once)
+AUTO_JOBS_MIN_POINTS = 8
+
+
+def auto_jobs(points: int, measure: str, launched: bool) -> int:
+    """The default ``--jobs``: one per CPU core this process may use for a grid of at least
+    :data:`AUTO_JOBS_MIN_POINTS` points that measures nothing outside a launcher; else 1."""
+    if measure != "never" or launched or points < AUTO_JOBS_MIN_POINTS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, points))
+
+
 @handle_errors
 def sweep(
     vary: list[str] = typer.Option(..., "--vary", "-v", help=VARY_HELP),
@@ -67,9 +80,11 @@ def sweep(
     db: Path = typer.Option(None, help="SQLite file that gets every finished point's rows once (as each finishes)."),
     wait_ranks: float = typer.Option(86400.0, min=0.0, help="Under several ranks (torchrun, srun): seconds rank 0 "
                                      "waits for the others before writing the summary from what is finished."),
-    jobs: int = typer.Option(1, min=1, help="Count the points in this many local processes (ranks of one launch "
+    jobs: int = typer.Option(None, min=1, help="Count the points in this many local processes (ranks of one launch "
                              "on this machine, as under torchrun); not with --measure, whose timings they would "
-                             "share the machine with."),
+                             "share the machine with. Default: one per CPU core for a grid of "
+                             f"{AUTO_JOBS_MIN_POINTS} or more points that measures nothing outside a launcher, "
+                             "else 1."),
 ) -> None:
     """Sweep workload/config fields across architectures; re-running skips points this code finished here.
 
@@ -109,7 +124,12 @@ def sweep(
     grid = parse_vary(vary)
     points = expand(archs, grid, base, llm, vision, options, measure.value)
     ranks = launch_ranks()
-    if jobs > 1:
+    if jobs is None:
+        jobs = auto_jobs(len(points), measure.value, ranks.world_size > 1)
+        if jobs > 1:
+            err_console.print(f"counting in {jobs} local processes (one per CPU core; --jobs 1 for one)",
+                              highlight=False)
+    elif jobs > 1:
         if ranks.world_size > 1:
             raise ConfigError(f"--jobs {jobs} under a launcher of {ranks.world_size} ranks ({ranks.source}): use one "
                               "or the other")

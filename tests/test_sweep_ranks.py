@@ -402,8 +402,20 @@ def test_only_rank_zero_writes_the_sqlite_file_and_it_gets_every_rank_s_points_o
     assert len(set(per_point.values())) == 1  # every point stored once, with all of its rows
 
 
-def test_jobs_count_points_in_local_processes_as_one_process_would(tmp_path, no_launcher, pinned_code, monkeypatch):
-    """``--jobs 2``: a spawned second process takes every other point; the summary equals a one-process run."""
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_jobs_count_points_in_local_processes_as_one_process_would(tmp_path, no_launcher, pinned_code, monkeypatch,
+                                                                   method):
+    """``--jobs 2``: a second process (a fork, or a fresh interpreter where CUDA is initialised here) takes every
+    other point; the summary equals a one-process run."""
+    import multiprocessing
+
+    import torch
+
+    if method == "spawn":
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    methods = []
+    real = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda m=None: methods.append(m) or real(m))
     monkeypatch.setenv("GIT_DIR", str(ROOT / "no-such-git-dir"))  # the spawned rank sees the code version too
     jobs, single = tmp_path / "jobs", tmp_path / "single"
     result = CliRunner().invoke(app, [*SWEEP, "--out", str(jobs), "--jobs", "2", "--wait-ranks", "120"])
@@ -413,6 +425,7 @@ def test_jobs_count_points_in_local_processes_as_one_process_would(tmp_path, no_
     folder = next((jobs / "ranks").glob("jobs-*-of-2"))  # the spawned rank's done marker names its start marker
     done, start = (json.loads((folder / name).read_text()) for name in ("rank-1.json", "rank-1.start.json"))
     assert (done["pid"], done["started"]) == (start["pid"], start["started"]) and done["pid"] != os.getpid()
+    assert methods == [method]
     assert CliRunner().invoke(app, [*SWEEP, "--out", str(single)]).exit_code == 0
     pd.testing.assert_frame_equal(comparable(jobs / "results.json"), comparable(single / "results.json"))
 
@@ -437,3 +450,14 @@ def test_a_point_reported_finished_whose_file_does_not_parse_is_an_error_not_an_
     merged = merge_ranks(points, own, {1: marker}, {}, tmp_path, 2)
     assert [o.status for o in merged.outcomes] == ["ok", "error"]
     assert any(points[1].key == key and "did not parse" in why for key, why in merged.errors)
+
+
+def test_jobs_default_to_one_per_core_only_for_large_grids_that_measure_nothing_outside_a_launcher():
+    from mllm_bench.cli.sweep import AUTO_JOBS_MIN_POINTS, auto_jobs
+
+    cores = len(os.sched_getaffinity(0))
+    assert auto_jobs(AUTO_JOBS_MIN_POINTS, "never", launched=False) == min(cores, AUTO_JOBS_MIN_POINTS)
+    assert auto_jobs(200, "never", launched=False) == cores
+    assert auto_jobs(AUTO_JOBS_MIN_POINTS - 1, "never", launched=False) == 1
+    assert auto_jobs(200, "auto", launched=False) == auto_jobs(200, "always", launched=False) == 1
+    assert auto_jobs(200, "never", launched=True) == 1
