@@ -209,14 +209,16 @@ def _module_signature(mod: nn.Module, depth: int = 0, seen: frozenset[int] = fro
     """A module's structure: class and ``forward`` code, own parameters and buffers, plain attributes, hooks,
     children (each the same, by name)."""
     cls = type(mod)
-    own = tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in mod.named_parameters(recurse=False))
-    bufs = tuple((n, tuple(b.shape), str(b.dtype)) for n, b in mod.named_buffers(recurse=False))
-    plain = {k: v for k, v in vars(mod).items() if not k.startswith("_") and not getattr(v, "_reuse_wrapper", False)}
+    # the module's own registries, read directly (every name, a tensor registered twice included): this runs for
+    # every block call of a count, and the public iterators cost several times more
+    own = tuple((n, p.shape, p.dtype, p.requires_grad) for n, p in mod._parameters.items() if p is not None)
+    bufs = tuple((n, b.shape, b.dtype) for n, b in mod._buffers.items() if b is not None)
+    plain = {k: v for k, v in vars(mod).items() if k[0] != "_" and not getattr(v, "_reuse_wrapper", False)}
     hooks = tuple(len(getattr(mod, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
     forward = getattr(cls.forward, "__code__", None)
     return (cls.__module__, cls.__qualname__, id(forward), own, bufs, hooks,
             _signature(plain, depth + 1, seen),
-            tuple((n, _module_signature(c, depth + 1, seen)) for n, c in mod.named_children()))
+            tuple((n, _module_signature(c, depth + 1, seen)) for n, c in mod._modules.items() if c is not None))
 
 
 class _Recorder:
