@@ -103,13 +103,20 @@ def classify_modules(model: nn.Module, declared: dict[str, str] | None = None) -
     children: dict[str, str | None] = {}
     for name, mod in model.named_modules():
         inherited = children.get(name.rpartition(".")[0]) if name else None
-        c = declared.get(name) or getattr(mod, "cost_component", None) or inherited
+        c = declared.get(name) or _declared(mod, "cost_component") or inherited
         if c is not None and c not in COMPONENTS:
             raise ConfigError(f"module {name or '<model>'} ({type(mod).__name__}) declares cost component {c!r}; "
                               f"allowed: {list(COMPONENTS)}")
         comp[name] = c
-        children[name] = getattr(mod, "cost_component_children", None) or c
+        children[name] = _declared(mod, "cost_component_children") or c
     return comp
+
+
+def _declared(mod: nn.Module, attribute: str) -> str | None:
+    """``getattr(mod, attribute, None)`` for a plain attribute, without nn.Module's slow path for a missing one
+    (a count classifies every module of the model, twice per phase)."""
+    own = vars(mod).get(attribute)
+    return own if own is not None else getattr(type(mod), attribute, None)
 
 
 @dataclass
