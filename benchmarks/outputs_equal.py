@@ -4,7 +4,8 @@ Runs ``compare`` (defaults), ``compare --count all`` over every registered archi
 ``paper`` and the README's 15-point sweep twice: once with the code of ``REV`` (a ``git worktree`` put first on
 ``PYTHONPATH``), once with this checkout. The count cache is off. Then it compares every field of every JSON
 and CSV file both runs wrote. Fields that say when or from which code a row was made (``git_commit``,
-``timestamp``, code fingerprints) are ignored; the script prints any other difference and exits 1.
+``timestamp``, code fingerprints) and how a sweep was split across processes (its ``ranks`` markers and summary
+field) are ignored; the script prints any other difference and exits 1.
 
     python benchmarks/outputs_equal.py 0bdc6b5 [--keep DIR]
 """
@@ -26,6 +27,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VOLATILE = re.compile(r"(^|\.)(git_commit|timestamp|created|finished|sweep_code|code)$")
+# how a sweep's points were split across processes (its ``ranks/`` markers and the summary's ``ranks``): a
+# sweep of this size counts in one process per core by default, which the earlier revision may not have done
+LAUNCH = re.compile(r"^\.ranks(\.|$)")
 ARCHS = "llava,llava-next,naavit,flamingo,saisa,shortv,fastv,visionzip,qformer,mllama"
 COMMANDS = {
     "compare": ["compare", "-f", "json"],
@@ -85,7 +89,8 @@ def load(path: Path) -> dict[str, Any]:
 def differences(before: Path, after: Path) -> Counter[str]:
     """Counts of differing fields (list positions folded), by file suffix and path, plus missing files."""
     found: Counter[str] = Counter()
-    names = {p.relative_to(run) for run in (before, after) for p in run.rglob("*") if p.suffix in (".json", ".csv")}
+    names = {p.relative_to(run) for run in (before, after) for p in run.rglob("*") if p.suffix in (".json", ".csv")
+             and "ranks" not in p.relative_to(run).parts[1:-1]}
     for name in sorted(names):
         if not (before / name).exists() or not (after / name).exists():
             found[f"only one run wrote {name}"] += 1
@@ -93,7 +98,8 @@ def differences(before: Path, after: Path) -> Counter[str]:
         a, b = load(before / name), load(after / name)
         for key in a.keys() | b.keys():
             field = re.sub(r"\[\d+\]", "[]", key)
-            if not VOLATILE.search(field.replace("[]", "")) and a.get(key) != b.get(key):
+            plain = field.replace("[]", "")
+            if not VOLATILE.search(plain) and not LAUNCH.search(plain) and a.get(key) != b.get(key):
                 found[f"{name.suffix} {field}"] += 1
     return found
 
