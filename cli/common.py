@@ -381,7 +381,8 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
         # a run this code checked before, with the same model and workload, passes again: no model is built
         checked_name = count_cache.model_key("checks", run.arch, run.llm, run.vision, run.options, run.workload)
         checked = count_cache.load(checked_name, "checks") if checked_name else None
-        if checked is not None and not should_measure(run.measure, device, checked["params"]):
+        if checked is not None and isinstance(checked.get("params"), int) and not should_measure(
+                run.measure, device, checked["params"]):
             continue
         key = repr((run.arch, run.llm, run.vision, sorted((run.options or {}).items()), run.workload.dtype))
         if key not in models:
@@ -395,9 +396,10 @@ def check_runs(runs: Iterable[Run], attention_backend: str = "sdpa", decode_mode
             model.example_batch(run.workload.replace(device="meta"))  # counts that depend on each image's size
         except ConfigError as err:
             raise ConfigError(f"{run.arch} on {llm_name}: {err}") from err
+        params = model.num_parameters()
         if checked_name:
-            count_cache.store(checked_name, {"params": model.num_parameters()}, "checks")
-        if not should_measure(run.measure, device, model.num_parameters()):
+            count_cache.store(checked_name, {"params": params}, "checks")
+        if not should_measure(run.measure, device, params):
             continue
         if decode_mode == "graph" and torch.device(device).type != "cuda":
             raise ConfigError(f"--decode-mode graph captures decode steps as a CUDA graph and needs a CUDA device; "

@@ -71,13 +71,12 @@ def model_key(kind: str, arch: str, llm: Any, vision: Any, options: dict[str, An
     """The entry name for a ``kind`` answer about architecture ``arch`` with these presets (or configs) and
     options, and ``parts``; None when they do not resolve (building the model then gives the error)."""
     from .config import ConfigError
-    from .presets import llm_preset, vision_preset
+    from .presets import resolve_configs
     from .registry import get_architecture
 
     try:
         cls = get_architecture(arch)
-        llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
-        vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
+        llm_cfg, vision_cfg = resolve_configs(llm, vision)
     except (ConfigError, ImportError, TypeError):
         return None
     return key(cls, kind, arch, llm_cfg, vision_cfg, sorted((options or {}).items()), *parts)

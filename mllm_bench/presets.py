@@ -89,3 +89,9 @@ def vision_preset(name: str) -> VisionConfig:
     if not isinstance(name, str) or name not in VISION_PRESETS:
         raise ConfigError(f"unknown vision preset {name!r}; choose one of {sorted(VISION_PRESETS)}")
     return VISION_PRESETS[name]
+
+
+def resolve_configs(llm: str | LLMConfig, vision: str | VisionConfig) -> tuple[LLMConfig, VisionConfig]:
+    """The LLM and vision configs named by presets (or given as configs)."""
+    return (llm_preset(llm) if isinstance(llm, str) else llm,
+            vision_preset(vision) if isinstance(vision, str) else vision)

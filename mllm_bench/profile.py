@@ -29,7 +29,7 @@ from .measure import MeasureSettings, prepare_model, time_decode, time_phase, ti
 from .memory import MeasuredMemory, analytic_memory
 from .model import MLLM
 from .registry import build_model, get_architecture
-from .results import make_row, to_frame
+from .results import COLUMNS, make_row, to_frame
 from .timing import Timing
 from .workload import PAPER_WORKLOAD, Workload, dtype_name, parse_dtype
 
@@ -245,6 +245,18 @@ def cached_meta_model(arch: str, llm: str | LLMConfig, vision: str | VisionConfi
     return model
 
 
+def _cached_rows(name: str) -> tuple[int, list[dict]] | None:
+    """(parameter count, rows) of a cached unmeasured profile; None when absent, or when the entry is not
+    whole rows of today's columns (then the profile runs and writes it again)."""
+    hit = count_cache.load(name, "rows")
+    if hit is None or not isinstance(hit.get("params"), int) or not isinstance(hit.get("rows"), list):
+        return None
+    rows = hit["rows"]
+    if not all(isinstance(row, dict) and row.keys() == set(COLUMNS) for row in rows):
+        return None
+    return hit["params"], rows
+
+
 def _counts(arch: str, model: MLLM, workload: Workload, context_len: int | None,
             ctx: int | str) -> tuple[dict[str, CountedFlops], int | str]:
     """Counted FLOPs of ``workload``'s phases (and the decode context), from the count cache when this code
@@ -294,10 +306,10 @@ def profile(
     # rows that measure nothing are a function of the code and the shapes: answered from the count cache
     rows_name = count_cache.model_key("rows", arch, llm, vision, options, workload, context_len, count,
                                       attention_backend)
-    hit = count_cache.load(rows_name, "rows") if rows_name else None
-    if hit is not None and not should_measure(measure, run_device, hit["params"]):
+    hit = _cached_rows(rows_name) if rows_name else None
+    if hit is not None and not should_measure(measure, run_device, hit[0]):
         fresh = environment("meta", attention_backend)
-        return to_frame([{**row, **fresh} for row in hit["rows"]])
+        return to_frame([{**row, **fresh} for row in hit[1]])
     meta_model = cached_meta_model(arch, llm, vision, options, workload.torch_dtype)
     num_params = meta_model.num_parameters()
     do_measure = should_measure(measure, run_device, num_params)

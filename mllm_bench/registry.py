@@ -15,7 +15,7 @@ import torch
 
 from .config import ConfigError, LLMConfig, VisionConfig
 from .model import MLLM
-from .presets import llm_preset, vision_preset
+from .presets import resolve_configs
 from .spec import ArchSpec
 from .workload import parse_dtype
 
@@ -124,8 +124,7 @@ def build_model(
     if not isinstance(vision, str | VisionConfig):
         raise ConfigError(f"vision must be a preset name or a VisionConfig, got {type(vision).__name__}")
     device = usable_device(device)
-    llm_cfg = llm_preset(llm) if isinstance(llm, str) else llm
-    vision_cfg = vision_preset(vision) if isinstance(vision, str) else vision
+    llm_cfg, vision_cfg = resolve_configs(llm, vision)
     torch_dtype = parse_dtype(dtype)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)  # parameters are created in the target dtype (no fp32 detour)

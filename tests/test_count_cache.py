@@ -128,3 +128,20 @@ def test_meta_builds_skip_initialisation_and_restore_it() -> None:
     assert not torch.equal(first, torch.zeros_like(first))
     assert torch.equal(first, build_model("llava", "tiny-llm", "tiny-clip", device="cpu")
                        .vision_tower.embeddings.class_embedding)
+
+
+@pytest.mark.parametrize("damage", ["a row without its note", "no parameter count"])
+def test_a_rows_entry_that_parses_but_is_not_whole_is_computed_again(cache, damage) -> None:
+    import json
+
+    cold = profiling.profile("llava", WL, **TINY)
+    (entry,) = (cache.parent / "rows").glob("*.json")
+    data = json.loads(entry.read_text(encoding="utf-8"))
+    if damage == "no parameter count":
+        del data["params"]
+    else:
+        del data["rows"][0]["note"]
+    entry.write_text(json.dumps(data), encoding="utf-8")
+    again = profiling.profile("llava", WL, **TINY)
+    assert _fields(again) == _fields(cold)
+    assert json.loads(entry.read_text(encoding="utf-8")) != data  # written whole again
