@@ -71,6 +71,7 @@ from mllm_bench.reports.sweep import claim_point, point_origin, point_path, read
 from torch._dynamo.exc import TorchDynamoException
 
 from mllm_bench import Workload, architecture_names, build_model, get_architecture
+from mllm_bench.atomic import atomic_write_text
 from mllm_bench.attention import describe_paths, record_paths
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, replace
 from mllm_bench.devices import peak_flops
@@ -89,7 +90,7 @@ from mllm_bench.measure import (
 from mllm_bench.memory import MeasuredMemory
 from mllm_bench.optim import OPTIMIZERS, optimizer_state_bytes
 from mllm_bench.presets import llm_preset, vision_preset
-from mllm_bench.results import atomic_write_text, make_row, rows_to_json, to_frame, write_rows
+from mllm_bench.results import make_row, rows_to_json, to_frame, write_rows
 from mllm_bench.static_decode import DECODE_MODES
 from mllm_bench.timing import Timing
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mllm_bench.environment import version_text
+
+if TYPE_CHECKING:
+    from mllm_bench.declared import Listing
 
 
 def _print_version(value: bool) -> None:
@@ -45,37 +48,54 @@ def option_defaults(options_cls: type) -> list[tuple[str, str]]:
 def architecture_rows() -> list[tuple[str, str, str]]:
     """(name, wiring, options with defaults) of every installed architecture, in the registry's order.
 
-    Listing imports every architecture, and so torch (~2 s); the answer is kept in the cache folder
-    (:mod:`mllm_bench.fingerprint`), keyed by the package's source hash, each entry point's module source and
-    its distribution's version, so that a repeated ``mllm-bench list`` imports none of them."""
+    The built-in architectures' declarations are read from their source (:mod:`mllm_bench.declared`), without
+    importing them (and so torch, ~2 s); a third-party one, one declared in another form, or one registered
+    in this process is imported. The answer is kept in the cache folder (:mod:`mllm_bench.fingerprint`), keyed
+    by the package's source hash, each entry point's module source and its distribution's version."""
     import hashlib
     import json
     from importlib.metadata import entry_points
 
+    from mllm_bench.declared import BUILTIN_MODULES, ENTRY_POINT_GROUP, Listing, declared_listing
     from mllm_bench.fingerprint import code_fingerprint, module_fingerprint, read_entry, write_entry
 
-    eps = sorted(entry_points(group="mllm_bench.architectures"), key=lambda ep: ep.name)
+    eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    registry = sys.modules.get("mllm_bench.registry")  # only a process that imported it can register more
+    registered = sorted(set(registry.registered_names()) - {ep.name for ep in eps}) if registry else []
     key = hashlib.sha256(json.dumps([code_fingerprint(), [
         (ep.name, ep.value, module_fingerprint(ep.module), ep.dist.version if ep.dist else "") for ep in eps
     ]]).encode()).hexdigest()
-    cached = read_entry("list", key)
+    cached = read_entry("list", key) if not registered else None
     if isinstance(cached, list) and all(isinstance(row, list) and len(row) == 3 for row in cached):
         return [tuple(row) for row in cached]
-    from mllm_bench.config import ConfigError
-    from mllm_bench.registry import architecture_names, get_architecture
 
-    rows, broken = [], False
-    for name in architecture_names():
+    listings: list[Listing | tuple[str, str]] = []  # a listing, or (name, why it failed to load)
+    for name, value in [(ep.name, ep.value) for ep in eps] + [(name, "") for name in registered]:
+        declared = declared_listing(value) if value.startswith(BUILTIN_MODULES) else None
         try:
-            cls = get_architecture(name)
-            options = "\n".join(f"{k}={v}" for k, v in option_defaults(cls.Options)) or "none"
-            rows.append((name, cls.spec.description, options))
-        except (ImportError, ConfigError) as err:  # a broken third-party plugin must not hide the others
-            rows.append((name, f"[red]failed to load: {err}[/red]", ""))
-            broken = True
-    if not broken:  # a failure is shown again, never remembered
+            listings.append(declared if declared is not None and declared.name == name else imported_listing(name))
+        except ImportError as err:  # a broken third-party plugin must not hide the others
+            listings.append((name, str(err)))
+    listings.sort(key=lambda x: (x.order, x.name) if isinstance(x, Listing) else (10**9, x[0]))
+    rows = [(x.name, x.description, "\n".join(f"{k}={v}" for k, v in x.option_defaults) or "none")
+            if isinstance(x, Listing) else (x[0], f"[red]failed to load: {x[1]}[/red]", "") for x in listings]
+    if not registered and all(isinstance(x, Listing) for x in listings):  # a failure is shown again, never kept
         write_entry("list", key, rows)
     return rows
+
+
+def imported_listing(name: str) -> Listing:
+    """The listing of architecture ``name`` from its imported class; ImportError (with the reason) when it
+    does not load."""
+    from mllm_bench.config import ConfigError
+    from mllm_bench.declared import Listing
+    from mllm_bench.registry import get_architecture
+
+    try:
+        cls = get_architecture(name)
+    except ConfigError as err:
+        raise ImportError(str(err)) from err
+    return Listing(name, cls.spec.description, cls.spec.order, tuple(option_defaults(cls.Options)))
 
 
 def list_cmd() -> None:

@@ -154,7 +154,8 @@ def emit(rows: pd.DataFrame, stages: list[str], baseline: str, scope: str, conve
     accuracy rows (and plotted against prefill FLOPs), never written into the result files."""
     from mllm_bench.reports import tables
 
-    from mllm_bench.results import append_sqlite, atomic_write_text, rows_to_json, write_rows
+    from mllm_bench.atomic import atomic_write_text
+    from mllm_bench.results import append_sqlite, rows_to_json, write_rows
 
     quantities = tables.compare_quantities(scope, convention, tuple(stages))
     table_rows = rows

@@ -61,7 +61,8 @@ def train_cost(
     """Training budget (FLOPs, GPU-hours) of the LLaVA-1.5 recipe per architecture, vs the paper's −26%."""
     from mllm_bench.reports import train_cost as budget
 
-    from mllm_bench.results import atomic_write_text, write_rows
+    from mllm_bench.atomic import atomic_write_text
+    from mllm_bench.results import write_rows
 
     archs, options = parse_models(arch, llm, vision, option)
     budget.peak_flops(device)  # an unknown device is bad usage, before any counting

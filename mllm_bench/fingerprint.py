@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
+
 SUBPACKAGES = ("architectures", "reports", "cli")
 
 
@@ -47,8 +49,6 @@ def write_entry(kind: str, name: str, value: Any) -> None:
     """Cache ``value`` (JSON) as ``kind/name``, atomically; a cache that cannot be written is skipped."""
     if not caches_enabled():
         return
-    from .results import atomic_write_text  # imports pandas: only when something is written
-
     try:
         (cache_root() / kind).mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_root() / kind / f"{name}.json", json.dumps(value))

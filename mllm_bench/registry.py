@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from .config import ConfigError, LLMConfig, VisionConfig
+from .declared import ENTRY_POINT_GROUP
 from .model import MLLM
 from .presets import resolve_configs
 from .spec import ArchSpec
 from .workload import parse_dtype
 
-ENTRY_POINT_GROUP = "mllm_bench.architectures"
 _registered: dict[str, type[MLLM]] = {}
 
 
@@ -35,6 +35,11 @@ def register(cls: type[MLLM]) -> type[MLLM]:
     _check_spec(cls, "register()")
     _registered[cls.spec.name] = cls
     return cls
+
+
+def registered_names() -> list[str]:
+    """The architectures added with :func:`register` in this process."""
+    return list(_registered)
 
 
 def unregister(name: str) -> None:

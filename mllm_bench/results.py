@@ -12,9 +12,7 @@ import csv
 import io
 import json
 import math
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_write_text
 from .config import ConfigError
 
 IDENTITY = ("arch", "llm", "vision", "options")
@@ -109,26 +108,6 @@ def concat_rows(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 # ----- writing -----------------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` through a temporary file, fsync and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _json_value(value: Any) -> Any:
     if type(value) in (str, int, bool):
         return value

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from mllm_bench.atomic import atomic_write_text
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.costmodel import SCOPES, CostBreakdown, CostModel, Segment, causal_pairs
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.registry import architecture_names, build_model
-from mllm_bench.results import atomic_write_text
 from mllm_bench.workload import PAPER_WORKLOAD, Workload, dtype_name
 
 from .rows import CONVENTION_TEXT, SCOPE_TEXT, field_text, fmt_change, normalise

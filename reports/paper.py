@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from mllm_bench.atomic import atomic_write_text
 from mllm_bench.config import LLMConfig, VisionConfig
 from mllm_bench.conventions import scope_for
 from mllm_bench.presets import llm_preset, vision_preset
-from mllm_bench.results import atomic_write_text, concat_rows, write_rows
+from mllm_bench.results import concat_rows, write_rows
 from mllm_bench.workload import PAPER_WORKLOAD, Workload
 
 from . import plots, train_cost

@@ -62,6 +62,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mllm_bench.atomic import atomic_write_text
 from mllm_bench.choices import VARY_FIELDS as VARY_FIELDS  # re-exported
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
@@ -70,7 +71,7 @@ from mllm_bench.environment import device_name, git_commit
 from mllm_bench.model import option_value, parse_options
 from mllm_bench.presets import LLM_PRESETS, vision_preset
 from mllm_bench.registry import get_architecture
-from mllm_bench.results import SQLITE_TABLE, atomic_write_text, concat_rows, rows_to_json, write_rows
+from mllm_bench.results import SQLITE_TABLE, concat_rows, rows_to_json, write_rows
 from mllm_bench.workload import Workload
 
 from .rows import pick

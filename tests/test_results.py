@@ -112,7 +112,7 @@ def test_bad_files(tmp_path):
 
 
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
-    from mllm_bench.results import atomic_write_text
+    from mllm_bench.atomic import atomic_write_text
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")

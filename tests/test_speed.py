@@ -67,18 +67,34 @@ def test_reused_block_counts_equal_a_full_count(arch: str, device: str) -> None:
         assert _counts(a) == _counts(b) and a.by_pass() == b.by_pass()
 
 
-def test_a_repeated_list_imports_no_torch_and_prints_the_same(tmp_path) -> None:
-    """The first ``list`` imports the architectures (torch); its rows are cached, keyed by the code."""
+def test_list_imports_no_torch_cold_or_warm_and_prints_what_the_imported_classes_say(tmp_path) -> None:
+    """The built-in architectures are read from source (``mllm_bench.declared``); the rows are then cached."""
     env = {"MLLM_BENCH_COUNT_CACHE": "on", "MLLM_BENCH_CACHE_DIR": str(tmp_path)}
-    first, code = _startup("list", env=env)
-    assert "torch" in first and code == "0"
-    again, code = _startup("list", env=env)
-    assert again == [] and code == "0"
-    cold = subprocess.run([sys.executable, "-m", "mllm_bench.cli.app", "list"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "120", "MLLM_BENCH_COUNT_CACHE": "off"}, timeout=60)
+    for _ in ("cold", "warm"):
+        heavy, code = _startup("list", env=env)
+        assert heavy == [] and code == "0"
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys; from mllm_bench import declared; declared.declared_listing = "
+         "lambda value: None; sys.argv = ['mllm-bench', 'list']; from mllm_bench.cli.app import main; main()"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "120", "MLLM_BENCH_COUNT_CACHE": "off"},
+        timeout=60)
     warm = subprocess.run([sys.executable, "-m", "mllm_bench.cli.app", "list"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "120", **env}, timeout=60)
-    assert warm.stdout == cold.stdout and "saisa" in warm.stdout
+    assert imported.returncode == 0, imported.stderr
+    assert warm.stdout == imported.stdout and "saisa" in warm.stdout
+
+
+def test_every_built_in_architecture_reads_from_source_as_its_imported_class_says() -> None:
+    from importlib.metadata import entry_points
+
+    from mllm_bench.cli.app import imported_listing
+
+    from mllm_bench.declared import ENTRY_POINT_GROUP, declared_listing
+
+    eps = entry_points(group=ENTRY_POINT_GROUP)
+    assert len(eps) >= 10
+    for ep in eps:
+        assert declared_listing(ep.value) == imported_listing(ep.name), ep.name
 
 
 def test_the_list_cache_follows_the_architecture_modules(tmp_path, monkeypatch) -> None:
