@@ -51,7 +51,7 @@ def write_entry(kind: str, name: str, value: Any) -> None:
         return
     try:
         (cache_root() / kind).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache_root() / kind / f"{name}.json", json.dumps(value))
+        atomic_write_text(cache_root() / kind / f"{name}.json", json.dumps(value), durable=False)
     except OSError:
         pass
 

@@ -55,12 +55,14 @@ def test_the_key_follows_the_model_the_workload_and_the_code(cache, monkeypatch)
     assert len(list(cache.glob("*.json"))) == 5
 
 
-def test_an_unreadable_entry_is_counted_again(cache) -> None:
+@pytest.mark.parametrize("damage", ["{not json", "", "\0" * 64], ids=["torn", "empty", "zeros"])
+def test_an_unreadable_entry_is_counted_again(cache, damage) -> None:
+    """Entries are written without fsync: after a crash one may hold nothing or zeros; it is computed again."""
     cold = profiling.profile("llava", WL, **TINY)
     entries = sorted(cache.parent.glob("*/*.json"))
     assert [e.parent.name for e in entries] == ["counts", "rows"]
     for entry in entries:
-        entry.write_text("{not json", encoding="utf-8")
+        entry.write_text(damage, encoding="utf-8")
     again = profiling.profile("llava", WL, **TINY)
     assert _fields(again) == _fields(cold)
     assert all(entry.read_text(encoding="utf-8").startswith("{") for entry in entries)
@@ -145,3 +147,18 @@ def test_a_rows_entry_that_parses_but_is_not_whole_is_computed_again(cache, dama
     again = profiling.profile("llava", WL, **TINY)
     assert _fields(again) == _fields(cold)
     assert json.loads(entry.read_text(encoding="utf-8")) != data  # written whole again
+
+
+def test_cache_entries_skip_fsync_and_results_keep_it(cache, monkeypatch, tmp_path) -> None:
+    import os
+
+    from mllm_bench import atomic
+    from mllm_bench.fingerprint import read_entry, write_entry
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    write_entry("counts", "probe", {"a": 1})
+    assert synced == [] and read_entry("counts", "probe") == {"a": 1}
+    atomic.atomic_write_text(tmp_path / "result.json", "{}")
+    assert len(synced) == 1
