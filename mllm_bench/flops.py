@@ -89,19 +89,21 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
     return {**flop_registry, **extra}
 
 
-def classify_modules(model: nn.Module, declared: dict[str, str] | None = None) -> dict[str, str | None]:
+def classify_modules(model: nn.Module, declared: dict[str, str] | None = None,
+                     named: list[tuple[str, nn.Module]] | None = None) -> dict[str, str | None]:
     """Cost component of every module name (``""`` is the model itself; None: declares none).
 
     A module's component is, first, the one ``declared`` for its name (an :class:`MLLM`'s
     ``module_components()`` by default: ``lm_head``, the embedding, its spec's ``components``), else its
     class's ``cost_component`` attribute, else what its parent gives its children (the parent's
-    ``cost_component_children``, default its own component). Unknown names are an error.
+    ``cost_component_children``, default its own component). Unknown names are an error. ``named``:
+    ``list(model.named_modules())``, when the caller has it.
     """
     if declared is None:
         declared = model.module_components() if isinstance(model, MLLM) else {}
     comp: dict[str, str | None] = {}
     children: dict[str, str | None] = {}
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules() if named is None else named:
         inherited = children.get(name.rpartition(".")[0]) if name else None
         c = declared.get(name) or _declared(mod, "cost_component") or inherited
         if c is not None and c not in COMPONENTS:
@@ -316,8 +318,9 @@ class ComponentFlopCounter(TorchDispatchMode):
     def __init__(self, model: nn.Module, strict: bool = True, reuse: bool = True) -> None:
         super().__init__()
         self.model, self.strict, self.reuse = model, strict, reuse
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.components = classify_modules(model)
+        self._named = list(model.named_modules())  # walked once per count: names, components, blocks to reuse
+        self.names = {id(m): n for n, m in self._named}
+        self.components = classify_modules(model, named=self._named)
         self.formulas = flop_formulas()
         self.stack: list[str] = []
         self.seq_module: dict[int, str] = {}
@@ -351,7 +354,7 @@ class ComponentFlopCounter(TorchDispatchMode):
         self._handles = [register_module_forward_pre_hook(self._pre),
                          register_module_forward_hook(self._post, always_call=True)]
         if self.reuse:
-            for mod in self.model.modules():
+            for _, mod in self._named:
                 if isinstance(mod, nn.ModuleList) and len(mod) > 1:
                     for block in mod:
                         self._patched.append((block, block.__dict__.get("forward")))

@@ -220,8 +220,11 @@ class MLLM(nn.Module, ABC):
         """Set ``requires_grad`` for ``stage`` (and train/eval mode); returns the trainable parameters."""
         trainable = self.trainable_parameters(stage)
         for name, param in self.named_parameters():
-            param.requires_grad_(name in trainable)
-        self.train(stage != "inference")
+            if param.requires_grad != (name in trainable):
+                param.requires_grad_(name in trainable)
+        training = stage != "inference"
+        if any(m.training != training for m in self.modules()):  # reading is cheaper than nn.Module's setattr
+            self.train(training)
         return trainable
 
     def num_parameters(self, prefix: str = "") -> int:

@@ -111,3 +111,20 @@ def test_specs_are_complete_for_every_architecture():
         assert isinstance(spec, ArchSpec) and spec.name == name
         model = tiny_model(name)  # the tiny options fit the tiny presets
         assert all(unit in list(model.modules()) for unit in model.fsdp_units())
+
+
+@pytest.mark.parametrize("arch", ["llava", "flamingo"])
+def test_set_stage_leaves_every_module_and_parameter_as_the_stage_says(arch):
+    """Whatever state it starts from: a submodule switched by hand, a parameter frozen or unfrozen by hand."""
+    model = tiny_model(arch)
+    for first, second in [("finetune", "inference"), ("inference", "pretrain"), ("pretrain", "finetune"),
+                          ("inference", "inference")]:
+        model.set_stage(first)
+        model.vision_tower.train(first == "inference")  # the opposite of what the stage says
+        next(model.language_model.parameters()).requires_grad_(True)
+        trainable = model.set_stage(second)
+        prefixes = model.trainable_prefixes(second) if second != "inference" else ()
+        expected = {n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)}
+        assert set(trainable) == expected
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+        assert {m.training for m in model.modules()} == {second != "inference"}
