@@ -16,6 +16,9 @@ from mllm_bench.choices import VARY_FIELDS
 from mllm_bench.config import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     from mllm_bench.reports.sweep import SweepResult
 
 from .common import (
@@ -27,7 +30,6 @@ from .common import (
     Scope,
     check_before_work,
     err_console,
-    get_profile,
     handle_errors,
     make_workload,
     parse_models,
@@ -45,6 +47,14 @@ VARY_HELP = (f"FIELD=v1,v2,... (one or two; fields: {', '.join(VARY_FIELDS)}, or
 
 # ``--jobs`` by default: a grid this large is counted in one process per CPU core (forks: they start at once)
 AUTO_JOBS_MIN_POINTS = 8
+
+
+def get_profile() -> Callable[..., list[dict[str, Any]]]:
+    """The profiler as a sweep calls it: :func:`~mllm_bench.profile.profile_rows`, rows as dicts (a point's
+    rows go to its JSON record without a DataFrame)."""
+    from mllm_bench.profile import profile_rows
+
+    return profile_rows
 
 
 def auto_jobs(points: int, measure: str, launched: bool) -> int:

@@ -288,6 +288,23 @@ def profile(
 ) -> pd.DataFrame:
     """Profile ``arch`` on ``workload`` and return tidy result rows (see :mod:`mllm_bench.results`).
 
+    :func:`profile_rows` gives the same rows as dicts (one per row, the schema's columns)."""
+    return to_frame(profile_rows(arch, workload, llm, vision, options, measure, count, context_len, settings))
+
+
+def profile_rows(
+    arch: str,
+    workload: Workload = PAPER_WORKLOAD,
+    llm: str | LLMConfig = "vicuna-7b",
+    vision: str | VisionConfig = "clip-vit-l-336",
+    options: dict[str, Any] | None = None,
+    measure: bool | str = False,
+    count: bool = True,
+    context_len: int | None = None,
+    settings: MeasureSettings | None = None,
+) -> list[dict[str, Any]]:
+    """The rows of :func:`profile`, as dicts (:func:`~mllm_bench.results.make_row`).
+
     ``measure``: False/``never``, True/``always`` or ``auto`` (CUDA always, CPU for small models);
     measurement runs on ``workload.device`` (``meta`` means CUDA when available, else CPU) with
     random weights, as ``settings`` say (:class:`~mllm_bench.measure.MeasureSettings`: attention backend,
@@ -309,7 +326,7 @@ def profile(
     hit = _cached_rows(rows_name) if rows_name else None
     if hit is not None and not should_measure(measure, run_device, hit[0]):
         fresh = environment("meta", attention_backend)
-        return to_frame([{**row, **fresh} for row in hit[1]])
+        return [{**row, **fresh} for row in hit[1]]
     meta_model = cached_meta_model(arch, llm, vision, options, workload.torch_dtype)
     num_params = meta_model.num_parameters()
     do_measure = should_measure(measure, run_device, num_params)
@@ -349,4 +366,4 @@ def profile(
         del model
     elif rows_name:
         count_cache.store(rows_name, {"params": num_params, "rows": rows}, "rows")
-    return to_frame(rows)
+    return rows

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,41 @@ def rows_to_json(df: pd.DataFrame) -> str:
     if not records:
         return "[]\n"
     return "[\n" + ",\n".join(json.dumps(r, allow_nan=False, default=str) for r in records) + "\n]\n"
+
+
+def json_rows(rows: pd.DataFrame | Sequence[dict[str, Any]], **fields: Any) -> list[dict[str, Any]]:
+    """Rows with ``fields`` set on each (new columns after the others), as JSON values: what
+    ``json.loads(rows_to_json(frame.assign(**fields)))`` gives for their frame. Row dicts that hold exactly
+    the schema's columns (the profiler's rows) are converted one by one, without a DataFrame (about 15 ms a
+    sweep point); anything else goes through one."""
+    if isinstance(rows, pd.DataFrame):
+        return json.loads(rows_to_json(rows.assign(**fields)))
+    if any(row.keys() != _COLUMN_SET for row in rows):
+        return json.loads(rows_to_json(to_frame(rows).assign(**fields)))
+    out = []
+    for row in rows:
+        record = {c: _json_cell(c, row[c]) for c in COLUMNS}
+        record.update((k, _json_value(v)) for k, v in fields.items())
+        out.append(record)
+    return out
+
+
+_COLUMN_SET = frozenset(COLUMNS)
+_TEXT_SET = frozenset(TEXT_COLUMNS)
+
+
+def _json_cell(column: str, value: Any) -> Any:
+    """A schema cell as :func:`normalise` then :func:`rows_to_json` make it: text as str ("" when blank),
+    ``value`` as a float (null when not finite or not a number), counts as they are."""
+    if column in _TEXT_SET:
+        if type(value) is str:
+            return value
+        return "" if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) \
+            else str(value)
+    if column == "value":
+        number = pd.to_numeric(value, errors="coerce") if not isinstance(value, (int, float)) else value
+        return _json_value(float(number))
+    return _json_value(value)
 
 
 def write_json(df: pd.DataFrame, path: str | Path) -> Path:

@@ -71,12 +71,12 @@ from mllm_bench.environment import device_name, git_commit
 from mllm_bench.model import option_value, parse_options
 from mllm_bench.presets import LLM_PRESETS, vision_preset
 from mllm_bench.registry import get_architecture
-from mllm_bench.results import SQLITE_TABLE, concat_rows, rows_to_json, write_rows
+from mllm_bench.results import SQLITE_TABLE, concat_rows, json_rows, write_rows
 from mllm_bench.workload import Workload
 
 from .rows import pick
 
-ProfileFn = Callable[..., pd.DataFrame]
+ProfileFn = Callable[..., pd.DataFrame | list[dict[str, Any]]]  # rows as a frame or as dicts (json_rows)
 
 
 def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
@@ -738,8 +738,7 @@ def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str
     try:
         rows = profile_fn(point.arch, workload, llm=point.llm, vision=vision,
                           options=dict(point.options) or None, measure=point.measure)
-        rows = rows.assign(status="ok", error="")
-        status = "ok"
+        status, fields = "ok", {"status": "ok", "error": ""}
     except Exception as err:  # noqa: BLE001 - OOM is recorded, anything else reported and retried next run
         message = f"{point.arch} {dict(point.values)}: {type(err).__name__}: {err}"
         if not is_oom(err):
@@ -748,15 +747,17 @@ def _profile_point(point: Point, profile_fn: ProfileFn, origin: Mapping[str, str
             return None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}").assign(status="oom")
-        status = "oom"
-    rows = rows.assign(vision=point.vision)
-    if workload.device != named and "device" in rows.columns:
-        rows = rows.assign(device=rows["device"].replace(workload.device, named))
+        rows = _status_row(point, vision, "oom", f"{type(err).__name__}: {err}")
+        status, fields = "oom", {"status": "oom"}
+    records = json_rows(rows, **fields, vision=point.vision)
+    if workload.device != named:
+        for record in records:
+            if record.get("device") == workload.device:
+                record["device"] = named
     return {"key": point.key, "params": point.params(), "values": dict(point.values), "status": status,
             "origin": dict(origin), "ran_on": workload.device,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "rows": json.loads(rows_to_json(rows))}
+            "rows": records}
 
 
 def refresh_db(result: SweepResult, db: str | Path, out_dir: str | Path) -> None:

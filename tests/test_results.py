@@ -13,12 +13,14 @@ from mllm_bench.config import ConfigError
 from mllm_bench.results import (
     COLUMNS,
     append_sqlite,
+    json_rows,
     make_row,
     read_results,
     rows_to_json,
     to_frame,
     write_rows,
 )
+from mllm_bench.workload import Workload
 
 
 def strict_json(text: str):
@@ -134,3 +136,40 @@ def test_normalise_gives_every_text_column_as_converting_all_of_them_would():
         expected[list(TEXT_COLUMNS)] = expected[list(TEXT_COLUMNS)].astype(object).fillna("").astype(str)
         expected["value"] = pd.to_numeric(expected["value"]).astype(float)
         pd.testing.assert_frame_equal(normalise(df), expected[list(COLUMNS)])
+
+
+def _frame_path(rows, **fields):
+    """What a sweep point's record held before json_rows: the rows' frame, assigned, through JSON."""
+    return json.loads(rows_to_json(to_frame(rows).assign(**fields)))
+
+
+@pytest.mark.parametrize("stage", ["inference", "finetune"])
+def test_json_rows_of_profiler_rows_equal_their_frame_through_json(stage) -> None:
+    from mllm_bench.profile import profile_rows
+    from mllm_bench.registry import architecture_names, architecture_spec
+
+    fields = {"status": "ok", "error": "", "vision": "a-vision"}
+    for arch in architecture_names():
+        rows = profile_rows(arch, Workload(text_before=3, text_after=4, stage=stage), "tiny-llm", "tiny-clip",
+                            dict(architecture_spec(arch).tiny_options) or None)
+        got = json_rows(rows, **fields)
+        assert got == _frame_path(rows, **fields), arch
+        assert [list(r) for r in got] == [list(r) for r in _frame_path(rows, **fields)]  # column order too
+
+
+def test_json_rows_make_cells_as_the_frame_does() -> None:
+    import numpy as np
+
+    base = make_row({"arch": "llava"}, "params", 1.0, "counted")
+    odd = [
+        {**base, "value": float("nan"), "note": None, "load_avg_1m": 0.5, "cpu_count": 2},
+        {**base, "value": float("inf"), "visual_tokens": 576, "text_tokens": "", "git_commit": float("nan")},
+        {**base, "value": np.float32(2.5), "batch_size": np.int64(3), "device_name": np.str_("cpu")},
+        {**base, "value": "7", "context_len": 5.0, "image_sizes": 336},
+    ]
+    for rows in (odd, odd[:1], odd[1:3]):
+        assert json_rows(rows, status="oom") == _frame_path(rows, status="oom")
+    partial = [{k: v for k, v in base.items() if k != "note"}]  # not the whole schema: through a frame
+    assert json_rows(partial, status="ok") == _frame_path(partial, status="ok")
+    frame = to_frame([base])
+    assert json_rows(frame, status="ok") == json.loads(rows_to_json(frame.assign(status="ok")))
