@@ -43,6 +43,7 @@ class Case:
     cache: str = "cold"  # the caches (counts, list): "cold" (empty for every run) or "warm" (filled by an untimed
     # run of the same command first)
     judged: bool = True  # False: printed for comparison, not a target
+    program: list[str] | None = None  # run this command line instead of ``mllm-bench`` + argv
 
 
 def cases() -> list[Case]:
@@ -57,6 +58,11 @@ def cases() -> list[Case]:
                         cache=cache))
         out.append(Case(f"compare --llm vicuna-13b, {cache} count cache",
                         ["compare", "--format", "json", "--llm", "vicuna-13b"], 1.8, "compare", cache=cache))
+    # what a counted compare imports whatever it does (sympy: torch's meta kernels of elementwise ops import
+    # torch.fx.experimental.symbolic_shapes; pandas: the rows; pydantic: typer's parameter coercion)
+    out.append(Case("imports alone: torch, sympy, pandas, pydantic", [], 1.6, "compare", judged=False,
+                    program=[sys.executable, "-c", "import torch, torch.fx.experimental.symbolic_shapes, pandas, "
+                             "typer._adapters"]))
     sweep_200 = ["sweep", "-a", "llava,naavit,flamingo,saisa", "--vary", VISUAL_10, "--vary", TEXT_5, "--no-plots"]
     for cache in ("cold", "warm"):
         out.append(Case(f"sweep --vary {VISUAL_5} (15 points), {cache}", ["sweep", "--vary", VISUAL_5, "--no-plots"],
@@ -90,6 +96,13 @@ def run_once(argv: list[str], expect_rc: int = 0, cache_dir: str | None = None) 
     return wall, usage.ru_maxrss * 1024
 
 
+def command(case: Case, out: str | None) -> list[str]:
+    """The command line of one run of ``case`` (a sweep writing into ``out``)."""
+    if case.program:
+        return case.program
+    return MLLM + case.argv + (["--out", out] if out else [])
+
+
 def measure(case: Case, repeat: int) -> tuple[list[float], list[float], int]:
     """(case seconds, baseline seconds, peak RSS bytes); the baseline runs just before each run of the case."""
     times, base = [], []
@@ -98,7 +111,7 @@ def measure(case: Case, repeat: int) -> tuple[list[float], list[float], int]:
     try:
         if case.cache == "warm":
             folder = tempfile.mkdtemp(prefix="mllm-bench-speed-") if case.sweep else None
-            run_once(MLLM + case.argv + (["--out", folder] if folder else []), case.expect_rc, shared)
+            run_once(command(case, folder), case.expect_rc, shared)
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         for _ in range(repeat):
@@ -106,7 +119,7 @@ def measure(case: Case, repeat: int) -> tuple[list[float], list[float], int]:
             folder = tempfile.mkdtemp(prefix="mllm-bench-speed-") if case.sweep else None
             cache = shared if case.cache == "warm" else tempfile.mkdtemp(prefix="mllm-bench-cache-")
             try:
-                wall, rss = run_once(MLLM + case.argv + (["--out", folder] if folder else []), case.expect_rc, cache)
+                wall, rss = run_once(command(case, folder), case.expect_rc, cache)
             finally:
                 for path in (folder, None if cache == shared else cache):
                     if path:
