@@ -49,6 +49,7 @@ from torch import nn
 from mllm_bench.batch import MultimodalBatch
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.costmodel import CostBreakdown, CostModel, Segment, causal_pairs, stage_trains
+from mllm_bench.image_sizes import parse_sizes
 from mllm_bench.projector import MLPProjector
 from mllm_bench.spec import ArchSpec
 from mllm_bench.spliced import SplicedMLLM
@@ -92,7 +93,7 @@ def parse_pinpoints(value: object) -> tuple[Size, ...] | None:
         return None
     if isinstance(value, str):
         try:
-            value = [tuple(int(x) for x in item.lower().split("x"))[::-1] for item in value.split(",")]
+            value = parse_sizes(value, ",")
         except ValueError:
             value = None
     ok = isinstance(value, tuple | list) and len(value) > 0 and all(

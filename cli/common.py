@@ -185,13 +185,9 @@ def parse_image_size(raw: str | None) -> tuple[int | None, tuple[tuple[int, int]
             if size < 1:
                 raise ValueError(text)
             return size, None
-        pairs = []
-        for item in text.split(","):
-            width, height = (int(v) for v in item.strip().split("x"))
-            if width < 1 or height < 1:
-                raise ValueError(item)
-            pairs.append((height, width))
-        return None, tuple(pairs)
+        from mllm_bench.image_sizes import parse_sizes
+
+        return None, parse_sizes(text, ",")
     except ValueError:
         raise ConfigError(f"--image-size {raw!r}: expected N (square, px) or WxH (e.g. 672x1008), or WxH,WxH,... "
                           "one per image") from None

@@ -25,6 +25,7 @@ from .costmodel import COMPONENTS, CostBreakdown, equivalent_tokens, spliced_ref
 from .devices import peak_flops
 from .environment import environment
 from .flops import CountedFlops, count_inference, count_train_step
+from .image_sizes import sizes_label
 from .measure import MeasureSettings, prepare_model, time_decode, time_phase, time_prefill, timed_rows, train_step
 from .memory import MeasuredMemory, analytic_memory
 from .model import MLLM
@@ -71,7 +72,7 @@ def _base(arch: str, model: MLLM, workload: Workload, device: str, backend: str)
         "arch": arch, "llm": model.llm_config.name, "vision": v.name, "options": _options_json(model),
         "batch_size": workload.batch_size, "images_per_sample": workload.images_per_sample,
         "image_size": workload.image_size or v.image_size,
-        "image_sizes": ";".join(f"{w}x{h}" for h, w in workload.image_sizes or ((v.image_size,) * 2,))
+        "image_sizes": sizes_label(workload.image_sizes or ((v.image_size,) * 2,))
         if workload.images_per_sample else "",
         "visual_tokens": sum(model.visual_tokens_per_image(workload)),
         "text_tokens": workload.num_text_tokens, "text_before": workload.text_before,

@@ -32,6 +32,7 @@ import pandas as pd
 from mllm_bench.atomic import atomic_write_text
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig
 from mllm_bench.costmodel import SCOPES, CostBreakdown, CostModel, Segment, causal_pairs
+from mllm_bench.image_sizes import sizes_label
 from mllm_bench.presets import llm_preset, vision_preset
 from mllm_bench.registry import architecture_names, build_model
 from mllm_bench.workload import PAPER_WORKLOAD, Workload, dtype_name
@@ -183,7 +184,7 @@ def _matching(rows: pd.DataFrame, metric: str, arch: str, llm: str, vision: str,
             "text_after": str(workload.text_after), "text_tokens": str(workload.num_text_tokens),
             "generate_tokens": str(workload.generate_tokens), "visual_tokens": str(visual_tokens),
             "dtype": dtype_name(workload.torch_dtype)}
-    sizes = ";".join(f"{w}x{h}" for h, w in workload.image_sizes or ((image_size, image_size),))  # as rows say
+    sizes = sizes_label(workload.image_sizes or ((image_size, image_size),))  # as rows say
     blank_ok = {"image_size": str(image_size), "image_sizes": sizes}  # blank: rows written before the column
     keep = pd.Series(True, index=rows.index)
     for col, value in want.items():

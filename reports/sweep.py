@@ -68,6 +68,7 @@ from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
 from mllm_bench.conventions import scope_for
 from mllm_bench.environment import device_name, git_commit
+from mllm_bench.image_sizes import parse_sizes, sizes_label
 from mllm_bench.model import option_value, parse_options
 from mllm_bench.presets import LLM_PRESETS, vision_preset
 from mllm_bench.registry import get_architecture
@@ -98,7 +99,7 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list[Any]]:
         if "." in name:
             out[name] = option_values(name, values)
         elif name == IMAGE_FIELD:
-            out[name] = [image_label(image_pairs(v)) for v in values]
+            out[name] = [sizes_label(image_pairs(v)) for v in values]
         elif name == "llm":
             bad = [v for v in values if v not in LLM_PRESETS]
             if bad:
@@ -146,20 +147,12 @@ IMAGE_FIELD = "image"  # --vary image=WxH,...: the images' original sizes (Workl
 def image_pairs(value: str) -> tuple[tuple[int, int], ...]:
     """One ``image`` value → ``Workload.image_sizes``: ``WxH`` → ((H, W),) for every image of a sample,
     ``WxH;WxH;...`` → one (height, width) per image."""
-    pairs = []
-    for item in str(value).split(";"):
-        width, sep, height = item.strip().lower().partition("x")
-        if not sep or not width.strip().isdigit() or not height.strip().isdigit() or not (int(width) and int(height)):
-            raise ConfigError(f"--vary {IMAGE_FIELD}: {str(value).strip()!r} is not WxH (W px wide, H px high, "
-                              f"positive integers, e.g. {IMAGE_FIELD}=336x336,672x1008) or WxH;WxH;... (one per "
-                              f"image); the tower's own size is --vary image_size=N")
-        pairs.append((int(height), int(width)))
-    return tuple(pairs)
-
-
-def image_label(pairs: Sequence[tuple[int, int]]) -> str:
-    """``Workload.image_sizes`` as written on the CLI and in the rows' ``image_sizes``: ``WxH;WxH``."""
-    return ";".join(f"{w}x{h}" for h, w in pairs)
+    try:
+        return parse_sizes(str(value), ";")
+    except ValueError:
+        raise ConfigError(f"--vary {IMAGE_FIELD}: {str(value).strip()!r} is not WxH (W px wide, H px high, "
+                          f"positive integers, e.g. {IMAGE_FIELD}=336x336,672x1008) or WxH;WxH;... (one per "
+                          f"image); the tower's own size is --vary image_size=N") from None
 
 
 def image_note(vision: str | VisionConfig) -> str:
@@ -824,7 +817,7 @@ def _status_row(point: Point, vision: VisionConfig, status: str, message: str) -
         "metric": status, "value": 1.0, "unit": "", "source": "", "scope": "", "convention": "", "component": "",
         "role": "", "stage": w.stage, "phase": "", "batch_size": w.batch_size,
         "images_per_sample": w.images_per_sample, "image_size": w.image_size or vision.image_size,
-        "image_sizes": image_label(w.image_sizes or ((vision.image_size,) * 2,)) if w.images_per_sample else "",
+        "image_sizes": sizes_label(w.image_sizes or ((vision.image_size,) * 2,)) if w.images_per_sample else "",
         # with image sizes set the architecture derives its tokens from them: unknown without its model
         "visual_tokens": "" if w.image_sizes else _visual_tokens(point, w),
         "text_tokens": w.num_text_tokens,
