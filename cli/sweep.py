@@ -111,14 +111,12 @@ def sweep(
         grid_slug,
         image_curve_rows,
         image_note,
-        launch_ranks,
         mark_rank_done,
         mark_rank_started,
         merge_ranks,
         option_fields,
         parse_vary,
         rank_device,
-        rank_share,
         refresh_db,
         run_sweep,
         share_launch_id,
@@ -127,6 +125,8 @@ def sweep(
         wait_for_ranks,
         write_sweep,
     )
+
+    from mllm_bench.distributed import launch_ranks, shard_points
 
     archs, options = parse_models(arch, llm, vision, option)
     base = make_workload(dtype, device, batch_size=batch_size, images_per_sample=images_per_sample,
@@ -167,7 +167,7 @@ def sweep(
     workers = [start_rank_worker(points, out, profile, dataclasses.replace(ranks, rank=r), run_device)
                for r in range(1, jobs)] if jobs > 1 else []
     label = f"sweeping (rank {ranks.rank} of {ranks.world_size}, {run_device})" if several else "sweeping"
-    share = len(rank_share(points, ranks.rank, ranks.world_size))
+    share = len(shard_points(points, ranks.rank, ranks.world_size))
     with progress_bar(share, label) as advance:
         result = run_sweep(points, out, profile, lambda p, status: advance(f"{p.arch} {dict(p.values)} {status}"),
                            db=db if ranks.rank == 0 else None,  # only rank 0 writes SQLite (files on NFS)

@@ -67,6 +67,7 @@ from mllm_bench.choices import VARY_FIELDS as VARY_FIELDS  # re-exported
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.config import replace as replace_config
 from mllm_bench.conventions import scope_for
+from mllm_bench.distributed import Ranks, shard_points
 from mllm_bench.environment import device_name, git_commit
 from mllm_bench.image_sizes import parse_sizes, sizes_label
 from mllm_bench.model import option_value, parse_options
@@ -623,11 +624,6 @@ def _reusable(store: Path, key: str, origin: Mapping[str, str]) -> tuple[dict[st
     return (None, problem) if problem else (record, "")
 
 
-def rank_share(points: Sequence[Point], rank: int, world_size: int) -> list[Point]:
-    """The points rank ``rank`` of ``world_size`` takes from the grid ``points``: index % world_size == rank."""
-    return list(points)[rank::world_size]
-
-
 def run_sweep(
     points: Sequence[Point], out_dir: str | Path, profile_fn: ProfileFn,
     on_point: Callable[[Point, str], None] | None = None, rank: int = 0, world_size: int = 1,
@@ -644,7 +640,7 @@ def run_sweep(
     """
     store = Path(out_dir) / "points"
     store.mkdir(parents=True, exist_ok=True)
-    mine = rank_share(points, rank, world_size)
+    mine = shard_points(points, rank, world_size)
     result = SweepResult(pd.DataFrame(), keys=[p.key for p in mine])
     if db is not None:
         check_db(db)
@@ -903,63 +899,8 @@ def _read_json(path: Path) -> Any:
 
 # ----- one grid over several processes (torchrun, srun) ------------------------------------------------------
 RANKS_DIR = "ranks"  # <out>/ranks/<launch>-of-<N>/: each rank's start and done markers
-LAUNCH_ID_ENV = "MLLM_BENCH_LAUNCH_ID"  # names one launch of all ranks where the launcher gives no id
 RANK_POLL_S = 1.0
 LOCAL_RANK_POLL_S = 0.05  # ``--jobs``: the workers are this machine's processes, their markers local files
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a launch: ``rank`` of ``world_size``, ``local_rank`` on its node (its CUDA
-    device), ``launch`` an id every rank of one launch shares ("" when the launcher gives none) and
-    ``source``, the variables they came from."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launch: str = ""
-    source: str = ""
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        if default is None:
-            raise ConfigError(f"{name} is not set")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def launch_ranks(env: Mapping[str, str] | None = None) -> Ranks:
-    """The ranks a launcher set in ``env`` (default ``os.environ``): torchrun's (or any launcher's) RANK,
-    WORLD_SIZE, LOCAL_RANK; else srun's SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (only inside a job step,
-    SLURM_STEP_ID set: a batch script or salloc shell is one process); else one process.
-
-    The launch id: ``MLLM_BENCH_LAUNCH_ID``, else torchrun's TORCHELASTIC_RUN_ID (unless "none") with its
-    restart count, else Slurm's job and step ids; "" when none is set."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        names, source = ("RANK", "WORLD_SIZE"), "RANK/WORLD_SIZE"
-        rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-        local = _env_int(env, "LOCAL_RANK", _env_int(env, "SLURM_LOCALID", rank))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        names, source = ("SLURM_PROCID", "SLURM_NTASKS"), "SLURM_PROCID/SLURM_NTASKS"
-        rank, world = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS")
-        local = _env_int(env, "SLURM_LOCALID", rank)
-    else:
-        return Ranks()
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ConfigError(f"{names[0]}={rank}, {names[1]}={world}: the world size must be >= 1 and the rank in "
-                          f"[0, {max(world, 1)}), local rank >= 0 (got {local})")
-    launch = env.get(LAUNCH_ID_ENV, "").strip()
-    if not launch and env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
-        launch = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    if not launch and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
-        launch = f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
-    return Ranks(rank, world, local, launch, source)
 
 
 def share_launch_id(ranks: Ranks) -> Ranks:
@@ -1183,7 +1124,7 @@ def wait_for_ranks(out_dir: str | Path, ranks: Ranks, timeout_s: float, since: f
     boundary = _earlier_end(folder)
     deadline = time.monotonic() + timeout_s
     others = range(1, ranks.world_size)
-    shares = {r: None if points is None else [p.key for p in rank_share(points, r, ranks.world_size)]
+    shares = {r: None if points is None else [p.key for p in shard_points(points, r, ranks.world_size)]
               for r in others}
     try:
         while True:
@@ -1224,7 +1165,7 @@ def merge_ranks(points: Sequence[Point], own: SweepResult, markers: Mapping[int,
     store = Path(out_dir) / "points"
     missing, kept = dict(missing), {}
     for r, info in markers.items():
-        problem = _share_problem(info, r, world_size, [p.key for p in rank_share(points, r, world_size)])
+        problem = _share_problem(info, r, world_size, [p.key for p in shard_points(points, r, world_size)])
         if problem:
             missing[r] = f"rank {r}'s done marker was not merged: {problem}"
         else:

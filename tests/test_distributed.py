@@ -73,3 +73,21 @@ def test_fsdp2_step_matches_single_process(tmp_path):
         torch.testing.assert_close(sharded[name], value, atol=2e-5, rtol=1e-4, msg=name)
         changed += int(not torch.equal(value, initial[name]))
     assert changed > 0  # the step really updated parameters
+
+
+def test_init_distributed_reads_the_launcher_variables_as_the_sweep_does(monkeypatch) -> None:
+    """One reader of RANK/WORLD_SIZE: a bad value is refused with its name, Slurm's alone is one process."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    single = init_distributed("gloo")
+    assert (single.rank, single.world_size) == (0, 1)
+    monkeypatch.setenv("RANK", "one")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="RANK='one'"):
+        init_distributed("gloo")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="RANK=2, WORLD_SIZE=2"):
+        init_distributed("gloo")

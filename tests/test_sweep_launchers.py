@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mllm_bench.reports.sweep import Ranks, share_launch_id
+from mllm_bench.reports.sweep import share_launch_id
 
+from mllm_bench.distributed import Ranks
 from tests.test_sweep_ranks import SWEEP, clean_env
 
 

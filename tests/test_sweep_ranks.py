@@ -18,9 +18,7 @@ import pytest
 from mllm_bench.cli.app import app
 from mllm_bench.reports import sweep as sweep_mod
 from mllm_bench.reports.sweep import (
-    Ranks,
     expand,
-    launch_ranks,
     mark_rank_done,
     mark_rank_started,
     merge_ranks,
@@ -31,6 +29,7 @@ from mllm_bench.reports.sweep import (
 from typer.testing import CliRunner
 
 from mllm_bench.config import ConfigError
+from mllm_bench.distributed import Ranks, launch_ranks
 from mllm_bench.results import ENVIRONMENT, read_results
 from mllm_bench.workload import Workload
 from tests.reports_fakes import fake_profile
