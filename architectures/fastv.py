@@ -62,7 +62,7 @@ from mllm_bench.decoder import KVCache, LayerKV
 from mllm_bench.masks import causal_mask, causal_structure
 from mllm_bench.model import MLLM, ModelOutput
 from mllm_bench.projector import MLPProjector
-from mllm_bench.spec import ArchSpec
+from mllm_bench.spec import COMPUTE_BUDGETS, ArchSpec, BudgetKnob
 from mllm_bench.spliced import gather_rows, scatter_rows
 from mllm_bench.static_decode import StaticKVCache, StaticLayerKV
 from mllm_bench.workload import Workload
@@ -194,6 +194,18 @@ def static_pruned_cache(pruned: KVCache, cache: StaticKVCache, first_layer: int)
                          cache.next_pos.clone(), {}, slot, filled)
 
 
+def drop_ratios(model: FastV, workload: Workload) -> list[float]:
+    """Drop ratios R = (V − k)/V keeping k = 1, 2, ..., V of the V spliced visual tokens (cheapest first): the
+    settings ``compare --equal`` searches."""
+    v = sum(model.visual_tokens_per_image(workload))
+    return [(v - k) / v for k in range(1, v + 1)]
+
+
+def kept_tokens(model: FastV, workload: Workload) -> int:
+    """Visual tokens per sample from layer K on."""
+    return kept_visual_tokens(sum(model.visual_tokens_per_image(workload)), model.options.drop_ratio)
+
+
 class FastV(MLLM):
     spec = ArchSpec(
         name="fastv",
@@ -203,6 +215,9 @@ class FastV(MLLM):
         tiny_options={"layer": 1},
         checkpoint_renames=(("model.multi_modal_projector.", "multi_modal_projector."),),
         order=40,
+        budget_knob=BudgetKnob("drop_ratio", "R in [0, 1): keeps round(V·(1−R)) of V visual tokens, k = 1..V",
+                               drop_ratios, COMPUTE_BUDGETS, COMPUTE_BUDGETS, kept_tokens,
+                               "visual tokens kept from layer {layer} on"),
     )
     Options = FastVOptions
 

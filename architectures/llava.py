@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, Segment, causal_pairs, stage_trains
 from mllm_bench.projector import MLPProjector
-from mllm_bench.spec import ArchSpec
+from mllm_bench.spec import COMPUTE_BUDGETS, ArchSpec, BudgetKnob
 from mllm_bench.spliced import SplicedMLLM
 from mllm_bench.workload import Workload
 
@@ -120,6 +120,15 @@ def llava_cost(model: LLaVA, workload: Workload, context_len: int | None = None)
     return cm.result()
 
 
+def pool_factors(model: LLaVA, workload: Workload) -> list[int]:
+    """Pooling factors k dividing the projected grid's side, largest first (fewest tokens first): the
+    ``pool`` settings ``compare --equal`` searches."""
+    side = math.isqrt(model.projector_tokens)
+    if side * side != model.projector_tokens:
+        return [1]
+    return [k for k in range(min(side, MAX_REDUCTION), 0, -1) if side % k == 0]
+
+
 class LLaVA(SplicedMLLM):
     spec = ArchSpec(
         name="llava",
@@ -128,6 +137,8 @@ class LLaVA(SplicedMLLM):
         color="#1f77b4",
         checkpoint_renames=(("model.multi_modal_projector.", "multi_modal_projector."),),
         order=0,
+        budget_knob=BudgetKnob("pool", "k dividing the projected grid's side (k×k average pooling after the projector)",
+                               pool_factors, COMPUTE_BUDGETS, COMPUTE_BUDGETS),
     )
     Options = LLaVAOptions
 

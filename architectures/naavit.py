@@ -59,6 +59,7 @@ class NAAViT(LLaVA):
         color="#9467bd",
         fast_attention_backend="flex",  # a block mask that skips visual-visual blocks
         order=10,
+        budget_knob=None,  # LLaVA-1.5's pool knob is not part of the pilot's comparison
     )
     mask_rule = NoVisualToVisual()
 

@@ -60,7 +60,7 @@ from torch import nn
 
 from mllm_bench.config import LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
-from mllm_bench.spec import ArchSpec
+from mllm_bench.spec import ALL_BUDGETS, ArchSpec, BudgetKnob
 from mllm_bench.spliced import SplicedMLLM
 from mllm_bench.workload import Workload
 
@@ -269,6 +269,9 @@ class QFormerMLLM(SplicedMLLM):
         fsdp_modules=("qformer",),
         components={"language_projection": "connector", "ln_vision": "connector"},
         order=50,
+        budget_knob=BudgetKnob("num_queries", f"1..{OPTION_BOUNDS['num_queries']} learned queries",
+                               lambda model, workload: list(range(1, OPTION_BOUNDS["num_queries"] + 1)),
+                               ALL_BUDGETS, ALL_BUDGETS),
     )
     Options = QFormerOptions
 

@@ -43,7 +43,7 @@ from mllm_bench.config import LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
 from mllm_bench.decoder import KVCache
 from mllm_bench.model import ModelOutput
-from mllm_bench.spec import ArchSpec
+from mllm_bench.spec import ArchSpec, BudgetKnob
 from mllm_bench.spliced import gather_rows, scatter_rows
 from mllm_bench.workload import Workload
 
@@ -133,6 +133,9 @@ class ShortV(LLaVA):
         # layer 0 frozen, layer 1 full on tiny-llm: both kinds and both transitions' gradient flags
         tiny_options={"frozen_layers": (0,)},
         order=35,
+        budget_knob=BudgetKnob("num_frozen", "N in 0..num_layers (layers in the official replacement order)",
+                               lambda model, workload: list(range(model.llm_config.num_layers, -1, -1)),
+                               frozenset({"flops"}), frozenset({"flops"})),  # most frozen (cheapest) first
     )
     Options = ShortVOptions
 

@@ -49,6 +49,7 @@ from torch import nn
 
 from mllm_bench.config import ConfigError, LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
+from mllm_bench.spec import COMPUTE_BUDGETS, BudgetKnob
 from mllm_bench.workload import Workload
 
 # the paper's LLaVA-1.5 settings: total visual tokens -> (dominant, contextual)
@@ -169,6 +170,8 @@ class VisionZip(LLaVA):
         color="#e6ab02",
         tiny_options={"dominant": 4, "contextual": 3},
         order=45,
+        budget_knob=BudgetKnob("tokens", "64, 128 or 192 (the paper's dominant + contextual splits)",
+                               lambda model, workload: sorted(PAPER_SPLITS), COMPUTE_BUDGETS, COMPUTE_BUDGETS),
     )
     Options = VisionZipOptions
 

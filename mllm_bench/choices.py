@@ -19,6 +19,8 @@ VARY_FIELDS: tuple[str, ...] = (
     "visual_tokens", "text_tokens", "text_after", "text_before", "image_size", "image", "images_per_sample", "llm",
     "batch_size", "generate_tokens",
 )
+# what ``compare --equal KIND=VALUE`` can hold equal (mllm_bench.reports.equal), and a knob moves (spec.BudgetKnob)
+EQUAL_BUDGETS: tuple[str, ...] = ("flops", "visual_tokens", "params")
 BUDGET_DEVICES: tuple[str, ...] = ("a100", "h100", "h100-pcie", "h200")  # GPU-hours of train-cost and paper
 # The SAISA paper's workload (LLaVA-1.5 evaluation): one image, 32 text tokens before and after it.
 PAPER_WORKLOAD_FIELDS: dict[str, int] = {"batch_size": 1, "images_per_sample": 1, "text_before": 32,

@@ -7,14 +7,46 @@ adding an architecture touches no shared file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .choices import EQUAL_BUDGETS
 from .config import ConfigError
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "math", "flash", "flex")
+
+
+COMPUTE_BUDGETS = frozenset({"flops", "visual_tokens"})  # what a knob of visual tokens moves (not the parameters)
+ALL_BUDGETS = frozenset(EQUAL_BUDGETS)
+
+
+@dataclass(frozen=True)
+class BudgetKnob:
+    """The option an equal-budget comparison (``compare --equal``) tunes for an architecture.
+
+    ``values(model, workload)``: the settings to search, cheapest first (``model`` is built with the
+    architecture's other options). ``moves``: the budgets (:data:`~mllm_bench.choices.EQUAL_BUDGETS`) the knob
+    changes. ``monotone``: those among them whose value never decreases along ``values`` (searched by
+    bisection); the others are searched over every value. ``tokens(model, workload)``: its count of visual
+    tokens in the LLM (None: those spliced into the sequence), ``tokens_text`` what that count is (the
+    model's options fill ``{fields}``). ``allowed``: the values, for people."""
+
+    option: str
+    allowed: str
+    values: Callable[[Any, Any], list[Any]]
+    moves: frozenset[str]
+    monotone: frozenset[str]
+    tokens: Callable[[Any, Any], int] | None = None
+    tokens_text: str = "visual tokens in the sequence"
+
+    def __post_init__(self) -> None:
+        unknown = sorted((self.moves | self.monotone) - set(EQUAL_BUDGETS))
+        if unknown or not self.monotone <= self.moves:
+            raise ConfigError(f"BudgetKnob {self.option!r}: moves and monotone must be budgets of "
+                              f"{list(EQUAL_BUDGETS)}, monotone among moves; got moves={sorted(self.moves)}, "
+                              f"monotone={sorted(self.monotone)}")
 
 
 @dataclass(frozen=True)
@@ -28,6 +60,7 @@ class ArchSpec:
     ``ModuleList``/``ModuleDict`` contributes each child. ``components``: cost component of modules, by
     name, for modules whose class cannot declare ``cost_component`` itself (e.g. a bare ``nn.Linear``).
     ``order``: where the architecture sits in lists and tables (lower first, then by name).
+    ``budget_knob``: the option ``compare --equal`` tunes (None: it runs as it is).
     """
 
     name: str
@@ -40,6 +73,7 @@ class ArchSpec:
     fsdp_modules: tuple[str, ...] = ()
     components: Mapping[str, str] = field(default_factory=dict)
     order: int = 100
+    budget_knob: BudgetKnob | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():

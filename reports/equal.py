@@ -7,12 +7,13 @@ A budget is one of (``mllm-bench compare --equal KEY=VALUE``):
   sequence's, FastV's kept tokens from layer K on, Flamingo's latents);
 * ``params=P``: parameters of the whole model.
 
-:data:`KNOBS` says, per architecture, which option is its knob, the values it may take (ordered cheapest
-first), which budgets it moves and along which of them the cost never falls (those are searched by
-bisection, the others exhaustively). The chosen setting is the one whose cost is the largest not above the
-budget. Every architecture stays in the table: one whose knob cannot reach the budget runs at its cheapest
-setting, one without a knob (or whose knob does not move this budget) and the baseline run as they are; each
-:class:`Choice` carries a line saying which case it is and its cost against the budget.
+Each architecture's spec names its knob (``ArchSpec.budget_knob``, :class:`~mllm_bench.spec.BudgetKnob`): the
+option, the values it may take (ordered cheapest first), which budgets it moves and along which of them the
+cost never falls (those are searched by bisection, the others exhaustively). The chosen setting is the one
+whose cost is the largest not above the budget. Every architecture stays in the table: one whose knob cannot
+reach the budget runs at its cheapest setting, one without a knob (or whose knob does not move this budget)
+and the baseline run as they are; each :class:`Choice` carries a line saying which case it is and its cost
+against the budget.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mllm_bench.config import ConfigError, VisionConfig
+from mllm_bench.spec import BudgetKnob as Knob
 
 if TYPE_CHECKING:  # torch loads when a model is built, not when a budget is parsed
     from mllm_bench.model import MLLM
@@ -78,56 +80,16 @@ def sequence_visual_tokens(model: MLLM, workload: Workload) -> int:
     return sum(model.visual_tokens_per_image(workload))
 
 
-def fastv_kept(model: MLLM, workload: Workload) -> int:
-    """FastV's visual tokens from layer K on: ``round(V·(1 − R))`` of the V spliced ones (the official rounding,
-    as ``architectures/fastv.py: kept_visual_tokens``)."""
-    return round(sequence_visual_tokens(model, workload) * (1 - model.options.drop_ratio))
+def budget_knobs() -> dict[str, Knob]:
+    """The knob of every architecture whose spec declares one (``ArchSpec.budget_knob``), by name."""
+    from mllm_bench.registry import architecture_names, architecture_spec
+
+    return {a: k for a in architecture_names() if (k := architecture_spec(a).budget_knob) is not None}
 
 
-def flamingo_latents(model: MLLM, workload: Workload) -> int:
-    """Flamingo's visual keys/values per sample: ``num_latents`` per image (no visual token in the sequence)."""
-    return model.options.num_latents * workload.images_per_sample
-
-
-def _fastv_ratios(model: MLLM, workload: Workload) -> list[float]:
-    """Drop ratios R = (V − k)/V keeping k = 1, 2, ..., V visual tokens (cheapest first)."""
-    v = sequence_visual_tokens(model, workload)
-    return [(v - k) / v for k in range(1, v + 1)]
-
-
-def _pool_factors(model: MLLM, workload: Workload) -> list[int]:
-    """Pooling factors k dividing the projected grid's side (largest first: fewest tokens first)."""
-    side = math.isqrt(model.projector_tokens)
-    if side * side != model.projector_tokens:
-        return [1]
-    return [k for k in range(min(side, 64), 0, -1) if side % k == 0]
-
-
-def _frozen_counts(model: MLLM, workload: Workload) -> list[int]:
-    """Frozen layers N = L, L − 1, ..., 0 (most frozen first: cheapest first)."""
-    return list(range(model.llm_config.num_layers, -1, -1))
-
-
-def _counts(bound: int) -> Callable[[MLLM, Workload], list[int]]:
-    return lambda model, workload: list(range(1, bound + 1))
-
-
-@dataclass(frozen=True)
-class Knob:
-    """The option an equal-budget comparison tunes for one architecture.
-
-    ``values(model, workload)``: the settings to search, cheapest first (``model`` is built with the
-    architecture's other options). ``moves``: the budgets the knob changes. ``monotone``: those among them whose
-    value never decreases along ``values`` (bisection); the others are searched over every value.
-    ``tokens``: its count of visual tokens in the LLM, ``tokens_text`` what that count is."""
-
-    option: str
-    allowed: str
-    values: Callable[[MLLM, Workload], list[Any]]
-    moves: frozenset[str]
-    monotone: frozenset[str]
-    tokens: Callable[[MLLM, Workload], int] = sequence_visual_tokens
-    tokens_text: str = "visual tokens in the sequence"
+def knob_tokens(knob: Knob | None, model: MLLM, workload: Workload) -> int:
+    """The visual tokens in the LLM the knob counts (the spliced sequence's when it names no count of its own)."""
+    return (knob.tokens if knob and knob.tokens else sequence_visual_tokens)(model, workload)
 
 
 def tokens_text(knob: Knob | None, model: MLLM) -> str:
@@ -140,25 +102,6 @@ def tokens_text(knob: Knob | None, model: MLLM) -> str:
         text = "visual tokens in the sequence"
     fields = {f.name: getattr(model.options, f.name) for f in dataclasses.fields(model.options)}
     return text.format(**fields)
-
-
-VISIONZIP_TOKENS = (64, 128, 192)  # the paper's LLaVA-1.5 settings (VisionZipOptions.tokens), 54+10/108+20/162+30
-ALL = frozenset(BUDGET_KINDS)
-COMPUTE = frozenset({"flops", "visual_tokens"})
-
-KNOBS: dict[str, Knob] = {
-    "fastv": Knob("drop_ratio", "R in [0, 1): keeps round(V·(1−R)) of V visual tokens, k = 1..V",
-                  _fastv_ratios, COMPUTE, COMPUTE, fastv_kept, "visual tokens kept from layer {layer} on"),
-    "shortv": Knob("num_frozen", "N in 0..num_layers (layers in the official replacement order)",
-                   _frozen_counts, frozenset({"flops"}), frozenset({"flops"})),
-    "visionzip": Knob("tokens", "64, 128 or 192 (the paper's dominant + contextual splits)",
-                      lambda model, workload: list(VISIONZIP_TOKENS), COMPUTE, COMPUTE),
-    "llava": Knob("pool", "k dividing the projected grid's side (k×k average pooling after the projector)",
-                  _pool_factors, COMPUTE, COMPUTE),
-    "qformer": Knob("num_queries", "1..4096 learned queries", _counts(4096), ALL, ALL),
-    "flamingo": Knob("num_latents", "1..4096 resampler latents", _counts(4096), ALL, ALL, flamingo_latents,
-                     "latents (cross-attention keys/values)"),
-}
 
 
 # ----- choosing ---------------------------------------------------------------------------------------------
@@ -205,7 +148,7 @@ def amount_of(model: MLLM, workload: Workload, kind: str, scope: str, convention
             raise ConfigError(f"--equal flops: {err}; the budget is met on the analytic cost") from err
         return float(cost.flops("prefill", convention, scope))
     if kind == "visual_tokens":
-        return float((knob.tokens if knob else sequence_visual_tokens)(model, workload))
+        return float(knob_tokens(knob, model, workload))
     if kind == "params":
         return float(model.num_parameters())
     raise ConfigError(f"budget kind must be one of {list(BUDGET_KINDS)}, got {kind!r}")
@@ -261,7 +204,7 @@ class _Search:
             try:
                 model = self.model(values[i])
                 amount = amount_of(model, self.workload, self.kind, self.scope, self.convention, self.knob)
-                self.seen[i] = Setting(values[i], amount, self.knob.tokens(model, self.workload),
+                self.seen[i] = Setting(values[i], amount, knob_tokens(self.knob, model, self.workload),
                                        tokens_text(self.knob, model))
             except ConfigError as err:
                 self.seen[i] = Setting(values[i], math.inf, error=str(err))
@@ -301,12 +244,13 @@ def best_within(search: _Search, values: Sequence[Any], budget: float, monotone:
 
 def choose(arch: str, llm: Any, vision: str | VisionConfig, options: Mapping[str, Any] | None, workload: Workload,
            budget: Budget, scope: str = "language", convention: str = "dense",
-           baseline: str | None = None, knobs: Mapping[str, Knob] = KNOBS) -> Choice:
-    """Where ``arch`` runs under ``budget`` (see :class:`Choice`); ``options`` are its other options."""
-    from mllm_bench.registry import build_model
+           baseline: str | None = None, knobs: Mapping[str, Knob] | None = None) -> Choice:
+    """Where ``arch`` runs under ``budget`` (see :class:`Choice`); ``options`` are its other options; ``knobs``:
+    the knob of each architecture (default: its spec's ``budget_knob``)."""
+    from mllm_bench.registry import architecture_spec, build_model
 
     options = dict(options or {})
-    knob = knobs.get(arch)
+    knob = architecture_spec(arch).budget_knob if knobs is None else knobs.get(arch)
     kind = budget.kind
 
     def as_is(status: str, why: str) -> Choice:
@@ -322,7 +266,7 @@ def choose(arch: str, llm: Any, vision: str | VisionConfig, options: Mapping[str
     if arch == baseline:
         return as_is("baseline", "the baseline (the 'vs' columns' reference)")
     if knob is None:
-        return as_is("no knob", f"no knob for an equal-budget comparison ({arch} is not in the knob table)")
+        return as_is("no knob", f"no knob for an equal-budget comparison ({arch}'s spec declares no budget_knob)")
     if kind not in knob.moves:
         return as_is("unaffected", f"its knob {knob.option} does not change the {KIND_NAMES[kind]}")
     if knob.option in options:

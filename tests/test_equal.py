@@ -9,13 +9,13 @@ import math
 import pytest
 from mllm_bench.architectures.fastv import kept_visual_tokens
 from mllm_bench.reports.equal import (
-    KNOBS,
     Budget,
     _Search,
     best_within,
+    budget_knobs,
     choose,
     choose_all,
-    fastv_kept,
+    knob_tokens,
     parse_budget,
 )
 
@@ -23,6 +23,8 @@ from mllm_bench.config import ConfigError, replace
 from mllm_bench.presets import vision_preset
 from mllm_bench.registry import build_model
 from mllm_bench.workload import PAPER_WORKLOAD
+
+KNOBS = budget_knobs()
 
 # Vicuna-7B + CLIP ViT-L/14-336 on the paper workload: 64 text tokens (32 + 32), one image of 576 tokens
 H, M, L, T, V, DV = 4096, 11008, 32, 64, 576, 1024
@@ -136,7 +138,25 @@ def test_an_option_the_budget_chooses_is_refused():
 
 def test_kept_count_is_the_architectures_own():
     model = build_model("fastv", options={"drop_ratio": 0.3}, device="meta")
-    assert fastv_kept(model, PAPER_WORKLOAD) == kept_visual_tokens(V, 0.3)
+    assert knob_tokens(KNOBS["fastv"], model, PAPER_WORKLOAD) == kept_visual_tokens(V, 0.3)
+    llava = build_model("llava", device="meta")
+    assert knob_tokens(KNOBS["llava"], llava, PAPER_WORKLOAD) == V  # no count of its own: the spliced tokens
+
+
+def test_each_architecture_declares_its_own_knob_and_none_is_inherited():
+    """NAAViT and VisionZip derive their specs from LLaVA-1.5's: neither takes its pool knob."""
+    assert {a: k.option for a, k in KNOBS.items()} == {
+        "llava": "pool", "flamingo": "num_latents", "shortv": "num_frozen", "fastv": "drop_ratio",
+        "visionzip": "tokens", "qformer": "num_queries"}
+
+
+def test_a_knob_moving_an_unknown_budget_is_refused():
+    from mllm_bench.spec import BudgetKnob
+
+    with pytest.raises(ConfigError, match="BudgetKnob 'pool'.*'latency'"):
+        BudgetKnob("pool", "k", lambda m, w: [1], frozenset({"latency"}), frozenset())
+    with pytest.raises(ConfigError, match="monotone among moves"):
+        BudgetKnob("pool", "k", lambda m, w: [1], frozenset({"flops"}), frozenset({"params"}))
 
 
 @pytest.mark.parametrize("spec, message", [

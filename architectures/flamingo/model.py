@@ -12,10 +12,18 @@ from mllm_bench.costmodel import CostBreakdown
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask, causal_mask
 from mllm_bench.model import MLLM, ModelOutput
-from mllm_bench.spec import ArchSpec
+from mllm_bench.spec import ALL_BUDGETS, ArchSpec, BudgetKnob
 from mllm_bench.workload import Workload
 
-from .blocks import KV, FlamingoOptions, GatedCrossAttentionBlock, MediaMask, PerceiverResampler, media_mask
+from .blocks import (
+    KV,
+    OPTION_BOUNDS,
+    FlamingoOptions,
+    GatedCrossAttentionBlock,
+    MediaMask,
+    PerceiverResampler,
+    media_mask,
+)
 from .cost import flamingo_cost
 
 
@@ -31,6 +39,11 @@ class Flamingo(MLLM):
         # the resampler and each gated cross-attention block are FSDP2 units of their own
         fsdp_modules=("perceiver", "gated_cross_attn_layers"),
         order=20,
+        budget_knob=BudgetKnob("num_latents", f"1..{OPTION_BOUNDS['num_latents']} resampler latents",
+                               lambda model, workload: list(range(1, OPTION_BOUNDS["num_latents"] + 1)),
+                               ALL_BUDGETS, ALL_BUDGETS,
+                               lambda model, workload: model.options.num_latents * workload.images_per_sample,
+                               "latents (cross-attention keys/values)"),
     )
     Options = FlamingoOptions
 
