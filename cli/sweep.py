@@ -63,7 +63,7 @@ def auto_jobs(points: int, measure: str, launched: bool) -> int:
     if measure != "never" or launched or points < AUTO_JOBS_MIN_POINTS:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, points))
+    return min(cores, points)
 
 
 @handle_errors
