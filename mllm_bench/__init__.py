@@ -2,15 +2,19 @@
 
 The core modules, by what they are for (architectures live in ``architectures/``, one file or folder each):
 
-* describing a run: ``config`` (LLM / vision configs, HF config files), ``presets``, ``workload``, ``spec``
-  (an architecture's metadata), ``registry`` (finding and building architectures)
+* describing a run: ``config`` (LLM / vision configs, HF config files), ``presets``, ``workload``,
+  ``image_sizes`` (``WxH`` text), ``spec`` (an architecture's metadata, its equal-budget knob), ``declared``
+  (an architecture's listing read from its source), ``registry`` (finding and building architectures),
+  ``choices`` (the CLI's choice lists, light)
 * building models: ``model`` (the :class:`MLLM` interface), ``batch`` (sequence layout), ``masks``,
   ``attention`` (backends), ``decoder`` (Llama layers, KV cache), ``static_decode`` (static cache, CUDA
   graphs), ``vision`` (CLIP/SigLIP tower), ``projector``, ``checkpoint`` (local weights)
-* counting and measuring: ``costmodel`` (analytic primitives), ``flops`` (counted), ``memory``, ``timing``,
+* counting and measuring: ``costmodel`` (analytic primitives), ``conventions`` (published FLOP conventions),
+  ``flops`` (counted), ``meta_shapes`` (meta-kernel answers remembered), ``count_cache`` and ``fingerprint``
+  (answers kept across runs, keyed by the code), ``memory``, ``timing``,
   ``measure`` (the measurement engine), ``profile`` (rows for one architecture and workload), ``devices``
-  (peaks), ``environment``, ``results`` (the row schema and files)
-* training infrastructure: ``optim``, ``distributed`` (FSDP2)
+  (peaks), ``environment``, ``results`` (the row schema and files), ``atomic`` (files written whole)
+* training infrastructure: ``optim``, ``distributed`` (launcher ranks, FSDP2, sweep sharding)
 """
 
 from __future__ import annotations
