@@ -61,7 +61,7 @@ def architecture_rows() -> list[tuple[str, str, str]]:
 
     eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
     registry = sys.modules.get("mllm_bench.registry")  # only a process that imported it can register more
-    registered = sorted(set(registry.registered_names()) - {ep.name for ep in eps}) if registry else []
+    registered = set(registry.registered_names()) if registry else set()  # these win over an entry point
     key = hashlib.sha256(json.dumps([code_fingerprint(), [
         (ep.name, ep.value, module_fingerprint(ep.module), ep.dist.version if ep.dist else "") for ep in eps
     ]]).encode()).hexdigest()
@@ -70,8 +70,10 @@ def architecture_rows() -> list[tuple[str, str, str]]:
         return [tuple(row) for row in cached]
 
     listings: list[Listing | tuple[str, str]] = []  # a listing, or (name, why it failed to load)
-    for name, value in [(ep.name, ep.value) for ep in eps] + [(name, "") for name in registered]:
-        declared = declared_listing(value) if value.startswith(BUILTIN_MODULES) else None
+    names = {ep.name: ep.value for ep in eps} | {name: "" for name in sorted(registered)}
+    for name, value in names.items():
+        builtin = value.startswith(BUILTIN_MODULES) and name not in registered
+        declared = declared_listing(value) if builtin else None
         try:
             listings.append(declared if declared is not None and declared.name == name else imported_listing(name))
         except ImportError as err:  # a broken third-party plugin must not hide the others

@@ -20,7 +20,8 @@ from .presets import resolve_configs
 from .spec import ArchSpec
 from .workload import parse_dtype
 
-_registered: dict[str, type[MLLM]] = {}
+_registered: dict[str, type[MLLM]] = {}  # added with register(): these win over an entry point of the same name
+_loaded: dict[str, type[MLLM]] = {}  # entry points loaded (and checked) once
 
 
 def _check_spec(cls: Any, source: str) -> None:
@@ -76,6 +77,8 @@ def get_architecture(name: str) -> type[MLLM]:
     """The class registered as ``name``."""
     if name in _registered:
         return _registered[name]
+    if name in _loaded:
+        return _loaded[name]
     eps = _entry_points()
     if name not in eps:
         raise ConfigError(f"unknown architecture {name!r}; choose one of {architecture_names()}")
@@ -83,7 +86,7 @@ def get_architecture(name: str) -> type[MLLM]:
     _check_spec(cls, f"entry point {name!r} ({eps[name].value})")
     if cls.spec.name != name:
         raise ConfigError(f"entry point {name!r} loads {cls.__qualname__}, whose spec is named {cls.spec.name!r}")
-    _registered[name] = cls
+    _loaded[name] = cls
     return cls
 
 

@@ -128,3 +128,22 @@ def test_set_stage_leaves_every_module_and_parameter_as_the_stage_says(arch):
         assert set(trainable) == expected
         assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
         assert {m.training for m in model.modules()} == {second != "inference"}
+
+
+class DescribedLLaVA(LLaVA):
+    """LLaVA-1.5 registered under its own name with another description: it wins over the entry point."""
+
+    spec = dataclasses.replace(LLaVA.spec, description="registered at run time")
+
+
+def test_list_shows_architectures_registered_in_this_process(copy_registered, monkeypatch):
+    from mllm_bench.cli.app import architecture_rows
+
+    monkeypatch.setenv("MLLM_BENCH_COUNT_CACHE", "off")
+    rows = {name: wiring for name, wiring, _ in architecture_rows()}
+    assert rows["llava-copy"] == LLaVA.spec.description and list(rows)[-1] == "llava-copy"
+    register(DescribedLLaVA)
+    try:
+        assert {name: wiring for name, wiring, _ in architecture_rows()}["llava"] == "registered at run time"
+    finally:
+        unregister("llava")
