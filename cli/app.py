@@ -70,10 +70,9 @@ def architecture_rows() -> list[tuple[str, str, str]]:
         return [tuple(row) for row in cached]
 
     listings: list[Listing | tuple[str, str]] = []  # a listing, or (name, why it failed to load)
-    names = {ep.name: ep.value for ep in eps} | {name: "" for name in sorted(registered)}
+    names = {ep.name: ep.value for ep in eps} | {name: "" for name in sorted(registered)}  # "": import it
     for name, value in names.items():
-        builtin = value.startswith(BUILTIN_MODULES) and name not in registered
-        declared = declared_listing(value) if builtin else None
+        declared = declared_listing(value) if value.startswith(BUILTIN_MODULES) else None
         try:
             listings.append(declared if declared is not None and declared.name == name else imported_listing(name))
         except ImportError as err:  # a broken third-party plugin must not hide the others

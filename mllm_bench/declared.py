@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 ENTRY_POINT_GROUP = "mllm_bench.architectures"  # where architectures are declared (pyproject.toml)
@@ -44,15 +45,27 @@ def _locate(module: str) -> tuple[Path, bool] | None:
     return None
 
 
+@cache
+def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module | None:
+    """The syntax tree of the file at ``path`` as it is at ``mtime_ns`` and ``size`` (a module is read by every
+    architecture that imports from it or derives from its classes: parsed once)."""
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
 def _module_tree(module: str) -> tuple[ast.Module, bool] | None:
     """The syntax tree of ``module``'s source and whether it is a package."""
     found = _locate(module)
     if found is None:
         return None
     try:
-        return ast.parse(found[0].read_text(encoding="utf-8")), found[1]
-    except (OSError, SyntaxError, UnicodeDecodeError):
+        stat = found[0].stat()
+    except OSError:
         return None
+    tree = _parse(found[0], stat.st_mtime_ns, stat.st_size)
+    return None if tree is None else (tree, found[1])
 
 
 def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str:

@@ -252,8 +252,8 @@ def _cached_rows(name: str) -> tuple[int, list[dict]] | None:
     hit = count_cache.load(name, "rows")
     if hit is None or not isinstance(hit.get("params"), int) or not isinstance(hit.get("rows"), list):
         return None
-    rows = hit["rows"]
-    if not all(isinstance(row, dict) and row.keys() == set(COLUMNS) for row in rows):
+    rows, columns = hit["rows"], set(COLUMNS)
+    if not all(isinstance(row, dict) and row.keys() == columns for row in rows):
         return None
     return hit["params"], rows
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mllm_bench.choices import EQUAL_BUDGETS
 from mllm_bench.config import ConfigError, VisionConfig
 from mllm_bench.spec import BudgetKnob as Knob
 
@@ -32,11 +33,12 @@ if TYPE_CHECKING:  # torch loads when a model is built, not when a budget is par
     from mllm_bench.model import MLLM
     from mllm_bench.workload import Workload
 
-BUDGET_KINDS: dict[str, str] = {
+_BUDGET_TEXT = {
     "flops": "prefill FLOPs per batch (the table's --scope and --convention), e.g. flops=3.3e12",
     "visual_tokens": "visual tokens per sample in the LLM, e.g. visual_tokens=64",
     "params": "parameters of the whole model, e.g. params=7e9",
 }
+BUDGET_KINDS: dict[str, str] = {kind: _BUDGET_TEXT[kind] for kind in EQUAL_BUDGETS}  # the names knobs declare
 
 KIND_NAMES = {"flops": "prefill FLOPs", "visual_tokens": "visual tokens", "params": "parameter count"}
 

@@ -107,3 +107,23 @@ def test_undecorated_options_a_missing_class_or_module_are_not_read(package) -> 
     assert declared_listing("plugpkg.plain:Missing") is None
     assert declared_listing("plugpkg.nowhere:Arch") is None
     assert declared_listing("not a reference") is None
+
+
+def test_a_module_edited_in_place_is_read_again(package) -> None:
+    """Parses are kept per file state (modification time and size), so an edit is seen in the same process."""
+    _write(package, "edited", '''
+        from .base import Base
+
+
+        class Arch(Base):
+            spec = make_spec(name="arch", description="before", order=1)
+    ''')
+    assert declared_listing("plugpkg.edited:Arch").description == "before"
+    _write(package, "edited", '''
+        from .base import Base
+
+
+        class Arch(Base):
+            spec = make_spec(name="arch", description="after the edit", order=1)
+    ''')
+    assert declared_listing("plugpkg.edited:Arch").description == "after the edit"
