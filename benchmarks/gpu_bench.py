@@ -90,7 +90,8 @@ from mllm_bench.measure import (
 from mllm_bench.memory import MeasuredMemory
 from mllm_bench.optim import OPTIMIZERS, optimizer_state_bytes
 from mllm_bench.presets import llm_preset, vision_preset
-from mllm_bench.results import make_row, rows_to_json, to_frame, write_rows
+from mllm_bench.results import rows_to_json, to_frame, write_rows
+from mllm_bench.schema import make_row
 from mllm_bench.static_decode import DECODE_MODES
 from mllm_bench.timing import Timing
 
@@ -293,7 +294,7 @@ def run_environment(device: torch.device, s: Settings) -> dict[str, Any]:
 
 
 class Rows:
-    """Tidy result rows (one metric per row, :func:`mllm_bench.results.make_row`), each with the run's environment."""
+    """Tidy result rows (one metric per row, :func:`mllm_bench.schema.make_row`), each with the run's environment."""
 
     def __init__(self, env: dict[str, Any]) -> None:
         self.env = env

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -83,8 +83,6 @@ def compare(
                               "architectures without a knob run as they are (each labelled)."),
 ) -> None:
     """Compare architectures on one workload (default: LLaVA-1.5, Flamingo-style, SAISA at 7B, paper workload)."""
-    from mllm_bench.reports.collect import collect, steps
-
     if equal is not None:
         from mllm_bench.reports.equal import parse_budget
 
@@ -110,17 +108,38 @@ def compare(
             for a in archs for s in ("inference", *stages)]
     check_before_work(runs, out=out or (DEFAULT_PLOTS_OUT if make_plots else None), db=db, out_beside=True,
                       attention_backend=attention_backend, decode_mode=decode_mode)
-    profile = get_profile()
-    with progress_bar(steps(archs, stages), "profiling") as advance:
-        from mllm_bench.measure import MeasureSettings
+    from mllm_bench.count_ahead import count_ahead
+    from mllm_bench.measure import MeasureSettings
 
-        timing = {"min_seconds": min_seconds} if min_seconds is not None else {}
-        settings = MeasureSettings(attention_backend=attention_backend, compile=compile_layers,
-                                   decode_mode=decode_mode, **timing)
-        rows = collect(archs, workload, profile, llm, vision_cfg, options, stages, measure.value, advance,
-                       count.value, settings=settings)
+    timing = {"min_seconds": min_seconds} if min_seconds is not None else {}
+    settings = MeasureSettings(attention_backend=attention_backend, compile=compile_layers,
+                               decode_mode=decode_mode, **timing)
+    ahead = counts_to_fill(runs, count.value, settings)
+    with count_ahead(ahead) as wait_for_counts:  # forked before pandas is imported here: the child needs none
+        from mllm_bench.reports.collect import collect, steps
+
+        with progress_bar(steps(archs, stages), "profiling") as advance:
+            rows = collect(archs, workload, get_profile(), llm, vision_cfg, options, stages, measure.value, advance,
+                           count.value, before_counted=wait_for_counts, settings=settings)
     emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}", extra_notes=budget_notes)
+
+
+def counts_to_fill(runs: Sequence[Run], count: str, settings: Any) -> list[Callable[[], object]]:
+    """The profiler calls that fill the count cache with the counts ``runs`` will need (``--count``) and it does
+    not hold yet: for :func:`~mllm_bench.count_ahead.count_ahead` to run while the rest is done."""
+    from functools import partial
+
+    from mllm_bench.profile import counts_cached, profile_rows
+
+    calls: list[Callable[[], object]] = []
+    for run in runs:
+        if count == "none" or (count == "inference" and run.workload.stage != "inference"):
+            continue
+        if not counts_cached(run.arch, run.workload, run.llm, run.vision, run.options):
+            calls.append(partial(profile_rows, run.arch, run.workload, run.llm, run.vision, run.options,
+                                 measure=False, count=True, settings=settings))
+    return calls
 
 
 def equal_budget(archs: list[str], llm: str, vision_cfg: VisionConfig, options: dict[str, dict], workload: Workload,

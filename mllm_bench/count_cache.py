@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .fingerprint import code_fingerprint, read_entry, write_entry
+from .fingerprint import code_fingerprint, has_entry, read_entry, write_entry
 from .flops import CountedFlops
 
 CACHE_VERSION = 1
@@ -89,6 +89,11 @@ def load(name: str, kind: str = "counts") -> dict[str, Any] | None:
         return {k: _decode(v) if isinstance(v, dict) else v for k, v in data.items()} if data is not None else None
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
+
+
+def has(name: str, kind: str = "counts") -> bool:
+    """Whether an entry ``name`` of ``kind`` is there to be read (the caches on, the file present)."""
+    return has_entry(kind, name)
 
 
 def store(name: str, entry: dict[str, Any], kind: str = "counts") -> None:

@@ -45,6 +45,11 @@ def read_entry(kind: str, name: str) -> Any | None:
         return None
 
 
+def has_entry(kind: str, name: str) -> bool:
+    """Whether ``kind/name`` is cached (the caches on and its file present; it may still prove unreadable)."""
+    return caches_enabled() and (cache_root() / kind / f"{name}.json").is_file()
+
+
 def write_entry(kind: str, name: str, value: Any) -> None:
     """Cache ``value`` (JSON) as ``kind/name``, atomically; a cache that cannot be written is skipped."""
     if not caches_enabled():

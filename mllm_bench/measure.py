@@ -23,7 +23,7 @@ from .config import ConfigError
 from .memory import MeasuredMemory, measure_peak
 from .model import MLLM
 from .optim import OPTIMIZERS, make_optimizer
-from .results import make_row
+from .schema import make_row
 from .static_decode import DECODE_MODES, decode_steps
 from .timing import Timing, time_fn
 

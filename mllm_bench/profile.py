@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from . import count_cache
@@ -30,9 +29,12 @@ from .measure import MeasureSettings, prepare_model, time_decode, time_phase, ti
 from .memory import MeasuredMemory, analytic_memory
 from .model import MLLM
 from .registry import build_model, get_architecture
-from .results import COLUMNS, make_row, to_frame
+from .schema import COLUMNS, make_row
 from .timing import Timing
 from .workload import PAPER_WORKLOAD, Workload, dtype_name, parse_dtype
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["profile", "should_measure", "MeasureSettings"]
 
@@ -258,12 +260,26 @@ def _cached_rows(name: str) -> tuple[int, list[dict]] | None:
     return hit["params"], rows
 
 
+def _counts_name(arch: str, model: MLLM, workload: Workload, context_len: int | None) -> str:
+    """The count cache's name for the counts of ``model`` on ``workload`` (on meta)."""
+    return count_cache.key(type(model), "profile", arch, model.llm_config, model.vision_config, model.options,
+                           workload.replace(device="meta"), context_len)
+
+
+def counts_cached(arch: str, workload: Workload = PAPER_WORKLOAD, llm: str | LLMConfig = "vicuna-7b",
+                  vision: str | VisionConfig = "clip-vit-l-336", options: dict[str, Any] | None = None,
+                  context_len: int | None = None) -> bool:
+    """Whether the count cache holds the counted FLOPs :func:`profile_rows` would count for these arguments
+    (an entry that later proves unreadable is counted again, as always)."""
+    model = cached_meta_model(arch, llm, vision, options, workload.torch_dtype)
+    return count_cache.has(_counts_name(arch, model, workload, context_len))
+
+
 def _counts(arch: str, model: MLLM, workload: Workload, context_len: int | None,
             ctx: int | str) -> tuple[dict[str, CountedFlops], int | str]:
     """Counted FLOPs of ``workload``'s phases (and the decode context), from the count cache when this code
     counted the same model and workload before (:mod:`mllm_bench.count_cache`)."""
-    name = count_cache.key(type(model), "profile", arch, model.llm_config, model.vision_config, model.options, workload,
-                           context_len)
+    name = _counts_name(arch, model, workload, context_len)
     hit = count_cache.load(name)
     if hit is not None:
         return {p: c for p, c in hit.items() if p != "ctx"}, hit["ctx"]
@@ -290,6 +306,8 @@ def profile(
     """Profile ``arch`` on ``workload`` and return tidy result rows (see :mod:`mllm_bench.results`).
 
     :func:`profile_rows` gives the same rows as dicts (one per row, the schema's columns)."""
+    from .results import to_frame  # pandas: imported by the first frame, not by counting
+
     return to_frame(profile_rows(arch, workload, llm, vision, options, measure, count, context_len, settings))
 
 
@@ -304,7 +322,7 @@ def profile_rows(
     context_len: int | None = None,
     settings: MeasureSettings | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows of :func:`profile`, as dicts (:func:`~mllm_bench.results.make_row`).
+    """The rows of :func:`profile`, as dicts (:func:`~mllm_bench.schema.make_row`).
 
     ``measure``: False/``never``, True/``always`` or ``auto`` (CUDA always, CPU for small models);
     measurement runs on ``workload.device`` (``meta`` means CUDA when available, else CPU) with

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from mllm_bench.config import ConfigError
-from mllm_bench.results import IDENTITY
+from mllm_bench.schema import IDENTITY
 
 from .rows import field_text
 from .tables import Quantity

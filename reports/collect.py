@@ -21,26 +21,34 @@ def collect(
     archs: Sequence[str], workload: Workload, profile_fn: ProfileFn, llm: Any = "vicuna-7b",
     vision: Any = "clip-vit-l-336", options: dict[str, dict] | None = None,
     stages: Sequence[str] = ("pretrain", "finetune"), measure: str = "never",
-    on_step: Callable[[str], None] | None = None, count: str = "all", **profile_kwargs: Any,
+    on_step: Callable[[str], None] | None = None, count: str = "all",
+    before_counted: Callable[[], None] | None = None, **profile_kwargs: Any,
 ) -> pd.DataFrame:
     """Tidy rows of every architecture: one profiler call at ``inference`` and one per training stage.
 
     ``count``: which calls also count FLOPs on meta tensors (``all``, ``inference`` or ``none``); the
-    others report the analytic model only (tests hold the two within 0.5% of each other).
+    others report the analytic model only (tests hold the two within 0.5% of each other). The calls that do
+    not count run first, then ``before_counted()`` (e.g. waiting for :func:`mllm_bench.count_ahead.count_ahead`),
+    then those that count; the rows come in architecture, then stage order either way.
     """
     if count not in COUNT_CHOICES:
         raise ConfigError(f"count must be one of {list(COUNT_CHOICES)}, got {count!r}")
     options = options or {}
-    frames = []
-    for arch in archs:
-        for stage in ("inference", *stages):
-            counting = count == "all" or (count == "inference" and stage == "inference")
-            rows = profile_fn(arch, workload.replace(stage=stage), llm=llm, vision=vision,
-                              options=options.get(arch) or None, measure=measure, count=counting, **profile_kwargs)
-            frames.append(rows)
+    calls = [(arch, stage, count == "all" or (count == "inference" and stage == "inference"))
+             for arch in archs for stage in ("inference", *stages)]
+    frames: dict[int, pd.DataFrame] = {}
+    for counting in (False, True):
+        if counting and before_counted is not None and any(c for _, _, c in calls):
+            before_counted()
+        for i, (arch, stage, c) in enumerate(calls):
+            if c != counting:
+                continue
+            frames[i] = profile_fn(arch, workload.replace(stage=stage), llm=llm, vision=vision,
+                                   options=options.get(arch) or None, measure=measure, count=counting,
+                                   **profile_kwargs)
             if on_step:
                 on_step(f"{arch} {stage}")
-    return dedupe(concat_rows(frames))
+    return dedupe(concat_rows(frames[i] for i in range(len(calls))))
 
 
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:

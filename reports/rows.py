@@ -17,9 +17,9 @@ import pandas as pd
 
 from mllm_bench.config import ConfigError
 from mllm_bench.conventions import is_published, published
-from mllm_bench.results import IDENTITY as IDENTITY  # the core ones, re-exported for the reports
-from mllm_bench.results import MEASURE, WORKLOAD
 from mllm_bench.results import normalise as normalise
+from mllm_bench.schema import IDENTITY as IDENTITY  # the core ones, re-exported for the reports
+from mllm_bench.schema import MEASURE, WORKLOAD
 
 SOURCE_ORDER: tuple[str, ...] = ("counted", "analytic", "measured")
 

@@ -62,7 +62,7 @@ def test_list_shows_option_defaults_and_whole_preset_names_at_80_columns():
 # ----- environment: host load ----------------------------------------------------------------------------
 def test_environment_records_host_load_where_something_runs(monkeypatch):
     from mllm_bench import environment as env
-    from mllm_bench.results import COLUMNS
+    from mllm_bench.schema import COLUMNS
 
     monkeypatch.setattr(env.os, "getloadavg", lambda: (3.456, 2.0, 1.0))
     monkeypatch.setattr(env.os, "cpu_count", lambda: 4)

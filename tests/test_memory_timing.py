@@ -13,7 +13,8 @@ from mllm_bench.devices import peak_flops
 from mllm_bench.environment import environment
 from mllm_bench.memory import analytic_memory, measure_peak, saved_activation_bytes
 from mllm_bench.registry import architecture_names
-from mllm_bench.results import COLUMNS, append_sqlite, make_row, read_results, to_frame, write_csv, write_json
+from mllm_bench.results import append_sqlite, read_results, to_frame, write_csv, write_json
+from mllm_bench.schema import COLUMNS, make_row
 from mllm_bench.timing import Timing, time_fn
 from tests.helpers import random_batch, tiny_model
 

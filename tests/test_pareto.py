@@ -9,7 +9,8 @@ import pytest
 from mllm_bench.reports.pareto import inference_cost_points, inference_pareto, pareto_front, pareto_plot
 
 from mllm_bench.config import ConfigError
-from mllm_bench.results import make_row, to_frame
+from mllm_bench.results import to_frame
+from mllm_bench.schema import make_row
 
 
 def front(points: dict[str, tuple], **axes) -> set[str]:

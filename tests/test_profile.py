@@ -9,7 +9,7 @@ import pytest
 from mllm_bench import Workload, measure
 from mllm_bench.config import ConfigError
 from mllm_bench.profile import MeasureSettings, profile, should_measure
-from mllm_bench.results import COLUMNS
+from mllm_bench.schema import COLUMNS
 
 WL = Workload(batch_size=2, text_before=3, text_after=5, generate_tokens=2, dtype="float32", device="cpu")
 

@@ -142,6 +142,27 @@ def test_collect_dedupes_rows_repeated_across_stages():
     assert len(params) == 6 and len(rows.drop(columns="timestamp").drop_duplicates()) == len(rows)
 
 
+def test_collect_runs_the_uncounted_calls_first_and_keeps_the_rows_in_order():
+    calls, events = [], []
+    profile = fake_profile(calls)
+
+    def recorded(*args, count=True, **kwargs):
+        events.append((args[0], args[1].stage, count))
+        return profile(*args, **kwargs)
+
+    rows = collect(["llava", "saisa"], Workload(), recorded, "tiny-llm", "tiny-clip", stages=("finetune",),
+                   count="inference", before_counted=lambda: events.append("wait"))
+    # the analytic training steps, then the wait (once), then the counted inference calls
+    assert events == [("llava", "finetune", False), ("saisa", "finetune", False), "wait",
+                      ("llava", "inference", True), ("saisa", "inference", True)]
+    stages = rows.drop_duplicates(["arch", "stage"])[["arch", "stage"]].values.tolist()
+    assert stages == [["llava", "inference"], ["llava", "finetune"], ["saisa", "inference"], ["saisa", "finetune"]]
+    events.clear()
+    collect(["llava"], Workload(), recorded, "tiny-llm", "tiny-clip", stages=("finetune",), count="none",
+            before_counted=lambda: events.append("wait"))
+    assert "wait" not in events  # nothing counts: nothing to wait for
+
+
 def test_crossovers():
     x = [1, 2, 3, 4]
     assert plots.crossovers(x, [1, 2, 3, 4], [4, 3, 2, 1]) == [(2.5, 2.5)]

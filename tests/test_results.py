@@ -11,15 +11,14 @@ import pytest
 
 from mllm_bench.config import ConfigError
 from mllm_bench.results import (
-    COLUMNS,
     append_sqlite,
     json_rows,
-    make_row,
     read_results,
     rows_to_json,
     to_frame,
     write_rows,
 )
+from mllm_bench.schema import COLUMNS, make_row
 from mllm_bench.workload import Workload
 
 
@@ -124,7 +123,8 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
 
 def test_normalise_gives_every_text_column_as_converting_all_of_them_would():
     """Text columns already text are left alone; the result equals converting every one (blank → "")."""
-    from mllm_bench.results import COLUMNS, TEXT_COLUMNS, normalise
+    from mllm_bench.results import normalise
+    from mllm_bench.schema import COLUMNS, TEXT_COLUMNS
 
     base = {c: "x" for c in COLUMNS} | {"value": 1.0, "batch_size": 1}
     frames = [pd.DataFrame([base, base]),                                        # text already

@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 
 from mllm_bench.config import ConfigError
 from mllm_bench.distributed import Ranks, launch_ranks
-from mllm_bench.results import ENVIRONMENT, read_results
+from mllm_bench.results import read_results
+from mllm_bench.schema import ENVIRONMENT
 from mllm_bench.workload import Workload
 from tests.reports_fakes import fake_profile
 
