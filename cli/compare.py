@@ -106,21 +106,24 @@ def compare(
                                              convention.value, baseline)
     runs = [Run(a, llm, vision_cfg, options.get(a), workload.replace(stage=s), measure.value)
             for a in archs for s in ("inference", *stages)]
-    check_before_work(runs, out=out or (DEFAULT_PLOTS_OUT if make_plots else None), db=db, out_beside=True,
-                      attention_backend=attention_backend, decode_mode=decode_mode)
     from mllm_bench.count_ahead import count_ahead
-    from mllm_bench.measure import MeasureSettings
 
-    timing = {"min_seconds": min_seconds} if min_seconds is not None else {}
-    settings = MeasureSettings(attention_backend=attention_backend, compile=compile_layers,
-                               decode_mode=decode_mode, **timing)
-    ahead = counts_to_fill(runs, count.value, settings)
-    with count_ahead(ahead) as wait_for_counts:  # forked before pandas is imported here: the child needs none
+    # forked once torch is imported, before the checks and pandas: the child needs neither
+    with count_ahead() as ahead:
+        check_before_work(runs, out=out or (DEFAULT_PLOTS_OUT if make_plots else None), db=db, out_beside=True,
+                          attention_backend=attention_backend, decode_mode=decode_mode)
+        from mllm_bench.measure import MeasureSettings
+
+        timing = {"min_seconds": min_seconds} if min_seconds is not None else {}
+        settings = MeasureSettings(attention_backend=attention_backend, compile=compile_layers,
+                                   decode_mode=decode_mode, **timing)
+        if ahead.running:
+            ahead.submit(counts_to_fill(runs, count.value, settings))
         from mllm_bench.reports.collect import collect, steps
 
         with progress_bar(steps(archs, stages), "profiling") as advance:
             rows = collect(archs, workload, get_profile(), llm, vision_cfg, options, stages, measure.value, advance,
-                           count.value, before_counted=wait_for_counts, settings=settings)
+                           count.value, before_counted=ahead.wait, settings=settings)
     emit(rows, stages, baseline, scope.value, convention.value, fmt, out, make_plots, db,
          title=f"{', '.join(archs)} — {llm} + {vision}", extra_notes=budget_notes)
 

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from functools import partial
 
 import pytest
 from mllm_bench.cli.app import app
@@ -23,28 +24,36 @@ def cache_on(tmp_path, monkeypatch):
         pytest.skip("one CPU: nothing is counted ahead")
 
 
-def write_pid_after(path, seconds=0.0):
-    def call():
-        time.sleep(seconds)
-        path.write_text(str(os.getpid()))
-    return call
+def write_pid(path, seconds=0.0):
+    """Calls sent to the child are pickled: module-level functions, bound with functools.partial."""
+    time.sleep(seconds)
+    path.write_text(str(os.getpid()))
+
+
+def fail():
+    raise ValueError("bad call")
+
+
+def write_pid_and_hang(path):
+    path.write_text(str(os.getpid()))
+    time.sleep(60)
 
 
 def test_the_child_runs_the_calls_and_wait_returns_when_it_is_done(cache_on, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    with ahead.count_ahead([write_pid_after(first, 0.3), write_pid_after(second)]) as wait:
-        wait()
+    with ahead.count_ahead() as child:
+        assert child.running
+        child.submit([partial(write_pid, first, 0.3), partial(write_pid, second)])
+        child.wait()
         assert first.exists() and second.exists()  # both ran, in the child, before wait returned
     assert int(first.read_text()) != os.getpid() and first.read_text() == second.read_text()
 
 
 def test_a_failing_child_stops_quietly_and_the_parent_goes_on(cache_on, tmp_path, capfd):
-    def fail():
-        raise ValueError("bad call")
-
     after = tmp_path / "after"
-    with ahead.count_ahead([fail, write_pid_after(after)]) as wait:
-        wait()
+    with ahead.count_ahead() as child:
+        child.submit([fail, partial(write_pid, after)])
+        child.wait()
     assert not after.exists()  # the child stopped at the failure
     assert "Traceback" not in capfd.readouterr().err  # the parent repeats the call and reports what it raises
 
@@ -52,12 +61,9 @@ def test_a_failing_child_stops_quietly_and_the_parent_goes_on(cache_on, tmp_path
 def test_leaving_stops_a_child_still_running(cache_on, tmp_path):
     pid_file = tmp_path / "pid"
 
-    def hang():
-        pid_file.write_text(str(os.getpid()))
-        time.sleep(60)
-
     start = time.perf_counter()
-    with ahead.count_ahead([hang]):
+    with ahead.count_ahead() as child:
+        child.submit([partial(write_pid_and_hang, pid_file)])
         while not pid_file.exists() and time.perf_counter() - start < 10:
             time.sleep(0.01)
     assert time.perf_counter() - start < 10
@@ -65,12 +71,29 @@ def test_leaving_stops_a_child_still_running(cache_on, tmp_path):
         os.kill(int(pid_file.read_text()), 0)
 
 
+def test_a_child_sent_nothing_or_what_cannot_be_sent_ends(cache_on, tmp_path):
+    start = time.perf_counter()
+    with ahead.count_ahead() as child:  # left before anything is submitted (a check failed): the child ends
+        pass
+    assert not child.running
+    with ahead.count_ahead() as child:
+        child.submit([lambda: None])  # a lambda does not pickle: nothing runs ahead, the parent counts
+        assert not child.running
+        child.wait()
+    with ahead.count_ahead() as child:
+        child.submit([])
+        child.wait()
+    assert time.perf_counter() - start < 30
+
+
 def test_no_child_where_it_cannot_help_or_is_unsafe(tmp_path, monkeypatch):
     monkeypatch.setenv("MLLM_BENCH_COUNT_CACHE", "off")
     assert "MLLM_BENCH_COUNT_CACHE" in ahead.why_not_fork()
     ran = tmp_path / "ran"
-    with ahead.count_ahead([write_pid_after(ran)]) as wait:
-        wait()
+    with ahead.count_ahead() as child:
+        assert not child.running
+        child.submit([partial(write_pid, ran)])
+        child.wait()
     assert not ran.exists()  # nothing ran: the parent counts for itself
     monkeypatch.setenv("MLLM_BENCH_COUNT_CACHE", "on")
     monkeypatch.setattr(ahead, "usable_cpus", lambda: 1)
