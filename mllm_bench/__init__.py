@@ -13,7 +13,8 @@ The core modules, by what they are for (architectures live in ``architectures/``
   ``flops`` (counted), ``meta_shapes`` (meta-kernel answers remembered), ``count_cache`` and ``fingerprint``
   (answers kept across runs, keyed by the code), ``memory``, ``timing``,
   ``measure`` (the measurement engine), ``profile`` (rows for one architecture and workload), ``devices``
-  (peaks), ``environment``, ``results`` (the row schema and files), ``atomic`` (files written whole)
+  (peaks), ``environment``, ``schema`` (the result rows' columns, :func:`make_row`), ``results`` (rows as
+  frames and files), ``atomic`` (files written whole), ``count_ahead`` (counting in a forked child)
 * training infrastructure: ``optim``, ``distributed`` (launcher ranks, FSDP2, sweep sharding)
 """
 

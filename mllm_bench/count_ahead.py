@@ -10,7 +10,7 @@ before its first counted call, which reads the cache. The child only fills the c
 killed or stores nothing leaves this process to count as it would have (the same numbers, later), so the
 numbers never depend on it.
 
-A child is forked only where that is safe and can help: a POSIX system, more than one CPU to run on, the
+A child is forked only where that is safe and can help: Linux, more than one CPU to run on, the
 caches on, CUDA not initialised and no other thread running in this process. The objects alive at the fork
 are frozen first (``gc.freeze``): the collector's full passes would otherwise write to every object both
 processes share, copying their pages (a 7B count took twice as long in the child without it).
@@ -50,8 +50,8 @@ def usable_cpus() -> int:
 
 def why_not_fork() -> str:
     """Why no child is forked here ("" when one can be)."""
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return "no fork on this system"
+    if not sys.platform.startswith("linux"):  # macOS lists fork, but system frameworks are not fork-safe there
+        return f"not Linux ({sys.platform})"
     if usable_cpus() < 2:
         return "one CPU"
     if not caches_enabled():
