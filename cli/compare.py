@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mllm_bench.reports.equal import Budget
 
     from mllm_bench.config import VisionConfig
+    from mllm_bench.measure import MeasureSettings
     from mllm_bench.workload import Workload
 
 from .common import (
@@ -128,7 +129,7 @@ def compare(
          title=f"{', '.join(archs)} — {llm} + {vision}", extra_notes=budget_notes)
 
 
-def counts_to_fill(runs: Sequence[Run], count: str, settings: Any) -> list[Callable[[], object]]:
+def counts_to_fill(runs: Sequence[Run], count: str, settings: MeasureSettings) -> list[Callable[[], object]]:
     """The profiler calls that fill the count cache with the counts ``runs`` will need (``--count``) and it does
     not hold yet: for :func:`~mllm_bench.count_ahead.count_ahead` to run while the rest is done."""
     from functools import partial

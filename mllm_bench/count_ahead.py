@@ -103,9 +103,11 @@ class CountAhead:
             self._calls_to = None
 
     def wait(self) -> None:
-        """Return once the child has run the submitted calls (or ended); at once when none were submitted."""
+        """Return once the child has run the submitted calls (or ended, or been stopped after
+        :data:`WAIT_LIMIT_S`); at once when none were submitted."""
         if self._worker is not None and self._submitted:
             self._worker.join(WAIT_LIMIT_S)
+            self.stop()
 
     def stop(self) -> None:
         """Stop the child if it is still running."""

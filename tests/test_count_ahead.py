@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from functools import partial
@@ -15,6 +16,18 @@ from typer.testing import CliRunner
 
 from mllm_bench import count_ahead as ahead
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counting ahead forks on Linux only")
+
+
+def stop_tqdm_monitor() -> None:
+    """tqdm's monitor thread, left by an earlier test's progress bar (torch.compile's), would keep the fork off:
+    it is stopped (tqdm starts it again with its next bar)."""
+    tqdm = sys.modules.get("tqdm")
+    monitor = getattr(getattr(tqdm, "tqdm", None), "monitor", None)
+    if monitor is not None:
+        monitor.exit()
+        tqdm.tqdm.monitor = None
+
 
 @pytest.fixture
 def cache_on(tmp_path, monkeypatch):
@@ -22,6 +35,8 @@ def cache_on(tmp_path, monkeypatch):
     monkeypatch.setenv("MLLM_BENCH_CACHE_DIR", str(tmp_path / "cache"))
     if ahead.usable_cpus() < 2:
         pytest.skip("one CPU: nothing is counted ahead")
+    stop_tqdm_monitor()
+    assert ahead.why_not_fork() == "", [t.name for t in threading.enumerate()]
 
 
 def write_pid(path, seconds=0.0):
@@ -71,6 +86,16 @@ def test_leaving_stops_a_child_still_running(cache_on, tmp_path):
         os.kill(int(pid_file.read_text()), 0)
 
 
+def test_wait_stops_a_child_past_the_time_limit(cache_on, tmp_path, monkeypatch):
+    monkeypatch.setattr(ahead, "WAIT_LIMIT_S", 0.5)
+    pid_file = tmp_path / "pid"
+    start = time.perf_counter()
+    with ahead.count_ahead() as child:
+        child.submit([partial(write_pid_and_hang, pid_file)])
+        child.wait()  # the parent counts for itself from here: the child must not go on beside it
+        assert not child.running and time.perf_counter() - start < 10
+
+
 def test_a_child_sent_nothing_or_what_cannot_be_sent_ends(cache_on, tmp_path):
     start = time.perf_counter()
     with ahead.count_ahead() as child:  # left before anything is submitted (a check failed): the child ends
@@ -87,6 +112,7 @@ def test_a_child_sent_nothing_or_what_cannot_be_sent_ends(cache_on, tmp_path):
 
 
 def test_no_child_where_it_cannot_help_or_is_unsafe(tmp_path, monkeypatch):
+    monkeypatch.setattr(ahead, "usable_cpus", lambda: 2)
     monkeypatch.setenv("MLLM_BENCH_COUNT_CACHE", "off")
     assert "MLLM_BENCH_COUNT_CACHE" in ahead.why_not_fork()
     ran = tmp_path / "ran"
@@ -99,6 +125,7 @@ def test_no_child_where_it_cannot_help_or_is_unsafe(tmp_path, monkeypatch):
     monkeypatch.setattr(ahead, "usable_cpus", lambda: 1)
     assert ahead.why_not_fork() == "one CPU"
     monkeypatch.setattr(ahead, "usable_cpus", lambda: 2)
+    stop_tqdm_monitor()
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
