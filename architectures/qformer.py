@@ -60,7 +60,7 @@ from torch import nn
 
 from mllm_bench.config import LLMConfig, VisionConfig, require
 from mllm_bench.costmodel import CostBreakdown, CostModel, stage_trains
-from mllm_bench.spec import ALL_BUDGETS, ArchSpec, BudgetKnob
+from mllm_bench.spec import ALL_BUDGETS, ArchSpec, BudgetKnob, counts_up_to
 from mllm_bench.spliced import SplicedMLLM
 from mllm_bench.workload import Workload
 
@@ -270,7 +270,7 @@ class QFormerMLLM(SplicedMLLM):
         components={"language_projection": "connector", "ln_vision": "connector"},
         order=50,
         budget_knob=BudgetKnob("num_queries", f"1..{OPTION_BOUNDS['num_queries']} learned queries",
-                               lambda model, workload: list(range(1, OPTION_BOUNDS["num_queries"] + 1)),
+                               counts_up_to(OPTION_BOUNDS["num_queries"]),
                                ALL_BUDGETS, ALL_BUDGETS),
     )
     Options = QFormerOptions

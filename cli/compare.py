@@ -134,16 +134,13 @@ def counts_to_fill(runs: Sequence[Run], count: str, settings: MeasureSettings) -
     not hold yet: for :func:`~mllm_bench.count_ahead.count_ahead` to run while the rest is done."""
     from functools import partial
 
+    from mllm_bench.choices import counts_stage
     from mllm_bench.profile import counts_cached, profile_rows
 
-    calls: list[Callable[[], object]] = []
-    for run in runs:
-        if count == "none" or (count == "inference" and run.workload.stage != "inference"):
-            continue
-        if not counts_cached(run.arch, run.workload, run.llm, run.vision, run.options):
-            calls.append(partial(profile_rows, run.arch, run.workload, run.llm, run.vision, run.options,
-                                 measure=False, count=True, settings=settings))
-    return calls
+    return [partial(profile_rows, r.arch, r.workload, r.llm, r.vision, r.options, measure=False, count=True,
+                    settings=settings)
+            for r in runs if counts_stage(count, r.workload.stage)
+            and not counts_cached(r.arch, r.workload, r.llm, r.vision, r.options)]
 
 
 def equal_budget(archs: list[str], llm: str, vision_cfg: VisionConfig, options: dict[str, dict], workload: Workload,

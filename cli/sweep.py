@@ -62,8 +62,9 @@ def auto_jobs(points: int, measure: str, launched: bool) -> int:
     :data:`AUTO_JOBS_MIN_POINTS` points that measures nothing outside a launcher; else 1."""
     if measure != "never" or launched or points < AUTO_JOBS_MIN_POINTS:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, points)
+    from mllm_bench.environment import usable_cpus
+
+    return min(usable_cpus(), points)
 
 
 @handle_errors

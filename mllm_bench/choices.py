@@ -25,3 +25,9 @@ BUDGET_DEVICES: tuple[str, ...] = ("a100", "h100", "h100-pcie", "h200")  # GPU-h
 # The SAISA paper's workload (LLaVA-1.5 evaluation): one image, 32 text tokens before and after it.
 PAPER_WORKLOAD_FIELDS: dict[str, int] = {"batch_size": 1, "images_per_sample": 1, "text_before": 32,
                                          "text_after": 32}
+
+
+def counts_stage(count: str, stage: str) -> bool:
+    """Whether a profiler call at ``stage`` counts FLOPs on meta under ``--count`` (:data:`COUNT_CHOICES`: every
+    call, the inference calls only, or none)."""
+    return count == "all" or (count == "inference" and stage == "inference")

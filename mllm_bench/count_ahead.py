@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import importlib
 import multiprocessing
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from multiprocessing.process import BaseProcess
 
 import torch
 
+from .environment import usable_cpus
 from .fingerprint import caches_enabled
 
 # What torch's Python meta kernels import at the first count (sympy, ~0.3-0.4 s): the child imports it at once.
@@ -38,14 +38,6 @@ FIRST_COUNT_IMPORTS = "torch.fx.experimental.symbolic_shapes"
 # How long this process waits for the child before it stops it and counts for itself (a child is never left
 # to decide how long a command takes).
 WAIT_LIMIT_S = 600.0
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def why_not_fork() -> str:

@@ -61,6 +61,14 @@ def device_name(device: str | torch.device) -> str:
     return dev.type
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system says, else the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def host_load() -> dict[str, str]:
     """The host's 1-minute load average and CPU count (text fields; blank where the OS does not report them)."""
     try:

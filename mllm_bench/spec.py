@@ -22,6 +22,11 @@ COMPUTE_BUDGETS = frozenset({"flops", "visual_tokens"})  # what a knob of visual
 ALL_BUDGETS = frozenset(EQUAL_BUDGETS)
 
 
+def counts_up_to(bound: int) -> Callable[[Any, Any], list[int]]:
+    """A knob's ``values`` for an option that counts something (queries, latents): 1, 2, ..., ``bound``."""
+    return lambda model, workload: list(range(1, bound + 1))
+
+
 @dataclass(frozen=True)
 class BudgetKnob:
     """The option an equal-budget comparison (``compare --equal``) tunes for an architecture.

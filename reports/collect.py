@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from mllm_bench.choices import COUNT_CHOICES as COUNT_CHOICES  # re-exported
+from mllm_bench.choices import counts_stage
 from mllm_bench.config import ConfigError
 from mllm_bench.results import concat_rows
 from mllm_bench.workload import Workload
@@ -34,20 +35,18 @@ def collect(
     if count not in COUNT_CHOICES:
         raise ConfigError(f"count must be one of {list(COUNT_CHOICES)}, got {count!r}")
     options = options or {}
-    calls = [(arch, stage, count == "all" or (count == "inference" and stage == "inference"))
-             for arch in archs for stage in ("inference", *stages)]
+    calls = [(arch, stage, counts_stage(count, stage)) for arch in archs for stage in ("inference", *stages)]
     frames: dict[int, pd.DataFrame] = {}
-    for counting in (False, True):
-        if counting and before_counted is not None and any(c for _, _, c in calls):
-            before_counted()
-        for i, (arch, stage, c) in enumerate(calls):
-            if c != counting:
-                continue
-            frames[i] = profile_fn(arch, workload.replace(stage=stage), llm=llm, vision=vision,
-                                   options=options.get(arch) or None, measure=measure, count=counting,
-                                   **profile_kwargs)
-            if on_step:
-                on_step(f"{arch} {stage}")
+    waiting = before_counted
+    for i in sorted(range(len(calls)), key=lambda i: calls[i][2]):  # the uncounted first, each in order
+        arch, stage, counting = calls[i]
+        if counting and waiting is not None:
+            waiting()
+            waiting = None
+        frames[i] = profile_fn(arch, workload.replace(stage=stage), llm=llm, vision=vision,
+                               options=options.get(arch) or None, measure=measure, count=counting, **profile_kwargs)
+        if on_step:
+            on_step(f"{arch} {stage}")
     return dedupe(concat_rows(frames[i] for i in range(len(calls))))
 
 

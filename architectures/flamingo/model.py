@@ -12,7 +12,7 @@ from mllm_bench.costmodel import CostBreakdown
 from mllm_bench.decoder import KVCache
 from mllm_bench.masks import AttentionMask, causal_mask
 from mllm_bench.model import MLLM, ModelOutput
-from mllm_bench.spec import ALL_BUDGETS, ArchSpec, BudgetKnob
+from mllm_bench.spec import ALL_BUDGETS, ArchSpec, BudgetKnob, counts_up_to
 from mllm_bench.workload import Workload
 
 from .blocks import (
@@ -40,7 +40,7 @@ class Flamingo(MLLM):
         fsdp_modules=("perceiver", "gated_cross_attn_layers"),
         order=20,
         budget_knob=BudgetKnob("num_latents", f"1..{OPTION_BOUNDS['num_latents']} resampler latents",
-                               lambda model, workload: list(range(1, OPTION_BOUNDS["num_latents"] + 1)),
+                               counts_up_to(OPTION_BOUNDS["num_latents"]),
                                ALL_BUDGETS, ALL_BUDGETS,
                                lambda model, workload: model.options.num_latents * workload.images_per_sample,
                                "latents (cross-attention keys/values)"),
